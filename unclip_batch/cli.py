@@ -1,0 +1,136 @@
+"""Command line: ``unclip-batch run`` and ``unclip-batch validate``. Builds the JobConfig in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+
+from unclip_batch.config import JobConfig
+from unclip_batch.errors import SetupError
+
+EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unclip-batch", description="DALL-E 2 style batch image generation, "
+                                     "variations and inpainting over Parquet manifests, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run manifests through the model and write images + metadata")
+    run.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
+    run.add_argument("--output", "-o", required=True, help="output folder URL (local path, s3://bucket/prefix ...)")
+    run.add_argument("--address", help="Ray address: auto, ray://HEAD:10001 ... (default: start a local Ray)")
+    run.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
+    run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor")
+    run.add_argument("--overwrite", action="store_true", help="discard earlier results under --output "
+                     "(default: resume, skipping rows already done)")
+    run.add_argument("--limit", type=int, help="run only the first N manifest rows")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
+    for name, kind, text in (
+        ("width", int, "width for rows without one (default: the model's)"),
+        ("height", int, "height for rows without one (default: the model's)"),
+        ("num-inference-steps", int, "decoder steps for rows without their own"),
+        ("guidance-scale", float, "decoder guidance for rows without their own"),
+        ("prior-num-inference-steps", int, "prior steps for rows without their own"),
+        ("prior-guidance-scale", float, "prior guidance for rows without their own"),
+    ):
+        run.add_argument(f"--{name}", type=kind, help=text)
+    val = sub.add_parser("validate", help="check manifests without loading a model")
+    val.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
+    for p in (run, val):
+        p.add_argument("--model", "-m", default="default", help="model spec: default, tiny, a local folder, a Hub "
+                       "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)")
+        p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                       help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
+                            "(default: $UNCLIP_BATCH_STORAGE_OPTIONS or the usual AWS variables)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    defaults = {name: getattr(args, name) for name in ("width", "height", "num_inference_steps", "guidance_scale",
+                                                         "prior_num_inference_steps", "prior_guidance_scale")
+                if getattr(args, name) is not None}
+    return JobConfig(manifests=tuple(args.manifests), output=args.output, model=args.model,
+                     storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
+                     workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
+                     limit=args.limit, defaults=defaults, device=args.device, dtype=args.dtype)
+
+
+def _storage_options(args) -> dict:
+    if args.storage_options is not None:
+        return args.storage_options
+    return json.loads(os.environ.get("UNCLIP_BATCH_STORAGE_OPTIONS", "{}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        config = config_from_args(args)
+        if args.quiet:
+            _quiet_ray()
+        from unclip_batch.pipeline import run_job
+
+        summary = run_job(config)
+    except (SetupError, ValueError) as exc:
+        print(f"unclip-batch: error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    print(format_summary(summary))
+    return 0
+
+
+def _quiet_ray() -> None:
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _validate(args) -> int:
+    from unclip_batch.manifest import SizeRule, read_manifests, validate
+    from unclip_batch.models import ModelSpec
+
+    info = ModelSpec.parse(args.model).describe(_storage_options(args))
+    table = read_manifests(args.manifests, _storage_options(args))
+    size = SizeRule(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
+    good, bad, codes = 0, [], Counter()
+    for rows, errors in validate(table, info.defaults, size):
+        good += len(rows)
+        codes.update(e["code"] for e in errors)
+        bad.extend(errors[: max(0, args.show - len(bad))])
+    total_bad = sum(codes.values())
+    print(f"{table.num_rows} rows: {good} valid, {total_bad} invalid")
+    for code, n in sorted(codes.items()):
+        print(f"  {code}: {n}")
+    for e in bad:
+        print(f"  row {e['row']} id={e['id']!r}: [{e['code']}] {e['message']}")
+    return 1 if total_bad else 0
+
+
+def format_summary(summary: dict) -> str:
+    rows = summary["rows"]
+    lines = [
+        f"unclip-batch: {summary['status']} in {summary['wall_s']:.1f}s -> {summary['output']}",
+        f"  manifest rows   {rows['manifest']:>8}",
+        f"  done earlier    {rows['done_before']:>8}",
+        f"  succeeded       {rows['succeeded']:>8}  ({summary['images']} images, "
+        f"{summary['images_per_s'] or 0:.2f} images/s)",
+        f"  failed          {rows['failed']:>8}",
+    ]
+    lines += [f"    {code:<22}{n:>6}" for code, n in summary["errors_by_code"].items()]
+    lines.append(f"  all runs: {rows['total_succeeded']} succeeded, {rows['total_failed']} failed "
+                 f"(errors: {summary['output'].rstrip('/')}/errors/)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

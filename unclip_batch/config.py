@@ -1,0 +1,47 @@
+"""The job's configuration: one frozen dataclass, built by the CLI (or by ``jobs/``) in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Row fields a job-level option may set for rows that leave them empty (diffusers' argument names).
+OVERRIDABLE = ("width", "height", "num_inference_steps", "guidance_scale", "prior_num_inference_steps",
+               "prior_guidance_scale")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    manifests: tuple[str, ...]  # Parquet files or folders, any fsspec URL
+    output: str  # folder URL that receives images/, metadata/, errors/, _SUCCESS
+    model: str = "default"  # model spec: alias, local folder, Hub namespace or object-storage URL
+    storage_options: dict = field(default_factory=dict)  # fsspec options for remote URLs (endpoint, keys)
+    address: str | None = None  # Ray address; None starts a local Ray instance
+    batch_size: int = 8  # images per model call: the GPU's batch
+    workers: int | None = None  # model actors; None = one per GPU, or 1 without a GPU
+    cpus_per_worker: float | None = None  # None = 1 with a GPU, else a fraction (see pipeline.py)
+    overwrite: bool = False  # delete earlier results under output first (default: resume)
+    limit: int | None = None  # run only the first N manifest rows
+    defaults: dict = field(default_factory=dict)  # OVERRIDABLE fields for rows that leave them empty
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+
+    def __post_init__(self):
+        if not self.manifests:
+            raise ValueError("at least one manifest is needed")
+        if not self.output:
+            raise ValueError("--output is required")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be positive")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("limit must not be negative")
+        unknown = set(self.defaults) - set(OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError("dtype must be auto, float32, float16 or bfloat16")

@@ -1,0 +1,54 @@
+"""The two levels of failure: setup errors stop a job before any work; row errors become records.
+
+Row error codes are part of the public contract (users filter ``errors/*.parquet`` by them): add new
+codes freely, never rename one.
+"""
+
+from __future__ import annotations
+
+
+class SetupError(Exception):
+    """A problem with the job as a whole (manifest, output, model, storage): raised before any compute."""
+
+
+class ManifestError(SetupError):
+    """The manifest cannot be used at all: unreadable, no ``id`` column, a column of the wrong type."""
+
+
+class RowError(ValueError):
+    """One manifest row cannot be done; the job records it and goes on."""
+
+    def __init__(self, code: str, message: str):
+        if code not in CODES:
+            raise KeyError(f"unregistered error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# code -> when it happens. Stages: validate (driver, before compute), load (reading sources),
+# predict (the model), write (encoding and storing images).
+CODES = {
+    "invalid_id": "id is missing, too long, or has characters outside [A-Za-z0-9._-] (or starts with '.')",
+    "duplicate_id": "an earlier row of the manifests has the same id; only the first is run",
+    "unknown_task": "task is not one of generate, variation, inpaint",
+    "missing_prompt": "generate and inpaint need a non-empty prompt",
+    "prompt_too_long": "prompt or negative_prompt is longer than the limit",
+    "invalid_value": "a field has the wrong type, is not a whole number where one is needed, or is NaN",
+    "invalid_num_images": "num_images is outside 1-16",
+    "invalid_seed": "seed is negative or too large",
+    "unsupported_size": "width/height is not a multiple the model supports, or is too small or too large",
+    "invalid_steps": "num_inference_steps or prior_num_inference_steps is outside 1-1000",
+    "invalid_guidance": "guidance_scale or prior_guidance_scale is outside 0-100",
+    "missing_image": "variation and inpaint need an image",
+    "unexpected_image": "image or mask is given for a task that does not use it",
+    "image_unreadable": "the image or mask could not be read (missing object, no access, unreachable)",
+    "image_invalid": "the image or mask is not a decodable image (empty, truncated, not an image)",
+    "image_too_small": "the image or mask is smaller than 8 px on a side",
+    "image_too_large": "the image or mask has more pixels than the limit (decompression bomb guard)",
+    "missing_mask": "inpaint needs a mask, or an RGBA image whose transparent pixels mark the area",
+    "mask_size_mismatch": "the mask's size differs from the image's",
+    "mask_empty": "the mask marks nothing to repaint (all black, or no transparent pixel)",
+    "model_error": "the model raised on this row, also when run alone",
+    "write_failed": "an image could not be written to the output",
+}

@@ -1,0 +1,241 @@
+"""Manifests: read Parquet, check the whole manifest, validate and normalise each row.
+
+Whole-manifest problems (unreadable, no ``id``, a column of the wrong type, no rows) raise
+``ManifestError`` before any model loads. Row problems become error records with a stable code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from unclip_batch import storage
+from unclip_batch.errors import ManifestError, RowError
+
+TASKS = ("generate", "variation", "inpaint")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_NUM_IMAGES = 16  # OpenAI's Images API allows up to 10; a GPU batch of 16 fits every model we serve
+MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the first 77 tokens anyway
+MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES  # image k uses seed + k, which must still fit an int64
+MAX_STEPS = 1000  # the schedulers' training timesteps
+MAX_GUIDANCE = 100.0
+
+STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
+INT_COLUMNS = ("num_images", "seed", "width", "height", "num_inference_steps", "prior_num_inference_steps")
+FLOAT_COLUMNS = ("guidance_scale", "prior_guidance_scale")
+KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
+# Columns the output adds to every metadata/error row; a manifest column may not shadow them.
+RESERVED_COLUMNS = ("k", "image_key", "sha256", "model", "parameters", "timings", "stage", "code", "message",
+                    "manifest", "manifest_row", "row")
+# Bookkeeping columns added to the manifest table (leading underscore: never a user column).
+ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST = "_row", "_manifest", "_manifest_row", "_folder", "_first"
+BOOKKEEPING = (ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One valid, normalised manifest row: every default filled in, every value checked."""
+
+    row: int  # position across all manifests of the job
+    id: str
+    task: str
+    prompt: str
+    negative_prompt: str
+    image: str  # source image URL ("" for generate)
+    mask: str  # mask URL ("" = none)
+    num_images: int
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    prior_num_inference_steps: int
+    prior_guidance_scale: float
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise RowError("unknown_task", f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task in ("generate", "inpaint") and not self.prompt.strip():
+            raise RowError("missing_prompt", f"task {self.task!r} needs a non-empty prompt")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise RowError("prompt_too_long", f"{name} has {len(getattr(self, name))} characters; "
+                                                  f"the limit is {MAX_PROMPT_CHARS}")
+        if self.task == "generate" and (self.image or self.mask):
+            raise RowError("unexpected_image", "task 'generate' takes no image or mask; set task to "
+                                               "'variation' or 'inpaint', or leave image and mask empty")
+        if self.task != "generate" and not self.image:
+            raise RowError("missing_image", f"task {self.task!r} needs an image (URL or path)")
+        if self.task == "variation" and self.mask:
+            raise RowError("unexpected_image", "task 'variation' takes no mask; use task 'inpaint' to repaint")
+        if not 1 <= self.num_images <= MAX_NUM_IMAGES:
+            raise RowError("invalid_num_images", f"num_images is {self.num_images}; use 1-{MAX_NUM_IMAGES}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise RowError("invalid_seed", f"seed is {self.seed}; use 0-{MAX_SEED}, or leave it empty")
+        for name in ("num_inference_steps", "prior_num_inference_steps"):
+            if not 1 <= getattr(self, name) <= MAX_STEPS:
+                raise RowError("invalid_steps", f"{name} is {getattr(self, name)}; use 1-{MAX_STEPS}")
+        for name in ("guidance_scale", "prior_guidance_scale"):
+            if not 0 <= getattr(self, name) <= MAX_GUIDANCE:
+                raise RowError("invalid_guidance", f"{name} is {getattr(self, name)}; use 0-{MAX_GUIDANCE:g}")
+
+
+ROW_FIELDS = tuple(f.name for f in fields(Row))
+
+
+def default_seed(row_id: str) -> int:
+    """A seed derived from the id, so a row without one is still reproducible (32 bits, like numpy's)."""
+    return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:4], "big")
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_manifests(urls: tuple[str, ...] | list[str], storage_options: dict | None = None,
+                   limit: int | None = None) -> pa.Table:
+    """All manifests as one table with bookkeeping columns; raises ManifestError for unusable input."""
+    tables = [_read_one(url, storage_options) for url in urls]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    if limit is not None:
+        table = table.slice(0, limit)
+    table = table.append_column(ROW, pa.array(range(table.num_rows), pa.int64()))
+    return table.append_column(FIRST, first_occurrence(table))
+
+
+def _read_one(url: str, storage_options: dict | None) -> pa.Table:
+    if "://" not in url:  # workers may run in another folder: relative sources must not depend on it
+        url = os.path.abspath(url)
+    try:
+        fs, path = storage.filesystem(url, storage_options)
+        is_dir = fs.isdir(path)
+        if not is_dir and not fs.exists(path):
+            raise ManifestError(f"manifest {url} does not exist")
+        table = pq.read_table(path, filesystem=fs)
+    except ManifestError:
+        raise
+    except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
+        raise ManifestError(f"manifest {url} could not be read as Parquet: {exc}") from exc
+    _check_schema(url, table.schema)
+    if table.num_rows == 0:
+        raise ManifestError(f"manifest {url} has no rows")
+    folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
+    n = table.num_rows
+    table = table.set_column(table.schema.get_field_index("id"), "id", pc.cast(table["id"], pa.string()))
+    for name in STRING_COLUMNS:
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(n, pa.string()))
+    return (table.append_column(MANIFEST, pa.array([url] * n, pa.string()))
+            .append_column(MANIFEST_ROW, pa.array(range(n), pa.int64()))
+            .append_column(FOLDER, pa.array([folder] * n, pa.string()).dictionary_encode()))
+
+
+def _check_schema(url: str, schema: pa.Schema) -> None:
+    if "id" not in schema.names:
+        raise ManifestError(f"manifest {url} has no 'id' column (columns: {', '.join(schema.names)}); "
+                            "every row needs a unique id")
+    checks = [("id", (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer), "string")]
+    checks += [(c, (pa.types.is_string, pa.types.is_large_string, pa.types.is_null), "string")
+               for c in STRING_COLUMNS]
+    checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "integer") for c in INT_COLUMNS]
+    checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "number") for c in FLOAT_COLUMNS]
+    for name, accepted, expected in checks:
+        if name in schema.names and not any(ok(schema.field(name).type) for ok in accepted):
+            raise ManifestError(f"manifest {url}: column {name!r} has type {schema.field(name).type}; "
+                                f"expected {expected}")
+    clashes = [c for c in schema.names if c in RESERVED_COLUMNS or c.startswith("_")]
+    if clashes:
+        raise ManifestError(f"manifest {url}: column(s) {', '.join(clashes)} are reserved for the output "
+                            "(or start with '_'); rename them")
+
+
+def extra_columns(table: pa.Table) -> list[str]:
+    """User columns carried through to the metadata untouched."""
+    return [c for c in table.column_names if c not in KNOWN_COLUMNS and c not in BOOKKEEPING]
+
+
+def first_occurrence(table: pa.Table) -> pa.ChunkedArray:
+    """True for the first row of each id across all manifests (later ones are duplicates)."""
+    firsts = table.select(["id", ROW]).group_by("id", use_threads=False).aggregate([(ROW, "min")])
+    return pc.is_in(table[ROW], value_set=firsts[f"{ROW}_min"])
+
+
+# -- validating ---------------------------------------------------------------------------------
+def validate(table: pa.Table, defaults: dict, size: "SizeRule", chunk_rows: int = 8192
+             ) -> Iterator[tuple[list[Row], list[dict]]]:
+    """Yield (valid rows, error records) per chunk of the table: memory stays flat for any manifest."""
+    table = table.select([c for c in KNOWN_COLUMNS + BOOKKEEPING if c in table.column_names])
+    for batch in table.to_batches(max_chunksize=chunk_rows):
+        rows, errors = [], []
+        for record in batch.to_pylist():
+            try:
+                rows.append(parse_row(record, defaults, size))
+            except RowError as err:
+                errors.append(error_record(record, "validate", err.code, err.message))
+        yield rows, errors
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The sizes a model accepts (from its config, see models.ModelInfo)."""
+
+    default: int
+    multiple: int
+    maximum: int
+
+    def check(self, name: str, value: int) -> None:
+        if value % self.multiple or not self.multiple <= value <= self.maximum:
+            raise RowError("unsupported_size", f"{name} is {value}; this model needs a multiple of "
+                                               f"{self.multiple} between {self.multiple} and {self.maximum}")
+
+
+def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
+    """A raw manifest record -> Row, or RowError saying what to fix."""
+    row_id = record["id"]
+    if row_id is None or not ID_PATTERN.fullmatch(row_id):
+        raise RowError("invalid_id", f"id {row_id!r} is not 1-128 characters of [A-Za-z0-9._-] "
+                                     "(not starting with '.')")
+    if not record[FIRST]:
+        raise RowError("duplicate_id", f"id {row_id!r} appears earlier in the manifests; ids must be unique")
+    task = (record.get("task") or "generate").strip()
+    folder = record[FOLDER]
+    values = {}
+    for name in INT_COLUMNS + FLOAT_COLUMNS:
+        values[name] = _number(name, record.get(name), integer=name in INT_COLUMNS)
+        if values[name] is None:
+            values[name] = defaults.get(name)
+    values["seed"] = default_seed(row_id) if values["seed"] is None else values["seed"]
+    values["num_images"] = 1 if values["num_images"] is None else values["num_images"]
+    for name in ("width", "height"):
+        values[name] = size.default if values[name] is None else values[name]
+        size.check(name, values[name])
+    return Row(
+        row=record[ROW], id=row_id, task=task, prompt=record.get("prompt") or "",
+        negative_prompt=record.get("negative_prompt") or "",
+        image=storage.resolve(record["image"], folder) if record.get("image") else "",
+        mask=storage.resolve(record["mask"], folder) if record.get("mask") else "",
+        **values,
+    )
+
+
+def _number(name: str, value, integer: bool):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None  # pandas writes missing numbers as NaN in float columns
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RowError("invalid_value", f"{name} is {value}; use a finite number")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise RowError("invalid_value", f"{name} is {value}; use a whole number")
+        return int(value)
+    return float(value)
+
+
+def error_record(record: dict, stage: str, code: str, message: str) -> dict:
+    """The errors/*.parquet row for a manifest record (its id may itself be the problem)."""
+    return {"id": record.get("id"), "task": record.get("task") or "generate", "stage": stage, "code": code,
+            "message": message, "row": record[ROW]}

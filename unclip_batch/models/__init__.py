@@ -1,0 +1,104 @@
+"""Model specs and the registry of model families.
+
+A spec is ``[FAMILY:]LOCATION``: a built-in alias (``default``, ``tiny``), a local folder, a Hub
+namespace (``kandinsky-community``) or an object-storage URL (``s3://bucket/models/k22``), which each
+node copies once into a local cache. Families are looked up by name; each lives in its own module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+ALIASES = {
+    # Until the trained embedded model lands, the default is the tiny random checkpoint.
+    "default": ("kandinsky22", WEIGHTS / "tiny"),
+    "tiny": ("kandinsky22", WEIGHTS / "tiny"),
+}
+FAMILIES = {"kandinsky22": "unclip_batch.models.kandinsky22"}
+DEFAULT_FAMILY = "kandinsky22"
+# Only these files are copied from object storage: weights are safetensors, never pickles.
+SYNCED_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+_FAMILY_PREFIX = re.compile(r"^([a-z][a-z0-9_]*):(?!//)(.+)$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What rows may ask of a model, read from its config files without loading weights."""
+
+    family: str
+    location: str
+    default_size: int
+    size_multiple: int
+    max_size: int
+    defaults: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("generate", "variation", "inpaint")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    spec: str  # as the user wrote it: recorded in metadata and compared on resume
+    family: str
+    location: str  # local folder, Hub namespace, or object-storage URL
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSpec":
+        if spec in ALIASES:
+            family, location = ALIASES[spec]
+            return cls(spec, family, str(location))
+        match = _FAMILY_PREFIX.match(spec)
+        family, location = (match.group(1), match.group(2)) if match else (DEFAULT_FAMILY, spec)
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r} in --model {spec!r}; known: {', '.join(FAMILIES)}")
+        return cls(spec, family, location)
+
+    def module(self):
+        return importlib.import_module(FAMILIES[self.family])
+
+    def local_location(self, storage_options: dict | None = None) -> str:
+        """The location with object-storage URLs replaced by this node's cached copy."""
+        if "://" not in self.location or self.location.startswith("file://"):
+            return self.location.removeprefix("file://")
+        return sync_to_cache(self.location, storage_options or {})
+
+    def describe(self, storage_options: dict | None = None) -> ModelInfo:
+        return self.module().describe(self.local_location(storage_options))
+
+
+def sync_to_cache(url: str, storage_options: dict) -> str:
+    """Copy a checkpoint tree from object storage into a per-node cache, once; return the local folder."""
+    from unclip_batch.storage import filesystem
+
+    cache_root = Path(os.environ.get("UNCLIP_BATCH_CACHE", Path.home() / ".cache" / "unclip-batch")) / "models"
+    target = cache_root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return str(target)
+    fs, root = filesystem(url, storage_options)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".sync-"))
+    try:
+        files = [p for p in fs.find(root) if p.endswith(SYNCED_SUFFIXES)]
+        if not files:
+            raise FileNotFoundError(f"no model files (safetensors/json) under {url}")
+        for path in files:
+            local = staging / os.path.relpath(path, root)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(fs.cat_file(path))
+        logger.info("copied %d model files from %s to %s", len(files), url, target)
+        os.rename(staging, target)  # atomic: a concurrent actor on this node either sees all or nothing
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,220 @@
+"""Kandinsky 2.2: CLIP + diffusion prior + MoVQ latent decoder, the open model with DALL-E 2's layout.
+
+A location names three checkpoint folders side by side, as the Hub publishes them:
+``<location>/kandinsky-2-2-prior``, ``<location>/kandinsky-2-2-decoder`` and
+``<location>/kandinsky-2-2-decoder-inpaint`` (``kandinsky-community`` on the Hub, or a local folder).
+
+The prior runs through diffusers' ``KandinskyV22PriorPipeline``. The decoder loop is our own, on the
+pipelines' own components: diffusers' inpaint pipeline blends every image of a batch with the first
+image's latents and mask (``image[:1]``), so it cannot batch rows with different sources. Everything
+else follows ``KandinskyV22Pipeline`` / ``KandinskyV22InpaintPipeline`` step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unclip_batch.models import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "kandinsky22"
+PRIOR, DECODER, INPAINT = "kandinsky-2-2-prior", "kandinsky-2-2-decoder", "kandinsky-2-2-decoder-inpaint"
+# Kandinsky 2.2 is trained at 512-768 px; past 1024 px it tiles and memory grows quadratically.
+MAX_SIZE = 1024
+# Mixing weight of the prompt's embedding into a source image's embedding for a steered variation, as
+# in the prior pipeline's interpolate(): enough to move colour and style, little enough to keep the layout.
+VARIATION_PROMPT_WEIGHT = 0.3
+DEFAULTS = {  # the values diffusers' Kandinsky 2.2 docs use
+    "num_inference_steps": 50,
+    "guidance_scale": 4.0,
+    "prior_num_inference_steps": 25,
+    "prior_guidance_scale": 4.0,
+}
+
+
+def _read_config(location: str, component: str, subfolder: str) -> dict:
+    folder = Path(location) / component
+    if folder.is_dir():
+        return json.loads((folder / subfolder / "config.json").read_text())
+    from huggingface_hub import hf_hub_download  # a Hub id: served from the local cache when offline
+
+    return json.loads(Path(hf_hub_download(f"{location}/{component}", "config.json", subfolder=subfolder)).read_text())
+
+
+def describe(location: str) -> ModelInfo:
+    """What a row may ask of this model, from its config files alone (no weights are read)."""
+    movq = _read_config(location, DECODER, "movq")
+    unet = _read_config(location, DECODER, "unet")
+    movq_scale = 2 ** (len(movq["block_out_channels"]) - 1)
+    # The UNet halves the latent once per level after the first; the pipeline rounds sizes to this multiple.
+    multiple = movq_scale * 2 ** (len(unet["block_out_channels"]) - 1)
+    sample_size = unet.get("sample_size")
+    default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
+    return ModelInfo(family=FAMILY, location=location, default_size=default_size, size_multiple=multiple,
+                     max_size=MAX_SIZE, defaults=dict(DEFAULTS))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Settings shared by every image of one model call."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    prior_num_inference_steps: int
+    prior_guidance_scale: float
+
+
+class Kandinsky22:
+    """Holds CLIP, the prior and the decoder(s); turns a group of same-shaped requests into pixels."""
+
+    def __init__(self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32"):
+        import torch
+        from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+        self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
+        load = dict(use_safetensors=True, torch_dtype=self.dtype)
+        self.prior = _local_or_hub(KandinskyV22PriorPipeline, location, PRIOR, load).to(self.device)
+        self.decoder = _local_or_hub(KandinskyV22Pipeline, location, DECODER, load).to(self.device)
+        self.inpainter = None
+        if "inpaint" in tasks:  # a 9-channel UNet is as large as the decoder: load it only when needed
+            self.inpainter = _local_or_hub(KandinskyV22InpaintPipeline, location, INPAINT,
+                                           dict(load, movq=self.decoder.movq)).to(self.device)
+        for pipe in (self.prior, self.decoder, self.inpainter):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
+        self.movq_scale = self.decoder.movq_scale_factor
+        self._zero_embed = None
+
+    # -- embeddings -------------------------------------------------------------------------------
+    def text_embeds(self, prompts, negative_prompts, seeds, s: Sampling):
+        """Prior: prompt -> CLIP image embedding, one prior sample per image (seeded per image)."""
+        generators = [self._generator(seed) for seed in seeds]
+        negative = None
+        if any(negative_prompts):
+            negative = list(negative_prompts)
+            generators += [self._generator(seed) for seed in seeds]
+        out = self.prior(list(prompts), negative_prompt=negative, num_inference_steps=s.prior_num_inference_steps,
+                         guidance_scale=s.prior_guidance_scale, generator=generators)
+        return out.image_embeds, out.negative_image_embeds
+
+    def image_embeds(self, images: list[np.ndarray]):
+        """CLIP image encoder: source pixels -> CLIP image embedding (the variation's condition)."""
+        pixels = self.prior.image_processor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.prior.image_encoder.dtype)
+        return self.prior.image_encoder(pixels).image_embeds
+
+    def zero_embeds(self, n: int):
+        if self._zero_embed is None:  # the prior pipeline's unconditional embedding: CLIP of a black image
+            self._zero_embed = self.prior.get_zero_embed(1, device=self.device)
+        return self._zero_embed.repeat(n, 1)
+
+    # -- tasks ------------------------------------------------------------------------------------
+    def generate(self, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
+        embeds, negative = self.text_embeds(prompts, negative_prompts, seeds, s)
+        return self.decode(self.decoder, embeds, negative, seeds, s)
+
+    def variation(self, images, prompts, seeds, s: Sampling) -> np.ndarray:
+        embeds = self.image_embeds(images)
+        if any(prompts):
+            text, _ = self.text_embeds(prompts, [""] * len(prompts), seeds, s)
+            embeds = (1 - VARIATION_PROMPT_WEIGHT) * embeds + VARIATION_PROMPT_WEIGHT * text
+        return self.decode(self.decoder, embeds, self.zero_embeds(len(seeds)), seeds, s)
+
+    def inpaint(self, images, masks, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
+        """Repaint where mask is 1, keep the source elsewhere (pixel-exact: the result is composited)."""
+        torch = self.torch
+        embeds, negative = self.text_embeds(prompts, negative_prompts, seeds, s)
+        source = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device, self.dtype) / 127.5 - 1
+        repaint = torch.from_numpy(np.stack(masks)).to(self.device, self.dtype)[:, None]
+        generated = self.decode(self.inpainter, embeds, negative, seeds, s, source=source, repaint=repaint)
+        keep = np.stack(masks)[..., None] == 0
+        return np.where(keep, np.stack(images), generated)
+
+    # -- decoder ----------------------------------------------------------------------------------
+    def decode(self, pipe, embeds, negative, seeds, s: Sampling, source=None, repaint=None) -> np.ndarray:
+        """The KandinskyV22(Inpaint)Pipeline denoising loop, with per-image sources, masks and seeds."""
+        torch = self.torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        unet, scheduler, movq = pipe.unet, pipe.scheduler, pipe.movq
+        guided = s.guidance_scale > 1.0
+        cond = torch.cat([negative, embeds]) if guided else embeds
+        cond = cond.to(self.device, unet.dtype)
+        channels = movq.config.latent_channels
+        shape = (len(seeds), channels, s.height // self.movq_scale, s.width // self.movq_scale)
+        generators = [self._generator(seed) for seed in seeds]
+        with torch.inference_mode():
+            scheduler.set_timesteps(s.num_inference_steps, device=self.device)
+            timesteps = scheduler.timesteps
+            noise = randn_tensor(shape, generator=generators, device=self.device, dtype=unet.dtype)
+            latents = noise * scheduler.init_noise_sigma
+            extra = None
+            if source is not None:
+                source_latents = movq.encode(source)["latents"]
+                keep = _latent_keep_mask(torch, repaint, source_latents.shape[-2:])
+                extra = torch.cat([source_latents * keep, keep], dim=1)
+                extra = torch.cat([extra] * 2) if guided else extra
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if guided else latents
+                if extra is not None:
+                    model_input = torch.cat([model_input, extra], dim=1)
+                out = unet(sample=model_input, timestep=t, encoder_hidden_states=None,
+                           added_cond_kwargs={"image_embeds": cond}, return_dict=False)[0]
+                noise_pred = _guide(torch, out, channels, s.guidance_scale if guided else None,
+                                    getattr(scheduler.config, "variance_type", None))
+                latents = scheduler.step(noise_pred, t, latents, generator=generators)[0]
+                if source is not None:  # re-impose the (re-noised) source outside the mask, as diffusers does
+                    proper = source_latents
+                    if i < len(timesteps) - 1:
+                        proper = scheduler.add_noise(source_latents, noise, timesteps[i + 1: i + 2])
+                    latents = keep * proper + (1 - keep) * latents
+            if source is not None:
+                latents = keep * source_latents + (1 - keep) * latents
+            image = movq.decode(latents, force_not_quantize=True)["sample"]
+        image = ((image.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _generator(self, seed: int):
+        # CPU generators: the same seed gives the same noise on any device, and batching cannot change it.
+        return self.torch.Generator("cpu").manual_seed(int(seed))
+
+
+def _guide(torch, out, channels: int, guidance_scale: float | None, variance_type: str | None):
+    """Classifier-free guidance on the noise half of the UNet's output; keep the learned variance if used."""
+    noise_pred, variance = out.split(channels, dim=1)
+    if guidance_scale is not None:
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + guidance_scale * (cond - uncond)
+        variance = variance.chunk(2)[1]
+    if variance_type in ("learned", "learned_range"):
+        return torch.cat([noise_pred, variance], dim=1)
+    return noise_pred
+
+
+def _latent_keep_mask(torch, repaint, size):
+    """Pixel repaint mask -> latent keep mask, growing the repaint area by one latent pixel.
+
+    Same result as diffusers' ``prepare_mask`` (a Python loop over every latent pixel), as one max-pool.
+    """
+    repaint = torch.nn.functional.interpolate(repaint, tuple(size), mode="nearest")
+    repaint = torch.nn.functional.max_pool2d(repaint, kernel_size=3, stride=1, padding=1)
+    return 1 - repaint
+
+
+def _local_or_hub(cls, location: str, component: str, kwargs: dict):
+    folder = Path(location) / component
+    ref = str(folder) if folder.is_dir() else f"{location}/{component}"
+    logger.info("loading %s from %s", cls.__name__, ref)
+    return cls.from_pretrained(ref, **kwargs)
+
+
+def load(location: str, *, tasks: frozenset[str], device: str, dtype: str) -> Kandinsky22:
+    return Kandinsky22(location, tasks=tasks, device=device, dtype=dtype)

@@ -1,0 +1,213 @@
+"""The job: plain-Python stages wired into one Ray Data pipeline. The only library module importing Ray.
+
+    manifest -> plan/resume -> validate (driver)
+      -> load_sources (CPU tasks) -> UnclipPredictor (actor pool, GPU) -> write_images (CPU tasks)
+      -> driver: metadata/ and errors/ shards, then _SUCCESS
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from unclip_batch import __version__, plan
+from unclip_batch.batches import NO_ERROR, rows_of
+from unclip_batch.config import JobConfig
+from unclip_batch.errors import SetupError
+from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns, read_manifests,
+                                   validate)
+from unclip_batch.models import ModelSpec
+from unclip_batch.sources import load_sources
+from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_images,
+                                 write_json)
+
+logger = logging.getLogger(__name__)
+
+IO_TASK_CPUS = 0.25  # load and write tasks mostly wait on storage; on 2 cores whole CPUs would starve them
+PROGRESS_EVERY_S = 10.0
+MAX_BLOCK_ROWS = 64  # rows per source block: small enough that the first images come quickly
+
+
+def run_job(config: JobConfig) -> dict:
+    """Run a job to completion (or resume it); return the summary also written to ``_SUCCESS``."""
+    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    so = config.storage_options
+    # 1. Model config (no weights) and manifests: every whole-job problem surfaces here.
+    spec = ModelSpec.parse(config.model)
+    try:
+        info = spec.describe(so)
+    except Exception as exc:
+        raise SetupError(f"model {config.model!r} could not be read: {type(exc).__name__}: {exc}") from exc
+    defaults = {**info.defaults, **config.defaults}
+    size = SizeRule(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
+    table = read_manifests(config.manifests, so, config.limit)
+    # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
+    record = {"model": spec.spec, "defaults": defaults, "unclip_batch": __version__}
+    record["fingerprint"] = hashlib.sha256(json.dumps([spec.spec, defaults], sort_keys=True).encode()).hexdigest()[:16]
+    if config.overwrite:
+        plan.clear_output(config.output, so)
+    try:
+        resuming = plan.check_job_record(config.output, record, so)
+        write_json(config.output, plan.JOB_RECORD, record, so)
+    except SetupError:
+        raise
+    except Exception as exc:
+        raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
+    # 3. What is left to do.
+    done = plan.load_done(config.output, so) if resuming else plan.Done(pa.array([], pa.string()),
+                                                                       pa.array([], pa.string()), 0, 0)
+    todo = plan.pending(table, done)
+    logger.info("%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows,
+                todo.num_rows)
+    # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
+    lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
+    sinks = _Sinks(config.output, lookup, so, spec.spec, total=todo.num_rows)
+    blocks = []
+    for rows, errors in validate(todo, defaults, size):
+        sinks.errors(errors)
+        for start in range(0, len(rows), MAX_BLOCK_ROWS):
+            blocks.append(_rows_table(rows[start:start + MAX_BLOCK_ROWS]))
+    # 5. Run the pipeline.
+    if blocks:
+        tasks = tuple(sorted({t for block in blocks for t in block["task"].to_pylist()}))
+        for batch in _dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"):
+            sinks.add(rows_of(batch))
+    sinks.close()
+    # 6. The summary, written last: its presence means every row is accounted for.
+    summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
+    write_json(config.output, plan.SUCCESS, summary, so)
+    return summary
+
+
+def _rows_table(rows) -> pa.Table:
+    return pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS}).append_column(
+        "code", pa.array([NO_ERROR] * len(rows), pa.string())).append_column(
+        "message", pa.array([""] * len(rows), pa.string())).append_column(
+        "stage", pa.array([""] * len(rows), pa.string()))
+
+
+def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from unclip_batch.predict import UnclipPredictor
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, logging_level=logging.WARNING)
+    resources = ray.cluster_resources()
+    use_gpu = config.device != "cpu" and resources.get("GPU", 0) >= 1
+    workers = config.workers or (int(resources["GPU"]) if use_gpu else 1)
+    cpus = resources.get("CPU", 1)
+    # Without a GPU the actors compute on CPUs that the load and write tasks need too: give the model
+    # half the cluster, and the actor's torch as many threads as that half holds.
+    worker_cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, cpus / (2 * workers))))
+    threads = None if use_gpu else max(1, int(cpus // workers))
+    logger.info("Ray: %s; %d model worker(s), %s", resources, workers, "GPU" if use_gpu else f"{threads} CPU threads each")
+    so = config.storage_options
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(load_sources, fn_kwargs={"storage_options": so}, batch_size=None, num_cpus=IO_TASK_CPUS,
+                        batch_format="numpy")
+    ds = ds.map_batches(
+        UnclipPredictor,
+        fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=config.device,
+                                   dtype=config.dtype, threads=threads, storage_options=so),
+        compute=ActorPoolStrategy(size=workers), batch_size=config.batch_size, batch_format="numpy",
+        num_gpus=1 if use_gpu else 0, num_cpus=worker_cpus,
+    )
+    return ds.map_batches(write_images, fn_kwargs={"output": config.output, "storage_options": so}, batch_size=None,
+                          num_cpus=IO_TASK_CPUS, batch_format="numpy")
+
+
+class _Sinks:
+    """Turns finished image rows into metadata and failed rows into errors, each row exactly once."""
+
+    def __init__(self, output: str, lookup: pa.Table, storage_options: dict, model: str, total: int):
+        self.model, self.total = model, total
+        self.metadata = ShardWriter(output=output, folder="metadata", schema=METADATA_SCHEMA, lookup=lookup,
+                                    storage_options=storage_options)
+        self.failed = ShardWriter(output=output, folder="errors", schema=ERROR_SCHEMA, lookup=lookup,
+                                  storage_options=storage_options)
+        self.partial: dict[str, list[dict]] = {}  # images of rows not yet complete
+        self.succeeded = self.images = 0
+        self.codes: Counter = Counter()
+        self.clock = self.last_report = time.perf_counter()
+
+    def errors(self, records: list[dict]) -> None:
+        self.codes.update(r["code"] for r in records)
+        self.failed.add(records)
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row["code"]:
+                self.partial.pop(row["id"], None)
+                self.errors([{k: row[k] for k in ("id", "task", "stage", "code", "message", "row")}])
+                continue
+            images = self.partial.setdefault(row["id"], [])
+            images.append(row)
+            if len(images) == int(row["num_images"]):
+                del self.partial[row["id"]]
+                self.metadata.add([metadata_record(r, self.model) for r in sorted(images, key=lambda r: r["k"])])
+                self.succeeded += 1
+                self.images += len(images)
+        self._report()
+
+    def _report(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if final or now - self.last_report >= PROGRESS_EVERY_S:
+            self.last_report = now
+            failed = sum(self.codes.values())
+            logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s",
+                        self.succeeded + failed, self.total, failed, self.images,
+                        self.images / max(now - self.clock, 1e-9))
+
+    def close(self) -> None:
+        if self.partial:  # cannot happen unless a stage drops images: record rather than lose the rows
+            for row_id, images in self.partial.items():
+                self.errors([{"id": row_id, "task": images[0]["task"], "stage": "write", "code": "write_failed",
+                              "message": f"only {len(images)} of {images[0]['num_images']} images arrived",
+                              "row": images[0]["row"]}])
+        self.metadata.flush()
+        self.failed.flush()
+        self._report(final=True)
+
+
+def _summary(config: JobConfig, spec: ModelSpec, manifest_rows: int, done: plan.Done, sinks: _Sinks,
+             started: dt.datetime, wall_s: float) -> dict:
+    import diffusers
+    import ray
+    import torch
+    import transformers
+
+    failed = sum(sinks.codes.values())
+    return {
+        "status": "complete",
+        "output": config.output,
+        "manifests": list(config.manifests),
+        "model": spec.spec,
+        "rows": {
+            "manifest": manifest_rows,
+            "done_before": manifest_rows - sinks.total,
+            "succeeded": sinks.succeeded,
+            "failed": failed,
+            "total_succeeded": done.succeeded + sinks.succeeded,
+            "total_failed": done.failed + failed,
+        },
+        "images": sinks.images,
+        "errors_by_code": dict(sorted(sinks.codes.items())),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(wall_s, 3),
+        "images_per_s": round(sinks.images / wall_s, 3) if wall_s > 0 else None,
+        "versions": {"unclip_batch": __version__, "ray": ray.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "host": os.uname().nodename,
+    }

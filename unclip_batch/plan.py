@@ -1,0 +1,104 @@
+"""Plan stage: what is already done under the output, what is left, and whether this job may continue it.
+
+A row is done when its id has metadata or an error record. Rows whose id is itself the problem
+(invalid or duplicate) are recorded by their position in their manifest instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from unclip_batch import storage
+from unclip_batch.errors import SetupError
+from unclip_batch.manifest import FIRST, MANIFEST, MANIFEST_ROW
+
+logger = logging.getLogger(__name__)
+
+JOB_RECORD = "_job.json"
+SUCCESS = "_SUCCESS"
+POSITION_CODES = ("invalid_id", "duplicate_id")  # errors whose id cannot key them
+
+
+@dataclass(frozen=True)
+class Done:
+    ids: pa.Array  # ids with metadata or a keyed error record
+    positions: pa.Array  # "manifest#row" of errors keyed by position
+    succeeded: int
+    failed: int
+
+
+def position_keys(manifests, manifest_rows) -> pa.Array:
+    return pc.binary_join_element_wise(pc.cast(manifests, pa.string()), pc.cast(manifest_rows, pa.string()), "#")
+
+
+def load_done(output: str, storage_options: dict | None = None) -> Done:
+    metadata = _read_column_sets(output, "metadata", ["id"], storage_options)
+    errors = _read_column_sets(output, "errors", ["id", "code", "manifest", "manifest_row"], storage_options)
+    ids = pc.unique(metadata["id"]) if metadata.num_rows else pa.array([], pa.string())
+    by_position = pc.is_in(errors["code"], value_set=pa.array(POSITION_CODES)) if errors.num_rows else None
+    error_ids = errors.filter(pc.invert(by_position))["id"] if errors.num_rows else pa.array([], pa.string())
+    positioned = errors.filter(by_position) if errors.num_rows else None
+    positions = (position_keys(positioned["manifest"], positioned["manifest_row"]) if positioned is not None
+                 else pa.array([], pa.string()))
+    return Done(ids=pc.unique(pa.concat_arrays([_flat(ids), _flat(error_ids)])), positions=_flat(positions),
+                succeeded=len(ids), failed=errors.num_rows)
+
+
+def pending(table: pa.Table, done: Done) -> pa.Table:
+    """Rows of the manifest table not yet done. Vectorised: stays fast at millions of rows."""
+    if len(done.ids) == 0 and len(done.positions) == 0:
+        return table
+    by_id = pc.and_(table[FIRST], pc.is_in(table["id"], value_set=done.ids))
+    by_position = pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]), value_set=done.positions)
+    return table.filter(pc.invert(pc.or_(pc.fill_null(by_id, False), by_position)))
+
+
+def _read_column_sets(output: str, folder: str, columns: list[str], storage_options) -> pa.Table:
+    fs, root = storage.filesystem(output, storage_options)
+    path = storage.join(root, folder)
+    files = sorted(p for p in (fs.glob(storage.join(path, "*.parquet")) if fs.exists(path) else []))
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file, columns=columns, filesystem=fs))
+        except Exception as exc:  # shards are written whole, so this is damage from outside: say so, go on
+            logger.warning("ignoring unreadable shard %s: %s", file, exc)
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _flat(array) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def check_job_record(output: str, record: dict, storage_options: dict | None = None) -> bool:
+    """Refuse to mix results of different models or settings in one output; True when resuming."""
+    fs, root = storage.filesystem(output, storage_options)
+    path = storage.join(root, JOB_RECORD)
+    try:
+        earlier = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return False
+    if earlier.get("fingerprint") != record["fingerprint"]:
+        raise SetupError(
+            f"{output} holds results of another job (model {earlier.get('model')!r}, settings "
+            f"{earlier.get('fingerprint')}); this one is model {record['model']!r}, settings "
+            f"{record['fingerprint']}. Use a new --output, or --overwrite to discard the old results.")
+    return True
+
+
+def clear_output(output: str, storage_options: dict | None = None) -> None:
+    """--overwrite: remove what an earlier job wrote (only our own names, never the whole folder)."""
+    fs, root = storage.filesystem(output, storage_options)
+    for name in ("images", "metadata", "errors", JOB_RECORD, SUCCESS):
+        path = storage.join(root, name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    logger.info("--overwrite: cleared earlier results under %s", output)

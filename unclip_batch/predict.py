@@ -1,0 +1,128 @@
+"""Predict stage: one actor holds CLIP + prior + decoder(s) and turns rows into images.
+
+Rows arrive mixed; they are grouped by everything a model call must share (task, size, steps,
+guidance), each group is cut into calls of ``batch_size`` images, and every image gets its own
+seeded noise, so a row's images do not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from unclip_batch.batches import image_of, mark_error, mask_of, rows_of, to_batch
+from unclip_batch.models import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+class UnclipPredictor:
+    """Callable class for ``map_batches``: loads the model once in ``__init__``."""
+
+    def __init__(self, *, model: str, tasks: tuple[str, ...], batch_size: int, device: str = "auto",
+                 dtype: str = "auto", threads: int | None = None, storage_options: dict | None = None):
+        import diffusers
+        import torch
+        import transformers
+
+        # Per-component loading bars from every actor drown Ray's own progress; the job reports progress.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
+        spec = ModelSpec.parse(model)
+        start = time.perf_counter()
+        self.model = spec.module().load(spec.local_location(storage_options), tasks=frozenset(tasks),
+                                        device=device, dtype=dtype)
+        logger.info("model %s loaded on %s (%s) in %.1fs", model, device, dtype, time.perf_counter() - start)
+        self.batch_size = batch_size
+        self.torch = torch
+
+    def __call__(self, batch: dict) -> dict:
+        rows = rows_of(batch)
+        out = []
+        groups = defaultdict(list)
+        for row in rows:
+            if row["code"]:
+                out.append(_without_inputs(row))  # failed upstream: pass the error through
+            else:
+                groups[_group_key(row)].append(row)
+        for group in groups.values():
+            out.extend(self._run_group(group))
+        return to_batch(out)
+
+    def _run_group(self, rows: list[dict]) -> list[dict]:
+        images = [(row, k) for row in rows for k in range(int(row["num_images"]))]
+        results, failed = {}, {}
+        for start in range(0, len(images), self.batch_size):
+            call = images[start:start + self.batch_size]
+            try:
+                results.update(self._timed_call(call))
+            except Exception as exc:  # one bad row must not fail its batch: retry each row alone
+                logger.warning("model call of %d images failed (%s); retrying row by row", len(call), exc)
+                self._free_memory()
+                for row_id in dict.fromkeys(row["id"] for row, _ in call):
+                    try:
+                        results.update(self._timed_call([(r, k) for r, k in call if r["id"] == row_id]))
+                    except Exception as row_exc:
+                        failed[row_id] = f"{type(row_exc).__name__}: {row_exc}"
+                        self._free_memory()
+        out = []
+        for row in rows:
+            if row["id"] in failed:
+                failed_row = _without_inputs(row)
+                mark_error(failed_row, "predict", "model_error", failed[row["id"]])
+                out.append(failed_row)
+                continue
+            for k in range(int(row["num_images"])):
+                pixels, model_s = results[(row["id"], k)]
+                image_row = _without_inputs(row)
+                image_row.update(k=k, seed=int(row["seed"]) + k, pixels=pixels, model_s=model_s)
+                out.append(image_row)
+        return out
+
+    def _timed_call(self, call: list[tuple[dict, int]]) -> dict:
+        start = time.perf_counter()
+        pixels = self._call(call)
+        per_image = (time.perf_counter() - start) / len(call)
+        return {(row["id"], k): (pixels[i].tobytes(), per_image) for i, (row, k) in enumerate(call)}
+
+    def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
+        from unclip_batch.models.kandinsky22 import Sampling
+
+        first = call[0][0]
+        sampling = Sampling(**{f: first[f] for f in Sampling.__dataclass_fields__})
+        seeds = [int(row["seed"]) + k for row, k in call]
+        prompts = [row["prompt"] for row, _ in call]
+        negatives = [row["negative_prompt"] for row, _ in call]
+        if first["task"] == "generate":
+            return self.model.generate(prompts, negatives, seeds, sampling)
+        sources = [image_of(row) for row, _ in call]
+        if first["task"] == "variation":
+            return self.model.variation(sources, prompts, seeds, sampling)
+        return self.model.inpaint(sources, [mask_of(row) for row, _ in call], prompts, negatives, seeds, sampling)
+
+    def _free_memory(self):
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
+
+
+def _group_key(row: dict) -> tuple:
+    """Rows that can share one model call: same task, size and sampling settings, and the same
+    prompt kinds (a negative prompt, or a prompt steering a variation, changes the call's shape)."""
+    return (row["task"], row["width"], row["height"], row["num_inference_steps"], row["guidance_scale"],
+            row["prior_num_inference_steps"], row["prior_guidance_scale"], bool(row["negative_prompt"]),
+            row["task"] == "variation" and bool(row["prompt"]))
+
+
+def _without_inputs(row: dict) -> dict:
+    """The row without its source pixels (not needed downstream), with the image columns every
+    output row carries."""
+    out = {k: v for k, v in row.items() if k not in ("pixels", "repaint")}
+    out.update(k=-1, pixels=b"", model_s=0.0)
+    return out

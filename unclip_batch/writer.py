@@ -1,0 +1,124 @@
+"""Write stage and output files.
+
+``write_images`` is the CPU stage after the model: PNG-encode and store each image whole under a
+deterministic key. ``ShardWriter`` runs in the driver and turns finished rows into
+``metadata/*.parquet`` and ``errors/*.parquet`` shards; ``_SUCCESS`` is written last of all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unclip_batch import storage
+from unclip_batch.batches import image_of, mark_error, rows_of, to_batch
+
+logger = logging.getLogger(__name__)
+
+PARAMETERS = pa.struct([("num_inference_steps", pa.int32()), ("guidance_scale", pa.float64()),
+                        ("prior_num_inference_steps", pa.int32()), ("prior_guidance_scale", pa.float64())])
+TIMINGS = pa.struct([("load_s", pa.float64()), ("model_s", pa.float64()), ("write_s", pa.float64())])
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("k", pa.int32()), ("task", pa.string()), ("image_key", pa.string()),
+    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+    ("seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+    ("model", pa.string()), ("parameters", PARAMETERS), ("timings", TIMINGS),
+])
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
+                          ("code", pa.string()), ("message", pa.string())])
+
+
+def image_key(row_id: str, k: int) -> str:
+    """Output key of image k of a row. Ids are validated ([A-Za-z0-9._-], no leading '.'), so a key
+    can never leave the output folder."""
+    return f"images/{row_id}/{k}.png"
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_images(batch: dict, output: str, storage_options: dict | None = None) -> dict:
+    """Encode and store every generated image; replace pixels by key and checksum."""
+    fs, root = storage.filesystem(output, storage_options)
+    rows = rows_of(batch)
+    for row in rows:
+        start = time.perf_counter()
+        row["image_key"], row["sha256"] = "", ""
+        if not row["code"]:
+            try:
+                data = encode_png(image_of(row))
+                row["image_key"] = image_key(row["id"], int(row["k"]))
+                storage.write_whole(fs, storage.join(root, row["image_key"]), data)
+                row["sha256"] = hashlib.sha256(data).hexdigest()
+            except Exception as exc:  # storage errors come in many types; the row is recorded, not lost
+                mark_error(row, "write", "write_failed", f"{type(exc).__name__}: {exc}")
+        row["write_s"] = time.perf_counter() - start
+        del row["pixels"]
+    return to_batch(rows)
+
+
+class ShardWriter:
+    """Buffers finished records and writes them as Parquet shards (whole objects, unique names).
+
+    ``lookup`` is the manifest table (all rows, indexed by position): the bookkeeping and
+    carried-through columns are taken from it, so they keep their exact Arrow types.
+    """
+
+    def __init__(self, *, output: str, folder: str, schema: pa.Schema, lookup: pa.Table,
+                 storage_options: dict | None = None, rows_per_shard: int = 10_000):
+        self.fs, root = storage.filesystem(output, storage_options)
+        self.folder = storage.join(root, folder)
+        self.schema, self.lookup = schema, lookup
+        self.rows_per_shard = rows_per_shard
+        self.run = uuid.uuid4().hex[:12]  # shards of different runs never collide
+        self.records: list[dict] = []
+        self.shards = 0
+        self.written = 0
+
+    def add(self, records: list[dict]) -> None:
+        self.records.extend(records)
+        if len(self.records) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.records:
+            return
+        table = pa.Table.from_pylist([{f: r.get(f) for f in self.schema.names} for r in self.records],
+                                     schema=self.schema)
+        carried = self.lookup.take(pa.array([r["row"] for r in self.records], pa.int64()))
+        for name in carried.column_names:
+            table = table.append_column(name.lstrip("_"), carried[name])
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        path = storage.join(self.folder, f"part-{self.run}-{self.shards:05d}.parquet")
+        storage.write_whole(self.fs, path, buffer.getvalue())
+        self.shards += 1
+        self.written += len(self.records)
+        self.records = []
+
+
+def metadata_record(row: dict, model: str) -> dict:
+    return {
+        **{k: row[k] for k in ("id", "k", "task", "image_key", "prompt", "negative_prompt", "image", "mask",
+                               "seed", "width", "height", "sha256", "row")},
+        "model": model,
+        "parameters": {k: row[k] for k in PARAMETERS.names},
+        "timings": {k: row[k] for k in TIMINGS.names},
+    }
+
+
+def write_json(output: str, name: str, payload: dict, storage_options: dict | None = None) -> None:
+    fs, root = storage.filesystem(output, storage_options)
+    storage.write_whole(fs, storage.join(root, name), (json.dumps(payload, indent=2, default=str) + "\n").encode())
