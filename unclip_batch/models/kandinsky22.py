@@ -80,7 +80,7 @@ class Kandinsky22:
         from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
         self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
-        load = dict(use_safetensors=True, torch_dtype=self.dtype)
+        load = dict(use_safetensors=True, dtype=self.dtype)
         self.prior = _local_or_hub(KandinskyV22PriorPipeline, location, PRIOR, load).to(self.device)
         self.decoder = _local_or_hub(KandinskyV22Pipeline, location, DECODER, load).to(self.device)
         self.inpainter = None

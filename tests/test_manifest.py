@@ -1,0 +1,123 @@
+import math
+
+import pyarrow as pa
+import pytest
+
+from helpers import write_manifest
+from unclip_batch.errors import ManifestError
+from unclip_batch.manifest import (MAX_SEED, SizeRule, default_seed, extra_columns, read_manifests,
+                                   validate)
+
+SIZE = SizeRule(default=64, multiple=4, maximum=1024)
+DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0, "prior_num_inference_steps": 25,
+            "prior_guidance_scale": 4.0}
+
+
+def run_validate(tmp_path, rows, schema=None):
+    return collect(read_manifests([write_manifest(tmp_path / "m.parquet", rows, schema)]))
+
+
+def collect(table):
+    good, bad = [], []
+    for rows_, errors in validate(table, DEFAULTS, SIZE):
+        good += rows_
+        bad += errors
+    return good, bad
+
+
+def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
+    good, bad = run_validate(tmp_path, [
+        {"id": "a", "prompt": "a red circle"},
+        {"id": "b", "task": "variation", "image": "img/x.png"},
+        {"id": "c", "task": "inpaint", "image": "s3://bucket/x.png", "mask": "/abs/m.png", "prompt": "p"},
+    ])
+    assert bad == []
+    a, b, c = good
+    assert (a.task, a.num_images, a.width, a.height, a.seed) == ("generate", 1, 64, 64, default_seed("a"))
+    assert a.num_inference_steps == 50 and a.guidance_scale == 4.0
+    assert b.image == str(tmp_path / "img" / "x.png")
+    assert (c.image, c.mask) == ("s3://bucket/x.png", "/abs/m.png")
+
+
+@pytest.mark.parametrize("row, code", [
+    ({"id": "", "prompt": "p"}, "invalid_id"),
+    ({"id": None, "prompt": "p"}, "invalid_id"),
+    ({"id": ".hidden", "prompt": "p"}, "invalid_id"),
+    ({"id": "a/b", "prompt": "p"}, "invalid_id"),
+    ({"id": "..", "prompt": "p"}, "invalid_id"),
+    ({"id": "a b", "prompt": "p"}, "invalid_id"),
+    ({"id": "x" * 129, "prompt": "p"}, "invalid_id"),
+    ({"id": "t", "task": "paint", "prompt": "p"}, "unknown_task"),
+    ({"id": "t", "prompt": "   "}, "missing_prompt"),
+    ({"id": "t", "task": "inpaint", "image": "x.png"}, "missing_prompt"),
+    ({"id": "t", "prompt": "p" * 1001}, "prompt_too_long"),
+    ({"id": "t", "prompt": "p", "num_images": 0}, "invalid_num_images"),
+    ({"id": "t", "prompt": "p", "num_images": 10_000}, "invalid_num_images"),
+    ({"id": "t", "prompt": "p", "seed": -1}, "invalid_seed"),
+    ({"id": "t", "prompt": "p", "seed": MAX_SEED + 1}, "invalid_seed"),
+    ({"id": "t", "prompt": "p", "width": 30}, "unsupported_size"),
+    ({"id": "t", "prompt": "p", "height": 4096}, "unsupported_size"),
+    ({"id": "t", "prompt": "p", "num_inference_steps": 0}, "invalid_steps"),
+    ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
+    ({"id": "t", "task": "variation"}, "missing_image"),
+    ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
+    ({"id": "t", "task": "variation", "image": "x.png", "mask": "m.png"}, "unexpected_image"),
+])
+def test_bad_rows_get_a_code_and_a_message(tmp_path, row, code):
+    good, bad = run_validate(tmp_path, [row, {"id": "fine", "prompt": "p"}])
+    assert [e["code"] for e in bad] == [code]
+    assert bad[0]["message"] and bad[0]["stage"] == "validate" and bad[0]["row"] == 0
+    assert [r.id for r in good] == ["fine"]
+
+
+def test_float_columns_from_pandas(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("num_images", pa.float64()),
+                        ("seed", pa.float64())])
+    good, bad = run_validate(tmp_path, [
+        {"id": "a", "prompt": "p", "num_images": 2.0, "seed": math.nan},
+        {"id": "b", "prompt": "p", "num_images": 1.5, "seed": 1.0},
+        {"id": "c", "prompt": "p", "num_images": math.inf, "seed": 1.0},
+    ], schema)
+    assert [(r.id, r.num_images, r.seed) for r in good] == [("a", 2, default_seed("a"))]
+    assert [e["code"] for e in bad] == ["invalid_value", "invalid_value"]
+
+
+def test_duplicate_ids_keep_the_first(tmp_path):
+    first = write_manifest(tmp_path / "1.parquet", [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "p"}])
+    second = write_manifest(tmp_path / "2.parquet", [{"id": "a", "prompt": "two"}])
+    table = read_manifests([first, second])
+    good, bad = collect(table)
+    assert [(r.id, r.prompt) for r in good] == [("a", "one"), ("b", "p")]
+    assert [(e["id"], e["code"], e["row"]) for e in bad] == [("a", "duplicate_id", 2)]
+
+
+def test_integer_ids_and_extra_columns_are_kept(tmp_path):
+    table = read_manifests([write_manifest(tmp_path / "m.parquet", [{"id": 7, "prompt": "p", "tag": [1, 2]}])])
+    assert table["id"].to_pylist() == ["7"]
+    assert extra_columns(table) == ["tag"]
+
+
+def test_limit(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"id": str(i), "prompt": "p"} for i in range(10)])
+    assert read_manifests([path], limit=3).num_rows == 3
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p, "does not exist"),
+    (lambda p: (p.write_bytes(b"not parquet at all"), p)[1], "could not be read as Parquet"),
+    (lambda p: write_manifest(p, [{"prompt": "no id"}]), "no 'id' column"),
+    (lambda p: write_manifest(p, [{"id": "a", "num_images": "two"}]), "'num_images' has type string"),
+    (lambda p: write_manifest(p, [{"id": "a", "prompt": 3}]), "'prompt' has type int64"),
+    (lambda p: write_manifest(p, [{"id": "a", "sha256": "x"}]), "reserved"),
+    (lambda p: write_manifest(p, [], pa.schema([("id", pa.string())])), "has no rows"),
+])
+def test_unusable_manifests_fail_as_a_whole(tmp_path, make, message):
+    path = tmp_path / "m.parquet"
+    make(path)
+    with pytest.raises(ManifestError, match=message):
+        read_manifests([str(path)])
+
+
+def test_default_seed_is_stable():
+    assert default_seed("row-1") == default_seed("row-1") != default_seed("row-2")
+    assert 0 <= default_seed("x") < 2**32

@@ -1,0 +1,56 @@
+"""The predictor on plain dict batches, without Ray (as Ray's batch-inference docs test theirs)."""
+
+import numpy as np
+import pytest
+
+from helpers import FAST
+from unclip_batch.batches import rows_of, to_batch
+from unclip_batch.manifest import ROW_FIELDS
+from unclip_batch.predict import UnclipPredictor
+
+
+def row(i, **kw):
+    base = dict(row=i, id=f"r{i}", task="generate", prompt=f"prompt {i}", negative_prompt="", image="", mask="",
+                num_images=1, seed=i, width=64, height=64, guidance_scale=4.0, prior_guidance_scale=4.0,
+                code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, **FAST)
+    base.update(kw)
+    assert set(ROW_FIELDS) <= set(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return UnclipPredictor(model="tiny", tasks=("generate",), batch_size=3, device="cpu", threads=2)
+
+
+def test_rows_expand_to_images_with_seed_plus_k(predictor):
+    out = rows_of(predictor(to_batch([row(0, num_images=2), row(1, width=32, height=32), row(2)])))
+    assert [(r["id"], r["k"], r["seed"]) for r in out] == [("r0", 0, 0), ("r0", 1, 1), ("r2", 0, 2), ("r1", 0, 1)]
+    sizes = {r["id"]: len(r["pixels"]) for r in out}
+    assert sizes == {"r0": 64 * 64 * 3, "r1": 32 * 32 * 3, "r2": 64 * 64 * 3}
+    assert all(r["code"] == "" and r["model_s"] > 0 for r in out)
+
+
+def test_upstream_errors_pass_through(predictor):
+    out = rows_of(predictor(to_batch([row(0, code="image_invalid", message="bad", stage="load"), row(1)])))
+    assert [(r["id"], r["code"], r["k"]) for r in out] == [("r0", "image_invalid", -1), ("r1", "", 0)]
+
+
+def test_a_row_that_breaks_the_model_fails_alone(predictor):
+    source = np.zeros((64, 64, 3), np.uint8).tobytes()
+    rows = [row(0, task="variation", image="a.png", pixels=source), row(1, task="variation", image="b.png",
+                                                                        pixels=b"corrupt"),
+            row(2, task="variation", image="c.png", pixels=source)]
+    out = rows_of(predictor(to_batch(rows)))
+    assert [(r["id"], r["code"]) for r in out] == [("r0", ""), ("r1", "model_error"), ("r2", "")]
+    assert out[1]["stage"] == "predict" and "reshape" in out[1]["message"]
+
+
+def test_batch_size_does_not_change_images(predictor):
+    rows = [row(i, num_images=2) for i in range(3)]
+    big = rows_of(predictor(to_batch(rows)))
+    single = UnclipPredictor(model="tiny", tasks=("generate",), batch_size=1, device="cpu", threads=2)
+    small = rows_of(single(to_batch(rows)))
+    for a, b in zip(big, small):
+        diff = np.abs(np.frombuffer(a["pixels"], np.uint8).astype(int) - np.frombuffer(b["pixels"], np.uint8))
+        assert diff.max() <= 2

@@ -1,0 +1,74 @@
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unclip_batch.batches import rows_of, to_batch
+from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, image_key, metadata_record,
+                                 write_images, write_json)
+
+
+def image_row(i, **kw):
+    pixels = np.full((8, 8, 3), i, np.uint8).tobytes()
+    return {"id": f"r{i}", "k": 0, "width": 8, "height": 8, "pixels": pixels, "code": "", "message": "",
+            "stage": "", **kw}
+
+
+def test_images_are_written_whole_with_checksums(tmp_path):
+    out = rows_of(write_images(to_batch([image_row(1), image_row(2, k=3)]), str(tmp_path)))
+    assert [r["image_key"] for r in out] == ["images/r1/0.png", "images/r2/3.png"]
+    for r in out:
+        data = (tmp_path / r["image_key"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["sha256"] and "pixels" not in r
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_write_failure_is_a_row_error(tmp_path):
+    (tmp_path / "images").write_text("a file where a folder should be")
+    out, = rows_of(write_images(to_batch([image_row(1)]), str(tmp_path)))
+    assert (out["code"], out["stage"]) == ("write_failed", "write")
+
+
+def test_error_rows_are_not_written(tmp_path):
+    out, = rows_of(write_images(to_batch([image_row(1, code="model_error", pixels=b"")]), str(tmp_path)))
+    assert out["image_key"] == "" and not (tmp_path / "images").exists()
+
+
+def test_keys_stay_inside_the_output():
+    assert image_key("a.b-c_d", 2) == "images/a.b-c_d/2.png"
+
+
+def test_shards_carry_manifest_columns_with_their_types(tmp_path):
+    lookup = pa.table({"_manifest": ["m.parquet"] * 2, "_manifest_row": [0, 1],
+                       "tags": pa.array([[1, 2], None], pa.list_(pa.int16())),
+                       "score": pa.array([0.5, None], pa.float32())})
+    writer = ShardWriter(output=str(tmp_path), folder="metadata", schema=METADATA_SCHEMA, lookup=lookup,
+                         rows_per_shard=1)
+    row = dict(id="b", k=0, task="generate", image_key="images/b/0.png", prompt="p", negative_prompt="",
+               image="", mask="", seed=3, width=8, height=8, sha256="x", row=1, num_inference_steps=4,
+               guidance_scale=4.0, prior_num_inference_steps=2, prior_guidance_scale=4.0, load_s=0.0,
+               model_s=1.0, write_s=0.1)
+    writer.add([metadata_record(row, "tiny")])
+    writer.flush()
+    table = pq.read_table(tmp_path / "metadata")
+    assert table.schema.field("tags").type == pa.list_(pa.int16())
+    assert table.schema.field("score").type == pa.float32()
+    assert table.to_pylist()[0]["manifest_row"] == 1 and table.to_pylist()[0]["tags"] is None
+    assert table.to_pylist()[0]["parameters"]["num_inference_steps"] == 4
+
+
+def test_errors_shard(tmp_path):
+    lookup = pa.table({"_manifest": ["m"], "_manifest_row": [0]})
+    writer = ShardWriter(output=str(tmp_path), folder="errors", schema=ERROR_SCHEMA, lookup=lookup)
+    writer.add([{"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m", "row": 0}])
+    writer.flush()
+    assert pq.read_table(tmp_path / "errors").to_pylist() == [
+        {"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m",
+         "manifest": "m", "manifest_row": 0}]
+
+
+def test_json(tmp_path):
+    write_json(str(tmp_path), "_SUCCESS", {"a": 1})
+    assert json.loads((tmp_path / "_SUCCESS").read_text()) == {"a": 1}
