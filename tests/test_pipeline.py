@@ -1,0 +1,153 @@
+"""End to end through Ray Data on the tiny checkpoint: every row accounted for, images reproducible."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import images_of, job, pixels, read_output, write_manifest
+from unclip_batch.errors import SetupError
+from unclip_batch.pipeline import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def summary_of(output):
+    return json.loads((output / "_SUCCESS").read_text())
+
+
+@pytest.mark.parametrize("task, extra", [
+    ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
+    ("variation", {"image": "img/scene.png"}),
+    ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
+    ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
+    ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
+])
+def test_each_task(ray_local, sources, tmp_path, task, extra):
+    manifest = write_manifest(sources / "m.parquet", [{"id": "row-1", "task": task, "num_images": 2,
+                                                       "note": "kept", **extra}])
+    output = tmp_path / "out"
+    summary = run_job(job([manifest], output))
+    metadata, errors = read_output(output)
+    assert errors is None and summary["rows"]["succeeded"] == 1 and summary["images"] == 2
+    assert sorted(images_of(output)) == ["row-1/0.png", "row-1/1.png"]
+    assert metadata.column("task").to_pylist() == [task, task]
+    assert metadata.column("note").to_pylist() == ["kept", "kept"]
+    first, second = (pixels(d) for d in images_of(output).values())
+    assert first.shape == (64, 64, 3) and not (first == second).all()
+    if task == "inpaint":
+        from PIL import Image
+
+        source = np.asarray(Image.open(sources / extra["image"]).convert("RGB"), np.int16)
+        keep = (np.asarray(Image.open(sources / extra["mask"])) == 0) if "mask" in extra else (
+            np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
+        assert (first[keep] == source[keep]).all()
+
+
+def mixed_rows(n_good=48):
+    """Rows of every task and several sizes, with bad rows of each kind in between."""
+    kinds = [
+        {"task": "generate", "prompt": "a red circle"},
+        {"task": "generate", "prompt": "a blue square", "width": 32, "height": 32, "num_images": 2},
+        {"task": "variation", "image": "img/scene.png"},
+        {"task": "variation", "image": "img/scene2.png", "prompt": "a black square"},
+        {"task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"},
+        {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask2.png", "prompt": "purple"},
+        {"task": "inpaint", "image": "img/hole.png", "prompt": "a white circle", "negative_prompt": "dark"},
+    ]
+    rows = [{"id": f"good-{i:03d}", "seed": i, **kinds[i % len(kinds)]} for i in range(n_good)]
+    bad = [
+        ({"id": "bad/slash", "prompt": "p"}, "invalid_id"),
+        ({"id": "good-000", "prompt": "dup"}, "duplicate_id"),
+        ({"id": "bad-task", "task": "upscale", "prompt": "p"}, "unknown_task"),
+        ({"id": "bad-prompt", "task": "generate"}, "missing_prompt"),
+        ({"id": "bad-n", "prompt": "p", "num_images": 17}, "invalid_num_images"),
+        ({"id": "bad-size", "prompt": "p", "width": 30}, "unsupported_size"),
+        ({"id": "bad-missing", "task": "variation", "image": "img/nope.png"}, "image_unreadable"),
+        ({"id": "bad-notimage", "task": "variation", "image": "m.parquet"}, "image_invalid"),
+        ({"id": "bad-mask", "task": "inpaint", "image": "img/scene.png", "prompt": "p"}, "missing_mask"),
+    ]
+    for i, (row, _) in enumerate(bad):
+        rows.insert(5 * i + 3, row)
+    return rows, {code: 1 for _, code in bad}
+
+
+def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):
+    rows, expected_codes = mixed_rows()
+    manifest = write_manifest(sources / "m.parquet", rows)
+    output = tmp_path / "out"
+    summary = run_job(job([manifest], output, batch_size=4))
+    metadata, errors = read_output(output)
+    assert len(rows) >= 50
+    assert summary["errors_by_code"] == expected_codes
+    assert metadata.column("id").unique().to_pylist().__len__() + errors.num_rows == len(rows)
+    assert summary["rows"]["succeeded"] + summary["rows"]["failed"] == len(rows)
+    expected_images = sum(r.get("num_images", 1) for r in rows if r["id"].startswith("good-")
+                          and r.get("prompt") != "dup")
+    assert metadata.num_rows == summary["images"] == expected_images == len(images_of(output))
+    assert sorted(errors.column("manifest_row").to_pylist()) == sorted(
+        i for i, r in enumerate(rows) if not r["id"].startswith("good-") or r.get("prompt") == "dup")
+    # The manifest and a rerun agree: nothing is left to do, nothing is written twice.
+    again = run_job(job([manifest], output, batch_size=4))
+    assert again["rows"]["done_before"] == len(rows) and again["images"] == 0
+    assert (again["rows"]["total_succeeded"], again["rows"]["total_failed"]) == (
+        summary["rows"]["succeeded"], summary["rows"]["failed"])
+    metadata2, errors2 = read_output(output)
+    assert (metadata2.num_rows, errors2.num_rows) == (metadata.num_rows, errors.num_rows)
+
+
+def test_same_manifest_same_bytes(ray_local, sources, tmp_path):
+    rows, _ = mixed_rows(n_good=14)
+    manifest = write_manifest(sources / "m.parquet", rows)
+    run_job(job([manifest], tmp_path / "a", batch_size=3))
+    run_job(job([manifest], tmp_path / "b", batch_size=3))
+    a, b = images_of(tmp_path / "a"), images_of(tmp_path / "b")
+    assert a and a == b
+    meta_a, _ = read_output(tmp_path / "a")
+    meta_b, _ = read_output(tmp_path / "b")
+    assert sorted(meta_a.column("sha256").to_pylist()) == sorted(meta_b.column("sha256").to_pylist())
+
+
+@pytest.mark.parametrize("row", [
+    {"id": "probe", "task": "generate", "prompt": "a red circle", "num_images": 2},
+    {"id": "probe", "task": "variation", "image": "img/scene.png", "num_images": 2},
+    {"id": "probe", "task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "blue",
+     "num_images": 2},
+])
+def test_batch_invariance(ray_local, sources, tmp_path, row):
+    """A row gives the same images alone as in a batch with other sources, masks and prompts."""
+    others, _ = mixed_rows(n_good=14)
+    others = [r for r in others if r["id"].startswith("good-") and r.get("prompt") != "dup"]
+    alone = write_manifest(sources / "alone.parquet", [row])
+    crowd = write_manifest(sources / "crowd.parquet", others[:7] + [row] + others[7:])
+    run_job(job([alone], tmp_path / "alone", batch_size=1))
+    run_job(job([crowd], tmp_path / "crowd", batch_size=16))
+    for k in (0, 1):
+        a = pixels((tmp_path / "alone" / "images" / "probe" / f"{k}.png").read_bytes())
+        b = pixels((tmp_path / "crowd" / "images" / "probe" / f"{k}.png").read_bytes())
+        assert np.abs(a - b).max() <= 2
+
+
+def test_resume_runs_only_what_is_left(ray_local, sources, tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(6)]
+    manifest = write_manifest(sources / "m.parquet", rows)
+    output = tmp_path / "out"
+    first = run_job(job([manifest], output, limit=4))
+    assert first["rows"]["succeeded"] == 4
+    before = {k: (output / "images" / k).stat().st_mtime_ns for k in images_of(output)}
+    second = run_job(job([manifest], output))
+    assert (second["rows"]["done_before"], second["rows"]["succeeded"], second["images"]) == (4, 2, 2)
+    assert all((output / "images" / k).stat().st_mtime_ns == t for k, t in before.items())
+    metadata, _ = read_output(output)
+    assert sorted(metadata.column("id").to_pylist()) == [f"r{i}" for i in range(6)]
+    # Overwrite starts again from nothing.
+    third = run_job(job([manifest], output, overwrite=True))
+    assert (third["rows"]["done_before"], third["images"]) == (0, 6)
+    assert read_output(output)[0].num_rows == 6
+
+
+def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_path):
+    manifest = write_manifest(sources / "m.parquet", [{"id": "a", "prompt": "p"}])
+    run_job(job([manifest], tmp_path / "out"))
+    with pytest.raises(SetupError, match="another job"):
+        run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
