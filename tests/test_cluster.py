@@ -1,0 +1,103 @@
+"""A real Ray cluster started with ``ray start --head``: the jobs/ entry point submitted to it, and the
+CLI joining it with --address."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import FAST
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+STEPS = ["--num-inference-steps", str(FAST["num_inference_steps"]),
+         "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    port, dashboard, agent = free_port(), free_port(), free_port()
+    # A short temp dir of its own: Unix socket paths are limited to ~107 bytes, and this cluster's
+    # address file must not be found by other tests' ray.init().
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    # Token authentication, as Ray 2.60 clusters have by default: clients present the cluster's token.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for name, value in auth.items():
+        monkeypatch.setenv(name, value)  # for the JobSubmissionClient in this process
+    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, timeout=180, env=env, capture_output=True)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        _stop(port, temp)
+
+
+def _stop(port: int, temp: str) -> None:
+    """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
+    marks = (f":{port}", temp)
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for p in alive:
+        p.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_job_submission_and_cli_address(cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["dashboard"])
+    output = tmp_path / "submitted"
+    job_id = client.submit_job(
+        entrypoint=f"python jobs/run_job.py manifests/demo.parquet --output {output} --model tiny --quiet "
+                   + " ".join(STEPS),
+        runtime_env={"working_dir": str(REPO), "excludes": [".git", ".venv", "tests", "out"],
+                     "env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
+    deadline = time.monotonic() + 400
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "job did not finish"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "succeeded              9" in logs
+    summary = json.loads((output / "_SUCCESS").read_text())
+    assert (summary["rows"]["succeeded"], summary["rows"]["failed"], summary["images"]) == (9, 1, 15)
+    # The manifest's relative image paths resolved inside the shipped working dir.
+    assert len(list((output / "images").rglob("*.png"))) == 15
+
+    cli_output = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "unclip_batch.cli", "run", "manifests/demo.parquet", "--output", str(cli_output),
+         "--address", cluster["address"], "--model", "tiny", "--quiet", *STEPS],
+        capture_output=True, text=True, timeout=400, cwd=REPO, env=cluster["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((cli_output / "_SUCCESS").read_text())["images"] == 15
+    # Both runs made the same images: the cluster changes where, not what.
+    for png in (output / "images").rglob("*.png"):
+        assert png.read_bytes() == (cli_output / png.relative_to(output)).read_bytes()
