@@ -55,8 +55,10 @@ def cluster(monkeypatch):
 def _stop(port: int, temp: str) -> None:
     """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
     marks = (f":{port}", temp)
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+    # Agents rename themselves (ray::DashboardAgent): find them as children, before anything stops.
+    victims = list({p.pid: p for root in roots for p in [root, *_children(root)]}.values())
     for p in victims:
         try:
             p.send_signal(signal.SIGTERM)
@@ -66,6 +68,13 @@ def _stop(port: int, temp: str) -> None:
     for p in alive:
         p.kill()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _children(process):
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def test_job_submission_and_cli_address(cluster, tmp_path):

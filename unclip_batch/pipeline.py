@@ -139,6 +139,7 @@ class _Sinks:
         self.succeeded = self.images = 0
         self.codes: Counter = Counter()
         self.clock = self.last_report = time.perf_counter()
+        self.last_counts = None
 
     def errors(self, records: list[dict]) -> None:
         self.codes.update(r["code"] for r in records)
@@ -164,9 +165,12 @@ class _Sinks:
         if final or now - self.last_report >= PROGRESS_EVERY_S:
             self.last_report = now
             failed = sum(self.codes.values())
-            logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s",
-                        self.succeeded + failed, self.total, failed, self.images,
-                        self.images / max(now - self.clock, 1e-9))
+            counts = (self.succeeded, failed, self.images)
+            if counts != self.last_counts:  # the final report repeats nothing already said
+                logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s",
+                            self.succeeded + failed, self.total, failed, self.images,
+                            self.images / max(now - self.clock, 1e-9))
+                self.last_counts = counts
 
     def close(self) -> None:
         if self.partial:  # cannot happen unless a stage drops images: record rather than lose the rows
