@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/unclip-batch run manifests/demo.parquet --output out/demo
 
 test: setup
-	$(PY) -m pytest -v --durations=15
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -v --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

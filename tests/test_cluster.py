@@ -3,6 +3,7 @@ CLI joining it with --address."""
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import FAST
@@ -32,16 +34,17 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(monkeypatch):
+def cluster():
     port, dashboard, agent = free_port(), free_port(), free_port()
     # A short temp dir of its own: Unix socket paths are limited to ~107 bytes, and this cluster's
     # address file must not be found by other tests' ray.init().
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     # Token authentication, as Ray 2.60 clusters have by default: clients present the cluster's token.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    for name, value in auth.items():
-        monkeypatch.setenv(name, value)  # for the JobSubmissionClient in this process
-    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    # Only subprocesses get it: Ray caches auth settings per process, and this one runs a local Ray too.
+    # The venv's bin goes first on PATH, as a cluster image has its own python first.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--disable-usage-stats"],
@@ -78,26 +81,22 @@ def _children(process):
 
 
 def test_job_submission_and_cli_address(cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(cluster["dashboard"])
     output = tmp_path / "submitted"
-    job_id = client.submit_job(
-        entrypoint=f"python jobs/run_job.py manifests/demo.parquet --output {output} --model tiny --quiet "
-                   + " ".join(STEPS),
-        runtime_env={"working_dir": str(REPO), "excludes": [".git", ".venv", "tests", "out"],
-                     "env_vars": {"HF_HUB_OFFLINE": "1"}},
-    )
-    deadline = time.monotonic() + 400
-    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    # As the README says: ship this repository as the working dir, run the jobs/ entry point.
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"excludes": ["tests", "out"], "env_vars": {"HF_HUB_OFFLINE": "1"}}),
+         "--", "python", "jobs/run_job.py", "manifests/demo.parquet", "--output", str(output), "--model", "tiny",
+         "--quiet", *STEPS],
+        capture_output=True, text=True, timeout=400, cwd=REPO, env=cluster["env"])
+    logs = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and re.search(r"Job '\S+' succeeded", logs), logs[-3000:]
     assert "succeeded              9" in logs
     summary = json.loads((output / "_SUCCESS").read_text())
     assert (summary["rows"]["succeeded"], summary["rows"]["failed"], summary["images"]) == (9, 1, 15)
-    # The manifest's relative image paths resolved inside the shipped working dir.
+    # The manifest and its relative image paths resolved inside the shipped working dir.
+    manifests = pq.read_table(output / "metadata", columns=["manifest"]).column("manifest").unique().to_pylist()
+    assert len(manifests) == 1 and "working_dir_files" in manifests[0]
     assert len(list((output / "images").rglob("*.png"))) == 15
 
     cli_output = tmp_path / "cli"

@@ -63,3 +63,23 @@ def test_missing_bucket_fails_before_any_work(ray_local, s3):
     with pytest.raises(ManifestError, match="does not exist"):
         run_job(job(["s3://no-such-bucket/m.parquet"], "s3://no-such-bucket/out",
                     storage_options=s3.storage_options))
+
+
+def test_model_from_object_storage_is_copied_once_per_node(s3, tmp_path, monkeypatch):
+    from unclip_batch.models import WEIGHTS, ModelSpec
+    from unclip_batch.models.kandinsky22 import Kandinsky22
+
+    fs = s3.filesystem()
+    fs.mkdir("models")
+    fs.put(str(WEIGHTS / "tiny") + "/", "models/tiny/", recursive=True)
+    fs.pipe("models/tiny/kandinsky-2-2-decoder/unet/stray.bin", b"a pickle must never be copied")
+    monkeypatch.setenv("UNCLIP_BATCH_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec.parse("s3://models/tiny")
+    local = spec.local_location(s3.storage_options)
+    assert local.startswith(str(tmp_path / "cache"))
+    assert spec.describe(s3.storage_options).default_size == 64
+    assert not list((tmp_path / "cache").rglob("*.bin"))
+    fs.rm("models/tiny", recursive=True)  # the second look-up is served from the cache alone
+    assert spec.local_location(s3.storage_options) == local
+    model = Kandinsky22(local, tasks=frozenset({"generate"}), device="cpu")
+    assert model.inpainter is None

@@ -36,8 +36,9 @@ class UnclipPredictor:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
         spec = ModelSpec.parse(model)
+        self.family = spec.module()
         start = time.perf_counter()
-        self.model = spec.module().load(spec.local_location(storage_options), tasks=frozenset(tasks),
+        self.model = self.family.load(spec.local_location(storage_options), tasks=frozenset(tasks),
                                         device=device, dtype=dtype)
         logger.info("model %s loaded on %s (%s) in %.1fs", model, device, dtype, time.perf_counter() - start)
         self.batch_size = batch_size
@@ -93,10 +94,8 @@ class UnclipPredictor:
         return {(row["id"], k): (pixels[i].tobytes(), per_image) for i, (row, k) in enumerate(call)}
 
     def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
-        from unclip_batch.models.kandinsky22 import Sampling
-
         first = call[0][0]
-        sampling = Sampling(**{f: first[f] for f in Sampling.__dataclass_fields__})
+        sampling = self.family.Sampling(**{f: first[f] for f in self.family.Sampling.__dataclass_fields__})
         seeds = [int(row["seed"]) + k for row, k in call]
         prompts = [row["prompt"] for row, _ in call]
         negatives = [row["negative_prompt"] for row, _ in call]

@@ -77,11 +77,14 @@ class ShardWriter:
     """
 
     def __init__(self, *, output: str, folder: str, schema: pa.Schema, lookup: pa.Table,
-                 storage_options: dict | None = None, rows_per_shard: int = 10_000):
+                 storage_options: dict | None = None, rows_per_shard: int = 10_000, flush_every_s: float = 60.0):
         self.fs, root = storage.filesystem(output, storage_options)
         self.folder = storage.join(root, folder)
         self.schema, self.lookup = schema, lookup
-        self.rows_per_shard = rows_per_shard
+        # Rows are "done" for a resume only once their shard is stored: flush by size and by time, so a
+        # crash costs at most a minute of work however slow the job.
+        self.rows_per_shard, self.flush_every_s = rows_per_shard, flush_every_s
+        self.last_flush = time.monotonic()
         self.run = uuid.uuid4().hex[:12]  # shards of different runs never collide
         self.records: list[dict] = []
         self.shards = 0
@@ -89,10 +92,11 @@ class ShardWriter:
 
     def add(self, records: list[dict]) -> None:
         self.records.extend(records)
-        if len(self.records) >= self.rows_per_shard:
+        if len(self.records) >= self.rows_per_shard or time.monotonic() - self.last_flush >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
+        self.last_flush = time.monotonic()
         if not self.records:
             return
         table = pa.Table.from_pylist([{f: r.get(f) for f in self.schema.names} for r in self.records],
