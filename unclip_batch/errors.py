@@ -15,6 +15,14 @@ class ManifestError(SetupError):
     """The manifest cannot be used at all: unreadable, no ``id`` column, a column of the wrong type."""
 
 
+class JobFailed(Exception):
+    """The job stopped part-way for a reason that is not any row's fault; rerunning it resumes."""
+
+
+class StorageUnavailable(JobFailed):
+    """Object storage kept failing past the retry window (an outage, not a missing object)."""
+
+
 class RowError(ValueError):
     """One manifest row cannot be done; the job records it and goes on."""
 
@@ -49,6 +57,7 @@ CODES = {
     "missing_mask": "inpaint needs a mask, or an RGBA image whose transparent pixels mark the area",
     "mask_size_mismatch": "the mask's size differs from the image's",
     "mask_empty": "the mask marks nothing to repaint (all black, or no transparent pixel)",
+    "invalid_prompt": "prompt has control characters or U+FFFD (text decoded with the wrong encoding)",
     "model_error": "the model raised on this row, also when run alone",
-    "write_failed": "an image could not be written to the output",
+    "write_failed": "an image could not be encoded for writing",
 }

@@ -66,9 +66,7 @@ class Row:
         if self.task in ("generate", "inpaint") and not self.prompt.strip():
             raise RowError("missing_prompt", f"task {self.task!r} needs a non-empty prompt")
         for name in ("prompt", "negative_prompt"):
-            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
-                raise RowError("prompt_too_long", f"{name} has {len(getattr(self, name))} characters; "
-                                                  f"the limit is {MAX_PROMPT_CHARS}")
+            _check_text(name, getattr(self, name))
         if self.task == "generate" and (self.image or self.mask):
             raise RowError("unexpected_image", "task 'generate' takes no image or mask; set task to "
                                                "'variation' or 'inpaint', or leave image and mask empty")
@@ -89,6 +87,19 @@ class Row:
 
 
 ROW_FIELDS = tuple(f.name for f in fields(Row))
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _check_text(name: str, text: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RowError("prompt_too_long", f"{name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if "\ufffd" in text:
+        raise RowError("invalid_prompt", f"{name} contains U+FFFD replacement characters: the text was decoded "
+                                         "with the wrong encoding; re-export the manifest as UTF-8")
+    control = _CONTROL.search(text)
+    if control:
+        raise RowError("invalid_prompt", f"{name} contains the control character U+{ord(control.group()):04X} "
+                                         f"at position {control.start()}; remove it")
 
 
 def default_seed(row_id: str) -> int:
@@ -119,6 +130,9 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         table = pq.read_table(path, filesystem=fs)
     except ManifestError:
         raise
+    except PermissionError as exc:
+        raise ManifestError(f"manifest {url}: access denied ({exc}); check the credentials "
+                            "(--storage-options or the AWS_* variables)") from exc
     except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
         raise ManifestError(f"manifest {url} could not be read as Parquet: {exc}") from exc
     _check_schema(url, table.schema)

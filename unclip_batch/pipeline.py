@@ -18,10 +18,10 @@ from collections import Counter
 
 import pyarrow as pa
 
-from unclip_batch import __version__, plan
+from unclip_batch import __version__, plan, storage
 from unclip_batch.batches import NO_ERROR, rows_of
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import SetupError
+from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns, read_manifests,
                                    validate)
 from unclip_batch.models import ModelSpec
@@ -57,6 +57,10 @@ def run_job(config: JobConfig) -> dict:
     try:
         resuming = plan.check_job_record(config.output, record, so)
         write_json(config.output, plan.JOB_RECORD, record, so)
+        fs, root = storage.filesystem(config.output, so)
+        storage.clear_partial(fs, root)
+        if fs.exists(storage.join(root, plan.SUCCESS)):  # an earlier run's summary; this run writes its own
+            fs.rm(storage.join(root, plan.SUCCESS))
     except SetupError:
         raise
     except Exception as exc:
@@ -69,22 +73,45 @@ def run_job(config: JobConfig) -> dict:
                 todo.num_rows)
     # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
     lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
-    sinks = _Sinks(config.output, lookup, so, spec.spec, total=todo.num_rows)
+    sinks = _Sinks(config, lookup, spec.spec, total=todo.num_rows)
     blocks = []
     for rows, errors in validate(todo, defaults, size):
         sinks.errors(errors)
         for start in range(0, len(rows), MAX_BLOCK_ROWS):
             blocks.append(_rows_table(rows[start:start + MAX_BLOCK_ROWS]))
     # 5. Run the pipeline.
-    if blocks:
-        tasks = tuple(sorted({t for block in blocks for t in block["task"].to_pylist()}))
-        for batch in _dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"):
-            sinks.add(rows_of(batch))
+    try:
+        if blocks:
+            tasks = tuple(sorted({t for block in blocks for t in block["task"].to_pylist()}))
+            for batch in _dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"):
+                sinks.add(rows_of(batch))
+    except Exception as exc:
+        try:
+            sinks.close(finished=False)  # keep every finished row: the rerun resumes after them
+        except Exception as close_exc:  # storage may be what failed; the rows are redone on resume
+            logger.warning("could not save the last finished rows: %s", close_exc)
+        outage = _caused_by(exc, StorageUnavailable)
+        if outage is not None:
+            raise StorageUnavailable(str(outage)) from exc
+        raise JobFailed(f"the job stopped: {type(exc).__name__}: {exc}. Finished rows are saved; "
+                        "rerun the same command to resume") from exc
     sinks.close()
     # 6. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
     write_json(config.output, plan.SUCCESS, summary, so)
+    storage.clear_partial(*storage.filesystem(config.output, so))  # the empty staging folder
     return summary
+
+
+def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in a chain (Ray wraps task errors in RayTaskError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _rows_table(rows) -> pa.Table:
@@ -113,7 +140,8 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     logger.info("Ray: %s; %d model worker(s), %s", resources, workers, "GPU" if use_gpu else f"{threads} CPU threads each")
     so = config.storage_options
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(load_sources, fn_kwargs={"storage_options": so}, batch_size=None, num_cpus=IO_TASK_CPUS,
+    io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
+    ds = ds.map_batches(load_sources, fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS,
                         batch_format="numpy")
     ds = ds.map_batches(
         UnclipPredictor,
@@ -122,20 +150,22 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
         compute=ActorPoolStrategy(size=workers), batch_size=config.batch_size, batch_format="numpy",
         num_gpus=1 if use_gpu else 0, num_cpus=worker_cpus,
     )
-    return ds.map_batches(write_images, fn_kwargs={"output": config.output, "storage_options": so}, batch_size=None,
+    return ds.map_batches(write_images, fn_kwargs={"output": config.output, **io_kwargs}, batch_size=None,
                           num_cpus=IO_TASK_CPUS, batch_format="numpy")
 
 
 class _Sinks:
     """Turns finished image rows into metadata and failed rows into errors, each row exactly once."""
 
-    def __init__(self, output: str, lookup: pa.Table, storage_options: dict, model: str, total: int):
+    def __init__(self, config: JobConfig, lookup: pa.Table, model: str, total: int):
         self.model, self.total = model, total
-        self.metadata = ShardWriter(output=output, folder="metadata", schema=METADATA_SCHEMA, lookup=lookup,
-                                    storage_options=storage_options)
-        self.failed = ShardWriter(output=output, folder="errors", schema=ERROR_SCHEMA, lookup=lookup,
-                                  storage_options=storage_options)
+        shards = dict(output=config.output, lookup=lookup, storage_options=config.storage_options,
+                      flush_every_s=config.flush_every_s, retry_for_s=config.storage_retry_s)
+        self.metadata = ShardWriter(folder="metadata", schema=METADATA_SCHEMA, **shards)
+        self.failed = ShardWriter(folder="errors", schema=ERROR_SCHEMA, **shards)
         self.partial: dict[str, list[dict]] = {}  # images of rows not yet complete
+        # Rows already recorded: a block that Ray re-delivers after a retry must not record a row twice.
+        self.recorded: set[str] = set()
         self.succeeded = self.images = 0
         self.codes: Counter = Counter()
         self.clock = self.last_report = time.perf_counter()
@@ -147,14 +177,19 @@ class _Sinks:
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
+            if row["id"] in self.recorded:
+                continue
             if row["code"]:
                 self.partial.pop(row["id"], None)
+                self.recorded.add(row["id"])
                 self.errors([{k: row[k] for k in ("id", "task", "stage", "code", "message", "row")}])
                 continue
-            images = self.partial.setdefault(row["id"], [])
-            images.append(row)
+            images = self.partial.setdefault(row["id"], {})
+            images[int(row["k"])] = row  # keyed by k: a re-delivered image replaces, never adds
             if len(images) == int(row["num_images"]):
                 del self.partial[row["id"]]
+                self.recorded.add(row["id"])
+                images = list(images.values())
                 self.metadata.add([metadata_record(r, self.model) for r in sorted(images, key=lambda r: r["k"])])
                 self.succeeded += 1
                 self.images += len(images)
@@ -172,12 +207,14 @@ class _Sinks:
                             self.images / max(now - self.clock, 1e-9))
                 self.last_counts = counts
 
-    def close(self) -> None:
-        if self.partial:  # cannot happen unless a stage drops images: record rather than lose the rows
-            for row_id, images in self.partial.items():
-                self.errors([{"id": row_id, "task": images[0]["task"], "stage": "write", "code": "write_failed",
-                              "message": f"only {len(images)} of {images[0]['num_images']} images arrived",
-                              "row": images[0]["row"]}])
+    def close(self, finished: bool = True) -> None:
+        """Flush the shards. After a finished run, a row still missing images (a stage dropped some:
+        a bug) is recorded rather than lost; after a failed run it is simply redone on resume."""
+        for row_id, images in self.partial.items() if finished else ():
+            first = next(iter(images.values()))
+            self.errors([{"id": row_id, "task": first["task"], "stage": "write", "code": "write_failed",
+                          "message": f"only {len(images)} of {first['num_images']} images arrived",
+                          "row": first["row"]}])
         self.metadata.flush()
         self.failed.flush()
         self._report(final=True)

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from unclip_batch import storage
 from unclip_batch.batches import empty_pixels, mark_error, rows_of, to_batch
-from unclip_batch.errors import RowError
+from unclip_batch.errors import RowError, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ MAX_PIXELS = 64_000_000  # ~8k x 8k; PIL warns at 89M and raises at twice that: 
 MASK_THRESHOLD = 128  # grey values >= this repaint (anti-aliased mask edges count as their nearer side)
 
 
-def load_sources(batch: dict, storage_options: dict | None = None) -> dict:
+def load_sources(batch: dict, storage_options: dict | None = None,
+                 retry_for_s: float = storage.RETRY_FOR_S) -> dict:
     """Add decoded source pixels and repaint masks to every row that needs them."""
     rows = rows_of(batch)
     for row in rows:
@@ -32,20 +33,20 @@ def load_sources(batch: dict, storage_options: dict | None = None) -> dict:
         row["pixels"], row["repaint"] = empty_pixels()
         if not row["code"] and row["task"] != "generate":
             try:
-                row["pixels"], row["repaint"] = _load_row(row, storage_options)
+                row["pixels"], row["repaint"] = _load_row(row, storage_options, retry_for_s)
             except RowError as err:
                 mark_error(row, "load", err.code, err.message)
         row["load_s"] = time.perf_counter() - start
     return to_batch(rows)
 
 
-def _load_row(row: dict, storage_options: dict | None) -> tuple[bytes, bytes]:
+def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tuple[bytes, bytes]:
     size = (int(row["width"]), int(row["height"]))
-    image = _open(row["image"], "image", storage_options)
+    image = _open(row["image"], "image", storage_options, retry_for_s)
     if row["task"] == "variation":
         return _rgb(image, size).tobytes(), b""
     if row["mask"]:
-        mask = _open(row["mask"], "mask", storage_options)
+        mask = _open(row["mask"], "mask", storage_options, retry_for_s)
         if mask.size != image.size:
             raise RowError("mask_size_mismatch", f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
                                                  f"{image.size[0]}x{image.size[1]}; they must match")
@@ -65,13 +66,20 @@ def _load_row(row: dict, storage_options: dict | None) -> tuple[bytes, bytes]:
     return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes()
 
 
-def _open(url: str, what: str, storage_options: dict | None) -> Image.Image:
+def _open(url: str, what: str, storage_options: dict | None, retry_for_s: float) -> Image.Image:
     try:
         fs, path = storage.filesystem(url, storage_options)
-        data = fs.cat_file(path)
+        if storage.is_web(url):  # a dead link is the row's problem: no retries
+            data = fs.cat_file(path)
+        else:  # object storage is infrastructure: retry, then stop the job (StorageUnavailable)
+            data = storage.retrying(lambda: fs.cat_file(path), f"reading {url}", retry_for_s)
     except FileNotFoundError:
         raise RowError("image_unreadable", f"{what} {url} does not exist") from None
-    except Exception as exc:  # permissions, network, bad URL: all say "could not read"
+    except PermissionError as exc:
+        raise RowError("image_unreadable", f"{what} {url}: access denied ({exc})") from None
+    except StorageUnavailable:
+        raise
+    except Exception as exc:  # a bad URL, a dead web host: say what happened
         raise RowError("image_unreadable", f"{what} {url} could not be read: {type(exc).__name__}: {exc}") from None
     if not data:
         raise RowError("image_invalid", f"{what} {url} is empty (0 bytes)")

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from unclip_batch.errors import StorageUnavailable
+
+logger = logging.getLogger(__name__)
+
+# An S3 endpoint restart or failover takes seconds; past this it is an outage: stop, resume later.
+RETRY_FOR_S = 60.0
+# Failures that retrying cannot fix: the object is not there, or we may not touch it.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+PARTIAL = "_partial"  # local staging folder under the output: whole files are renamed out of it
 
 
 def filesystem(url: str, storage_options: dict | None = None):
@@ -29,16 +41,48 @@ def resolve(value: str, folder: str) -> str:
     return join(folder, value)
 
 
-def write_whole(fs, path: str, data: bytes) -> None:
+def is_web(url: str) -> bool:
+    """Web URLs are data (a dead link is the row's problem); every other remote store is infrastructure."""
+    return url.startswith(("http://", "https://"))
+
+
+def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
+    """Run a storage call, retrying transient failures with backoff for up to ``retry_for_s`` seconds."""
+    delay, deadline = 0.5, time.monotonic() + retry_for_s
+    while True:
+        try:
+            return action()
+        except PERMANENT:
+            raise
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise StorageUnavailable(f"{what} kept failing for {retry_for_s:.0f}s "
+                                         f"({type(exc).__name__}: {exc}); rerun the same command to resume") from exc
+            logger.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def write_whole(fs, path: str, data: bytes, root: str | None = None, retry_for_s: float = RETRY_FOR_S) -> None:
     """Write one object whole, so a crash never leaves a partial one under its final name.
 
-    Object stores make a PUT atomic already; on a local disk we write a temporary file and rename it.
+    Object stores make a PUT atomic already. On a local disk the bytes go to ``<root>/_partial/`` first
+    and are renamed into place; a resumed job empties that folder (see ``clear_partial``).
     """
     if isinstance(fs, LocalFileSystem):
+        staging = os.path.join(root or os.path.dirname(path), PARTIAL)
+        os.makedirs(staging, exist_ok=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = os.path.join(staging, uuid.uuid4().hex)
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"writing {path}", retry_for_s)
+
+
+def clear_partial(fs, root: str) -> None:
+    """Remove what a killed run left half-written (local outputs only; object stores have none)."""
+    staging = join(root, PARTIAL)
+    if isinstance(fs, LocalFileSystem) and fs.exists(staging):
+        fs.rm(staging, recursive=True)

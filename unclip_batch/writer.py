@@ -49,8 +49,12 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_images(batch: dict, output: str, storage_options: dict | None = None) -> dict:
-    """Encode and store every generated image; replace pixels by key and checksum."""
+def write_images(batch: dict, output: str, storage_options: dict | None = None,
+                 retry_for_s: float = storage.RETRY_FOR_S) -> dict:
+    """Encode and store every generated image; replace pixels by key and checksum.
+
+    A storage failure is not the row's fault: it is retried, then fails the job (which resumes later).
+    """
     fs, root = storage.filesystem(output, storage_options)
     rows = rows_of(batch)
     for row in rows:
@@ -59,11 +63,12 @@ def write_images(batch: dict, output: str, storage_options: dict | None = None) 
         if not row["code"]:
             try:
                 data = encode_png(image_of(row))
-                row["image_key"] = image_key(row["id"], int(row["k"]))
-                storage.write_whole(fs, storage.join(root, row["image_key"]), data)
-                row["sha256"] = hashlib.sha256(data).hexdigest()
-            except Exception as exc:  # storage errors come in many types; the row is recorded, not lost
+            except Exception as exc:
                 mark_error(row, "write", "write_failed", f"{type(exc).__name__}: {exc}")
+            else:
+                row["image_key"] = image_key(row["id"], int(row["k"]))
+                storage.write_whole(fs, storage.join(root, row["image_key"]), data, root, retry_for_s)
+                row["sha256"] = hashlib.sha256(data).hexdigest()
         row["write_s"] = time.perf_counter() - start
         del row["pixels"]
     return to_batch(rows)
@@ -77,12 +82,14 @@ class ShardWriter:
     """
 
     def __init__(self, *, output: str, folder: str, schema: pa.Schema, lookup: pa.Table,
-                 storage_options: dict | None = None, rows_per_shard: int = 10_000, flush_every_s: float = 60.0):
-        self.fs, root = storage.filesystem(output, storage_options)
-        self.folder = storage.join(root, folder)
+                 storage_options: dict | None = None, rows_per_shard: int = 10_000, flush_every_s: float = 30.0,
+                 retry_for_s: float = storage.RETRY_FOR_S):
+        self.fs, self.root = storage.filesystem(output, storage_options)
+        self.folder = storage.join(self.root, folder)
+        self.retry_for_s = retry_for_s
         self.schema, self.lookup = schema, lookup
         # Rows are "done" for a resume only once their shard is stored: flush by size and by time, so a
-        # crash costs at most a minute of work however slow the job.
+        # crash costs at most flush_every_s of work however slow the job.
         self.rows_per_shard, self.flush_every_s = rows_per_shard, flush_every_s
         self.last_flush = time.monotonic()
         self.run = uuid.uuid4().hex[:12]  # shards of different runs never collide
@@ -107,7 +114,7 @@ class ShardWriter:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         path = storage.join(self.folder, f"part-{self.run}-{self.shards:05d}.parquet")
-        storage.write_whole(self.fs, path, buffer.getvalue())
+        storage.write_whole(self.fs, path, buffer.getvalue(), self.root, self.retry_for_s)
         self.shards += 1
         self.written += len(self.records)
         self.records = []
@@ -125,4 +132,5 @@ def metadata_record(row: dict, model: str) -> dict:
 
 def write_json(output: str, name: str, payload: dict, storage_options: dict | None = None) -> None:
     fs, root = storage.filesystem(output, storage_options)
-    storage.write_whole(fs, storage.join(root, name), (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
+    storage.write_whole(fs, storage.join(root, name), data, root)

@@ -1,0 +1,115 @@
+"""Crashes mid-job: a killed driver, a killed model actor. Every row ends up exactly once, and the
+images are the bytes an uninterrupted run makes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import images_of, job, kill_processes, make_sources, read_output, write_manifest
+from unclip_batch.pipeline import run_job
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+# More steps than the other tests: the job must last long enough to be killed in the middle.
+STEPS = {"num_inference_steps": 12, "prior_num_inference_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory, ray_local):
+    """A 36-row mixed manifest and the output of one uninterrupted run of it."""
+    folder = make_sources(tmp_path_factory.mktemp("faults"))
+    kinds = [{"task": "generate", "prompt": "a red circle", "num_images": 2},
+             {"task": "variation", "image": "img/scene.png"},
+             {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask.png", "prompt": "blue"}]
+    rows = [{"id": f"row-{i:02d}", "seed": i, **kinds[i % 3]} for i in range(36)]
+    manifest = write_manifest(folder / "m.parquet", rows)
+    reference = folder / "reference"
+    run_job(job([manifest], reference, defaults=STEPS, batch_size=4))
+    return manifest, reference
+
+
+def assert_same_result(output: Path, reference: Path) -> None:
+    metadata, errors = read_output(output)
+    expected, _ = read_output(reference)
+    assert errors is None
+    keys = sorted(zip(metadata.column("id").to_pylist(), metadata.column("k").to_pylist()))
+    assert keys == sorted(zip(expected.column("id").to_pylist(), expected.column("k").to_pylist()))
+    assert len(set(keys)) == len(keys), "a row was recorded twice"
+    assert images_of(output) == images_of(reference)
+    assert not (output / "_partial").exists(), "a half-written file was left behind"
+
+
+def cli_run(manifest, output, env, **popen):
+    flags = ["--num-inference-steps", str(STEPS["num_inference_steps"]),
+             "--prior-num-inference-steps", str(STEPS["prior_num_inference_steps"])]
+    return subprocess.Popen([sys.executable, "-m", "unclip_batch.cli", "run", manifest, "--output", str(output),
+                             "--model", "tiny", "--batch-size", "4", "--flush-seconds", "1", "--quiet", *flags],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
+    manifest, reference = workload
+    output = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # this run's own Ray, found again to clean up
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    driver = cli_run(manifest, output, env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(output.glob("metadata/*.parquet")):
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_processes((ray_tmp,))
+    assert not (output / "_SUCCESS").exists(), "the job finished before it could be killed"
+    recorded_before = read_output(output)[0].num_rows
+
+    rerun = cli_run(manifest, output, env)
+    try:
+        log = rerun.communicate(timeout=600)[0].decode()
+    finally:
+        kill_processes((ray_tmp,))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert rerun.returncode == 0, log[-3000:]
+    summary = json.loads((output / "_SUCCESS").read_text())
+    assert summary["rows"]["done_before"] > 0 and recorded_before > 0
+    assert summary["rows"]["total_succeeded"] == 36
+    assert_same_result(output, reference)
+
+
+def test_model_actor_killed_mid_batch(workload, tmp_path):
+    manifest, reference = workload
+    output = tmp_path / "out"
+    killed = []
+
+    def kill_the_actor_once():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if (output / "images").exists() and len(list((output / "images").rglob("*.png"))) >= 6:
+                for p in psutil.process_iter(["name", "cmdline"]):
+                    title = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
+                    if "UnclipPredictor" in title:
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_actor_once, daemon=True)
+    killer.start()
+    summary = run_job(job([manifest], output, defaults=STEPS, batch_size=4))
+    killer.join(timeout=5)
+    assert killed, "the actor finished before it could be killed"
+    assert summary["rows"]["succeeded"] == 36 and summary["rows"]["failed"] == 0
+    assert_same_result(output, reference)
