@@ -1,5 +1,5 @@
-"""Crashes mid-job: a killed driver, a killed model actor. Every row ends up exactly once, and the
-images are the bytes an uninterrupted run makes."""
+"""Faults mid-job: a killed driver, a killed model actor, an S3 outage. Every row ends up exactly once,
+and the images are the bytes an uninterrupted run makes."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import images_of, job, kill_processes, make_sources, read_output, write_manifest
@@ -113,3 +114,70 @@ def test_model_actor_killed_mid_batch(workload, tmp_path):
     assert killed, "the actor finished before it could be killed"
     assert summary["rows"]["succeeded"] == 36 and summary["rows"]["failed"] == 0
     assert_same_result(output, reference)
+
+
+@pytest.fixture
+def own_s3(tmp_path, workload):
+    """An S3 server of this test's own (to kill and restart), holding the workload's manifest and sources."""
+    from seaweedfs import SeaweedFS
+
+    manifest, _ = workload
+    with SeaweedFS(tmp_path / "weed") as server:
+        fs = server.filesystem()
+        fs.mkdir("jobs")
+        fs.put(manifest, "jobs/in/m.parquet")
+        fs.put(str(Path(manifest).parent / "img") + "/", "jobs/in/img/", recursive=True)
+        yield server
+
+
+def kill_s3_after(server, images: int, down_s: float | None):
+    """In the background: once `images` PNGs are stored, kill the server; restart it after down_s."""
+    fs = server.filesystem()
+
+    def outage():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(fs.glob("jobs/out/images/*/*.png")) < images:
+            time.sleep(0.2)
+        server.kill()
+        if down_s is not None:
+            time.sleep(down_s)
+            server.start()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    return thread
+
+
+def s3_images(server) -> dict[str, bytes]:
+    fs = server.filesystem()
+    return {p.split("/images/", 1)[1]: fs.cat(p) for p in sorted(fs.glob("jobs/out/images/*/*.png"))}
+
+
+def test_s3_down_for_a_few_seconds_is_ridden_out(workload, own_s3):
+    _, reference = workload
+    outage = kill_s3_after(own_s3, images=4, down_s=5)
+    summary = run_job(job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
+                          storage_options=own_s3.storage_options, storage_retry_s=90, flush_every_s=1))
+    outage.join(timeout=60)
+    assert own_s3.process.poll() is None, "the outage never happened"
+    assert (summary["rows"]["succeeded"], summary["rows"]["failed"]) == (36, 0)
+    assert s3_images(own_s3) == images_of(reference)
+
+
+def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3):
+    from unclip_batch.errors import StorageUnavailable
+
+    _, reference = workload
+    config = job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
+                 storage_options=own_s3.storage_options, storage_retry_s=3, flush_every_s=1)
+    kill_s3_after(own_s3, images=4, down_s=None)
+    with pytest.raises(StorageUnavailable, match="rerun the same command to resume"):
+        run_job(config)
+    own_s3.start()
+    summary = run_job(config)
+    assert summary["rows"]["total_succeeded"] == 36 and summary["rows"]["total_failed"] == 0
+    fs = own_s3.filesystem()
+    metadata = pq.read_table("jobs/out/metadata", filesystem=fs)
+    keys = list(zip(metadata.column("id").to_pylist(), metadata.column("k").to_pylist()))
+    assert len(keys) == len(set(keys)) == len(images_of(reference))
+    assert s3_images(own_s3) == images_of(reference)

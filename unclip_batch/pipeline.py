@@ -129,6 +129,9 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
 
     if not ray.is_initialized():
         ray.init(address=config.address, logging_level=logging.WARNING)
+    # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
+    # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     resources = ray.cluster_resources()
     use_gpu = config.device != "cpu" and resources.get("GPU", 0) >= 1
     workers = config.workers or (int(resources["GPU"]) if use_gpu else 1)
