@@ -67,7 +67,9 @@ class SeaweedFS:
         self.process = subprocess.Popen(
             [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={self.master}", f"-volume.port={self.volume}", "-filer", f"-filer.port={self.filer}",
-             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100", *extra],
+             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
+             # Iceberg and Lance listeners have fixed default ports: off, so several servers can run at once.
+             "-s3.port.iceberg=0", "-s3.port.lance=0", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:

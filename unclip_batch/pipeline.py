@@ -63,6 +63,9 @@ def run_job(config: JobConfig) -> dict:
             fs.rm(storage.join(root, plan.SUCCESS))
     except SetupError:
         raise
+    except PermissionError as exc:
+        raise SetupError(f"cannot write to output {config.output}: access denied ({exc}); the credentials "
+                         "need write access there (nothing was computed)") from exc
     except Exception as exc:
         raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
     # 3. What is left to do.
