@@ -181,3 +181,23 @@ def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3):
     keys = list(zip(metadata.column("id").to_pylist(), metadata.column("k").to_pylist()))
     assert len(keys) == len(set(keys)) == len(images_of(reference))
     assert s3_images(own_s3) == images_of(reference)
+
+
+def test_worker_node_killed_mid_job(workload, tmp_path):
+    """A 3-node cluster (ray.cluster_utils) in its own process; the model actor's node dies mid-job."""
+    manifest, reference = workload
+    output = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "tests" / "node_kill_job.py"), manifest, str(output),
+                                 str(STEPS["num_inference_steps"]), str(STEPS["prior_num_inference_steps"])],
+                                capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    finally:
+        kill_processes((ray_tmp,))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "node_kill_report.json").read_text())
+    assert report["killed"], "the node was not killed before the job ended"
+    assert report["summary"]["rows"]["succeeded"] == 36
+    assert_same_result(output, reference)
