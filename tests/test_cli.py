@@ -75,3 +75,18 @@ def test_run_on_s3_with_aws_environment(s3, tmp_path):
     summary = json.loads(fs.cat("cli-env/out/_SUCCESS"))
     assert (summary["rows"]["succeeded"], summary["rows"]["failed"], summary["images"]) == (9, 1, 15)
     assert len(fs.glob("cli-env/out/images/*/*.png")) == 15
+
+
+def test_pickle_weights_are_refused_before_any_work(tmp_path):
+    import shutil
+
+    from unclip_batch.models import WEIGHTS
+
+    shutil.copytree(WEIGHTS / "tiny", tmp_path / "model")
+    unet = tmp_path / "model" / "kandinsky-2-2-decoder" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    result = cli("run", manifest, "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model"))
+    assert result.returncode == 2
+    assert "safetensors only" in result.stderr and "diffusion_pytorch_model.bin" in result.stderr
+    assert not (tmp_path / "out").exists()

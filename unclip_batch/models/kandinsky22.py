@@ -47,8 +47,28 @@ def _read_config(location: str, component: str, subfolder: str) -> dict:
     return json.loads(Path(hf_hub_download(f"{location}/{component}", "config.json", subfolder=subfolder)).read_text())
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_FOLDERS = {PRIOR: ("prior", "text_encoder", "image_encoder"), DECODER: ("unet", "movq"),
+                  INPAINT: ("unet", "movq")}
+
+
+def check_safetensors(location: str) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickles: loading a pickle runs its code."""
+    for component, folders in WEIGHT_FOLDERS.items():
+        for folder in folders:
+            path = Path(location) / component / folder
+            if not path.is_dir():
+                continue
+            names = [p.name for p in path.iterdir()]
+            if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
+                raise ValueError(f"{path} has only pickle weights ({', '.join(sorted(names))}); unclip-batch loads "
+                                 "safetensors only, since a pickle can run code: convert them with save_pretrained("
+                                 "..., safe_serialization=True)")
+
+
 def describe(location: str) -> ModelInfo:
     """What a row may ask of this model, from its config files alone (no weights are read)."""
+    check_safetensors(location)
     movq = _read_config(location, DECODER, "movq")
     unet = _read_config(location, DECODER, "unet")
     movq_scale = 2 ** (len(movq["block_out_channels"]) - 1)
