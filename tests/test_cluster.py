@@ -6,19 +6,16 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import FAST
+from helpers import FAST, kill_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -51,33 +48,9 @@ def cluster():
                    check=True, timeout=180, env=env, capture_output=True)
     try:
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        _stop(port, temp)
-
-
-def _stop(port: int, temp: str) -> None:
-    """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
-    marks = (f":{port}", temp)
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
-    # Agents rename themselves (ray::DashboardAgent): find them as children, before anything stops.
-    victims = list({p.pid: p for root in roots for p in [root, *_children(root)]}.values())
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(victims, timeout=10)
-    for p in alive:
-        p.kill()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def _children(process):
-    try:
-        return process.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+    finally:  # this cluster's processes only: `ray stop` would stop every Ray on the machine
+        kill_processes((f":{port}", temp))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_job_submission_and_cli_address(cluster, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, job, kill_processes, read_output, write_manifest
+from helpers import FAST, job, kill_processes, write_manifest
 from unclip_batch.errors import ManifestError, SetupError
 from unclip_batch.pipeline import run_job
 

@@ -110,7 +110,7 @@ def _validate(args) -> int:
 
     info = ModelSpec.parse(args.model).describe(_storage_options(args))
     table = read_manifests(args.manifests, _storage_options(args))
-    size = SizeRule(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
+    size = SizeRule.of(info)
     good, bad, codes = 0, [], Counter()
     for rows, errors in validate(table, info.defaults, size):
         good += len(rows)

@@ -202,6 +202,11 @@ class SizeRule:
     multiple: int
     maximum: int
 
+    @classmethod
+    def of(cls, info) -> "SizeRule":
+        """The rule of a models.ModelInfo."""
+        return cls(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
+
     def check(self, name: str, value: int) -> None:
         if value % self.multiple or not self.multiple <= value <= self.maximum:
             raise RowError("unsupported_size", f"{name} is {value}; this model needs a multiple of "

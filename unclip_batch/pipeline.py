@@ -22,8 +22,8 @@ from unclip_batch import __version__, plan, storage
 from unclip_batch.batches import NO_ERROR, rows_of
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
-from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns, read_manifests,
-                                   validate)
+from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns,
+                                   read_manifests, validate)
 from unclip_batch.models import ModelSpec
 from unclip_batch.sources import load_sources
 from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_images,
@@ -47,7 +47,7 @@ def run_job(config: JobConfig) -> dict:
     except Exception as exc:
         raise SetupError(f"model {config.model!r} could not be read: {type(exc).__name__}: {exc}") from exc
     defaults = {**info.defaults, **config.defaults}
-    size = SizeRule(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
+    size = SizeRule.of(info)
     table = read_manifests(config.manifests, so, config.limit)
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
     record = {"model": spec.spec, "defaults": defaults, "unclip_batch": __version__}
@@ -69,8 +69,7 @@ def run_job(config: JobConfig) -> dict:
     except Exception as exc:
         raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
     # 3. What is left to do.
-    done = plan.load_done(config.output, so) if resuming else plan.Done(pa.array([], pa.string()),
-                                                                       pa.array([], pa.string()), 0, 0)
+    done = plan.load_done(config.output, so) if resuming else plan.Done.nothing()
     todo = plan.pending(table, done)
     logger.info("%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows,
                 todo.num_rows)
@@ -143,7 +142,8 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     # half the cluster, and the actor's torch as many threads as that half holds.
     worker_cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, cpus / (2 * workers))))
     threads = None if use_gpu else max(1, int(cpus // workers))
-    logger.info("Ray: %s; %d model worker(s), %s", resources, workers, "GPU" if use_gpu else f"{threads} CPU threads each")
+    logger.info("Ray: %s; %d model worker(s), %s", resources, workers,
+                "one GPU each" if use_gpu else f"{threads} CPU threads each")
     so = config.storage_options
     ds = ray.data.from_arrow(blocks)
     io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}

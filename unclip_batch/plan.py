@@ -32,6 +32,10 @@ class Done:
     succeeded: int
     failed: int
 
+    @classmethod
+    def nothing(cls) -> "Done":
+        return cls(pa.array([], pa.string()), pa.array([], pa.string()), 0, 0)
+
 
 def position_keys(manifests, manifest_rows) -> pa.Array:
     return pc.binary_join_element_wise(pc.cast(manifests, pa.string()), pc.cast(manifest_rows, pa.string()), "#")
