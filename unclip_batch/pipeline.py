@@ -52,9 +52,9 @@ def run_job(config: JobConfig) -> dict:
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
     record = {"model": spec.spec, "defaults": defaults, "unclip_batch": __version__}
     record["fingerprint"] = hashlib.sha256(json.dumps([spec.spec, defaults], sort_keys=True).encode()).hexdigest()[:16]
-    if config.overwrite:
-        plan.clear_output(config.output, so)
     try:
+        if config.overwrite:
+            plan.clear_output(config.output, so)
         resuming = plan.check_job_record(config.output, record, so)
         write_json(config.output, plan.JOB_RECORD, record, so)
         fs, root = storage.filesystem(config.output, so)
@@ -87,6 +87,9 @@ def run_job(config: JobConfig) -> dict:
             tasks = tuple(sorted({t for block in blocks for t in block["task"].to_pylist()}))
             for batch in _dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"):
                 sinks.add(rows_of(batch))
+    except KeyboardInterrupt:
+        sinks.close(finished=False)  # Ctrl-C: keep the finished rows, then stop
+        raise
     except Exception as exc:
         try:
             sinks.close(finished=False)  # keep every finished row: the rerun resumes after them
