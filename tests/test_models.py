@@ -5,8 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import box_mask, scene
-from unclip_batch.models import WEIGHTS, ModelSpec
-from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, Kandinsky22, Sampling, describe
+from unclip_batch.models import WEIGHTS, ModelSpec, Sampling
+from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, Kandinsky22, describe
 
 TINY = str(WEIGHTS / "tiny")
 S = Sampling(width=64, height=64, num_inference_steps=4, guidance_scale=4.0, prior_num_inference_steps=2,

@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from unclip_batch.batches import image_of, mark_error, mask_of, rows_of, to_batch
-from unclip_batch.models import ModelSpec
+from unclip_batch.models import ModelSpec, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class UnclipPredictor:
 
     def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
         first = call[0][0]
-        sampling = self.family.Sampling(**{f: first[f] for f in self.family.Sampling.__dataclass_fields__})
+        sampling = Sampling(**{f: first[f] for f in Sampling.__dataclass_fields__})
         seeds = [int(row["seed"]) + k for row, k in call]
         prompts = [row["prompt"] for row, _ in call]
         negatives = [row["negative_prompt"] for row, _ in call]

@@ -24,8 +24,9 @@ ALIASES = {
     # Until the trained embedded model lands, the default is the tiny random checkpoint.
     "default": ("kandinsky22", WEIGHTS / "tiny"),
     "tiny": ("kandinsky22", WEIGHTS / "tiny"),
+    "null": ("null", "none"),  # benchmarks only: a model that costs nothing
 }
-FAMILIES = {"kandinsky22": "unclip_batch.models.kandinsky22"}
+FAMILIES = {"kandinsky22": "unclip_batch.models.kandinsky22", "null": "unclip_batch.models.null"}
 DEFAULT_FAMILY = "kandinsky22"
 # Only these files are copied from object storage: weights are safetensors, never pickles.
 SYNCED_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
@@ -43,6 +44,18 @@ class ModelInfo:
     max_size: int
     defaults: dict = field(default_factory=dict)
     tasks: tuple[str, ...] = ("generate", "variation", "inpaint")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Settings shared by every image of one model call (diffusers' argument names)."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    prior_num_inference_steps: int
+    prior_guidance_scale: float
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from unclip_batch.models import ModelInfo
+from unclip_batch.models import ModelInfo, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +77,6 @@ def describe(location: str) -> ModelInfo:
     default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
     return ModelInfo(family=FAMILY, location=location, default_size=default_size, size_multiple=multiple,
                      max_size=MAX_SIZE, defaults=dict(DEFAULTS))
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Settings shared by every image of one model call."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    prior_num_inference_steps: int
-    prior_guidance_scale: float
 
 
 class Kandinsky22:

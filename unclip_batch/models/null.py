@@ -1,0 +1,40 @@
+"""A model that costs nothing, for benchmarks only: what the pipeline around the model can sustain.
+
+Generate returns a fixed noise image (noise, so PNG encoding costs what it costs on real images);
+variation and inpaint return their source. ``--model null``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unclip_batch.models import ModelInfo, Sampling
+from unclip_batch.models.kandinsky22 import DEFAULTS
+
+FAMILY = "null"
+
+
+def describe(location: str) -> ModelInfo:
+    return ModelInfo(family=FAMILY, location=location, default_size=64, size_multiple=8, max_size=1024,
+                     defaults=dict(DEFAULTS))
+
+
+class NullModel:
+    def __init__(self):
+        self._noise: dict[tuple[int, int], np.ndarray] = {}
+
+    def generate(self, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
+        key = (s.height, s.width)
+        if key not in self._noise:
+            self._noise[key] = np.random.default_rng(0).integers(0, 256, (*key, 3), dtype=np.uint8)
+        return np.broadcast_to(self._noise[key], (len(seeds), *key, 3))
+
+    def variation(self, images, prompts, seeds, s: Sampling) -> np.ndarray:
+        return np.stack(images)
+
+    def inpaint(self, images, masks, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
+        return np.stack(images)
+
+
+def load(location: str, *, tasks: frozenset[str], device: str, dtype: str) -> NullModel:
+    return NullModel()
