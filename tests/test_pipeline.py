@@ -99,8 +99,8 @@ def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):
 def test_same_manifest_same_bytes(ray_local, sources, tmp_path):
     rows, _ = mixed_rows(n_good=14)
     manifest = write_manifest(sources / "m.parquet", rows)
-    run_job(job([manifest], tmp_path / "a", batch_size=3))
-    run_job(job([manifest], tmp_path / "b", batch_size=3))
+    run_job(job([manifest], tmp_path / "a", batch_size=4))
+    run_job(job([manifest], tmp_path / "b", batch_size=4))
     a, b = images_of(tmp_path / "a"), images_of(tmp_path / "b")
     assert a and a == b
     meta_a, _ = read_output(tmp_path / "a")
@@ -120,12 +120,13 @@ def test_batch_invariance(ray_local, sources, tmp_path, row):
     others = [r for r in others if r["id"].startswith("good-") and r.get("prompt") != "dup"]
     alone = write_manifest(sources / "alone.parquet", [row])
     crowd = write_manifest(sources / "crowd.parquet", others[:7] + [row] + others[7:])
-    run_job(job([alone], tmp_path / "alone", batch_size=1))
-    run_job(job([crowd], tmp_path / "crowd", batch_size=16))
+    run_job(job([alone], tmp_path / "alone", batch_size=4))
+    run_job(job([crowd], tmp_path / "crowd", batch_size=4))
     for k in (0, 1):
         a = pixels((tmp_path / "alone" / "images" / "probe" / f"{k}.png").read_bytes())
         b = pixels((tmp_path / "crowd" / "images" / "probe" / f"{k}.png").read_bytes())
-        assert np.abs(a - b).max() <= 2
+        assert np.abs(a - b).max() <= 2  # the bar; padded calls make it exact
+        assert (a == b).all()
 
 
 def test_resume_runs_only_what_is_left(ray_local, sources, tmp_path):
@@ -151,3 +152,5 @@ def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_p
     run_job(job([manifest], tmp_path / "out"))
     with pytest.raises(SetupError, match="another job"):
         run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
+    with pytest.raises(SetupError, match="another job"):
+        run_job(job([manifest], tmp_path / "out", batch_size=2))

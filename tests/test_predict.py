@@ -20,7 +20,7 @@ def row(i, **kw):
 
 @pytest.fixture(scope="module")
 def predictor():
-    return UnclipPredictor(model="tiny", tasks=("generate",), batch_size=3, device="cpu", threads=2)
+    return UnclipPredictor(model="tiny", tasks=("generate",), batch_size=4, device="cpu", threads=2)
 
 
 def test_rows_expand_to_images_with_seed_plus_k(predictor):
@@ -46,11 +46,8 @@ def test_a_row_that_breaks_the_model_fails_alone(predictor):
     assert out[1]["stage"] == "predict" and "reshape" in out[1]["message"]
 
 
-def test_batch_size_does_not_change_images(predictor):
-    rows = [row(i, num_images=2) for i in range(3)]
-    big = rows_of(predictor(to_batch(rows)))
-    single = UnclipPredictor(model="tiny", tasks=("generate",), batch_size=1, device="cpu", threads=2)
-    small = rows_of(single(to_batch(rows)))
-    for a, b in zip(big, small):
-        diff = np.abs(np.frombuffer(a["pixels"], np.uint8).astype(int) - np.frombuffer(b["pixels"], np.uint8))
-        assert diff.max() <= 2
+def test_companions_do_not_change_a_rows_images(predictor):
+    """Calls are padded to batch_size, so a row's bytes do not depend on what it is batched with."""
+    crowd = rows_of(predictor(to_batch([row(0, num_images=2), row(1, num_images=2), row(2, prompt="other")])))
+    alone = rows_of(predictor(to_batch([row(1, num_images=2)])))
+    assert [r["pixels"] for r in crowd if r["id"] == "r1"] == [r["pixels"] for r in alone]

@@ -16,7 +16,9 @@ class JobConfig:
     model: str = "default"  # model spec: alias, local folder, Hub namespace or object-storage URL
     storage_options: dict = field(default_factory=dict)  # fsspec options for remote URLs (endpoint, keys)
     address: str | None = None  # Ray address; None starts a local Ray instance
-    batch_size: int = 8  # images per model call: the GPU's batch
+    # Images per model call, a power of two. Calls are padded to exactly this size, so an image's bytes
+    # never depend on what it was batched with (see predict.py).
+    batch_size: int = 8
     workers: int | None = None  # model actors; None = one per GPU, or 1 without a GPU
     cpus_per_worker: float | None = None  # None = 1 with a GPU, else a fraction (see pipeline.py)
     overwrite: bool = False  # delete earlier results under output first (default: resume)
@@ -32,8 +34,10 @@ class JobConfig:
             raise ValueError("at least one manifest is needed")
         if not self.output:
             raise ValueError("--output is required")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        if self.batch_size < 1 or self.batch_size & (self.batch_size - 1):
+            raise ValueError(f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "
+                             "model calls are padded to exactly that many images, which keeps every image's "
+                             "bytes independent of what it is batched with")
         if self.workers is not None and self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:

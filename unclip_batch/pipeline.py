@@ -50,8 +50,11 @@ def run_job(config: JobConfig) -> dict:
     size = SizeRule.of(info)
     table = read_manifests(config.manifests, so, config.limit)
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
-    record = {"model": spec.spec, "defaults": defaults, "unclip_batch": __version__}
-    record["fingerprint"] = hashlib.sha256(json.dumps([spec.spec, defaults], sort_keys=True).encode()).hexdigest()[:16]
+    # The batch size is part of it: model calls have exactly batch_size images, and the call shape
+    # decides the last bits of every pixel (see predict.py).
+    record = {"model": spec.spec, "defaults": defaults, "batch_size": config.batch_size, "unclip_batch": __version__}
+    settings = json.dumps([spec.spec, defaults, config.batch_size], sort_keys=True)
+    record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     try:
         if config.overwrite:
             plan.clear_output(config.output, so)

@@ -81,6 +81,17 @@ def write_whole(fs, path: str, data: bytes, root: str | None = None, retry_for_s
         retrying(lambda: fs.pipe_file(path, data), f"writing {path}", retry_for_s)
 
 
+def write_many(fs, objects: dict[str, bytes], root: str, retry_for_s: float = RETRY_FOR_S) -> None:
+    """Write several whole objects; object stores get them concurrently (fsspec's async pipe)."""
+    if not objects:
+        return
+    if isinstance(fs, LocalFileSystem):
+        for path, data in objects.items():
+            write_whole(fs, path, data, root)
+    else:  # one round of concurrent PUTs instead of one round trip per object
+        retrying(lambda: fs.pipe(objects), f"writing {len(objects)} objects under {root}", retry_for_s)
+
+
 def clear_partial(fs, root: str) -> None:
     """Remove what a killed run left half-written (local outputs only; object stores have none)."""
     staging = join(root, PARTIAL)
