@@ -1,5 +1,6 @@
 """End to end through Ray Data on the tiny checkpoint: every row accounted for, images reproducible."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -154,3 +155,5 @@ def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_p
         run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
     with pytest.raises(SetupError, match="another job"):
         run_job(job([manifest], tmp_path / "out", batch_size=2))
+    with pytest.raises(SetupError, match="another job"):
+        run_job(dataclasses.replace(job([manifest], tmp_path / "out"), model="null"))
