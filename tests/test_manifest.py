@@ -63,6 +63,7 @@ def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
     ({"id": "t", "prompt": "p", "width": 30}, "unsupported_size"),
     ({"id": "t", "prompt": "p", "height": 4096}, "unsupported_size"),
     ({"id": "t", "prompt": "p", "num_inference_steps": 0}, "invalid_steps"),
+    ({"id": "t", "prompt": "p", "prior_num_inference_steps": 1}, "invalid_steps"),
     ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
     ({"id": "t", "task": "variation"}, "missing_image"),
     ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),

@@ -9,7 +9,7 @@ import os
 import sys
 from collections import Counter
 
-from unclip_batch.config import JobConfig
+from unclip_batch.config import OVERRIDABLE, JobConfig
 from unclip_batch.errors import JobFailed, SetupError
 
 EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options
@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    defaults = {name: getattr(args, name) for name in ("width", "height", "num_inference_steps", "guidance_scale",
-                                                         "prior_num_inference_steps", "prior_guidance_scale")
-                if getattr(args, name) is not None}
+    defaults = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
     return JobConfig(manifests=tuple(args.manifests), output=args.output, model=args.model,
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,

@@ -46,7 +46,7 @@ CODES = {
     "invalid_num_images": "num_images is outside 1-16",
     "invalid_seed": "seed is negative or too large",
     "unsupported_size": "width/height is not a multiple the model supports, or is too small or too large",
-    "invalid_steps": "num_inference_steps or prior_num_inference_steps is outside 1-1000",
+    "invalid_steps": "num_inference_steps is outside 1-1000, or prior_num_inference_steps outside 2-1000",
     "invalid_guidance": "guidance_scale or prior_guidance_scale is outside 0-100",
     "missing_image": "variation and inpaint need an image",
     "unexpected_image": "image or mask is given for a task that does not use it",

@@ -78,9 +78,10 @@ class Row:
             raise RowError("invalid_num_images", f"num_images is {self.num_images}; use 1-{MAX_NUM_IMAGES}")
         if not 0 <= self.seed <= MAX_SEED:
             raise RowError("invalid_seed", f"seed is {self.seed}; use 0-{MAX_SEED}, or leave it empty")
-        for name in ("num_inference_steps", "prior_num_inference_steps"):
-            if not 1 <= getattr(self, name) <= MAX_STEPS:
-                raise RowError("invalid_steps", f"{name} is {getattr(self, name)}; use 1-{MAX_STEPS}")
+        # The prior's UnCLIPScheduler divides by (steps - 1): one step is a ZeroDivisionError, not a sample.
+        for name, least in (("num_inference_steps", 1), ("prior_num_inference_steps", 2)):
+            if not least <= getattr(self, name) <= MAX_STEPS:
+                raise RowError("invalid_steps", f"{name} is {getattr(self, name)}; use {least}-{MAX_STEPS}")
         for name in ("guidance_scale", "prior_guidance_scale"):
             if not 0 <= getattr(self, name) <= MAX_GUIDANCE:
                 raise RowError("invalid_guidance", f"{name} is {getattr(self, name)}; use 0-{MAX_GUIDANCE:g}")
