@@ -63,14 +63,14 @@ def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
             delay = min(delay * 2, 8.0)
 
 
-def write_whole(fs, path: str, data: bytes, root: str | None = None, retry_for_s: float = RETRY_FOR_S) -> None:
+def write_whole(fs, path: str, data: bytes, root: str, retry_for_s: float = RETRY_FOR_S) -> None:
     """Write one object whole, so a crash never leaves a partial one under its final name.
 
     Object stores make a PUT atomic already. On a local disk the bytes go to ``<root>/_partial/`` first
     and are renamed into place; a resumed job empties that folder (see ``clear_partial``).
     """
     if isinstance(fs, LocalFileSystem):
-        staging = os.path.join(root or os.path.dirname(path), PARTIAL)
+        staging = os.path.join(root, PARTIAL)  # always the output's: clear_partial empties only that one
         os.makedirs(staging, exist_ok=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(staging, uuid.uuid4().hex)
