@@ -1,0 +1,63 @@
+"""The shapes world and its judge: the judge must read every world picture right, also when blurred and
+noisy the way a generated picture is, or the model's evaluation means nothing."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from unclip_batch import world
+
+
+def test_samples_are_seeded_and_captions_name_what_the_picture_shows():
+    images, captions, scenes, named = world.samples(50, seed=3)
+    again, captions_again, _, _ = world.samples(50, seed=3)
+    assert np.array_equal(images, again) and captions == captions_again
+    assert images.shape == (50, world.SIZE, world.SIZE, 3) and images.dtype == np.uint8
+    for caption, scene, names in zip(captions, scenes, named):
+        assert scene.colour in caption and scene.shape in caption
+        assert all(getattr(scene, key) == value for key, value in names.items())
+        assert set(caption.split()) <= set(world.vocabulary())
+
+
+def test_describe_uses_the_right_article():
+    assert world.describe({"colour": "orange", "shape": "square", "background": "orange"}) == \
+        "an orange square on an orange background"
+    assert world.describe({"colour": "red", "shape": "circle", "size": "large", "position": "center"}) == \
+        "a large red circle in the center"
+
+
+def test_judge_reads_every_kind_of_world_picture():
+    images, _, scenes, _ = world.samples(600, seed=11)
+    for image, scene in zip(images, scenes):
+        j = world.judge(image)
+        assert (j.background, j.colour, j.shape) == (scene.background, scene.colour, scene.shape), (scene, j)
+
+
+def test_judge_forgives_blur_and_noise():
+    images, _, scenes, _ = world.samples(200, seed=12)
+    rng = np.random.default_rng(0)
+    right = 0
+    for image, scene in zip(images, scenes):
+        soft = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0))).astype(float)
+        noisy = np.clip(soft + rng.normal(0, 12, soft.shape), 0, 255).astype(np.uint8)
+        j = world.judge(noisy)
+        right += (j.background, j.colour, j.shape) == (scene.background, scene.colour, scene.shape)
+    assert right >= 190
+
+
+@pytest.mark.parametrize("wrong", ["blank", "noise"])
+def test_judge_finds_nothing_in_a_blank_or_noise_picture(wrong):
+    if wrong == "blank":
+        image = np.full((64, 64, 3), world.BACKGROUNDS["gray"], np.uint8)
+        assert world.judge(image).colour is None
+    else:
+        image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        j = world.judge(image)
+        assert j.shape != "square"  # scattered pixels fill their box unevenly
+
+
+def test_region_mask_covers_the_shape():
+    scene = world.Scene("red", "square", "small", "top right", "blue")
+    mask = world.region_mask(scene, grow=3)
+    shape = np.any(world.render(scene) != world.BACKGROUNDS["blue"], axis=-1)
+    assert mask[shape].min() == 255 and (mask > 0).sum() < 64 * 64 / 4

@@ -1,0 +1,201 @@
+"""The shapes world: the embedded model's training data, and an independent judge of its pictures.
+
+One filled shape on a plain background, 64x64 px. A seeded generator makes any number of
+(image, caption) pairs; ``judge`` reads background colour, shape colour and shape kind back from any
+picture by plain geometry (border median, nearest palette colour, bounding-box fill ratio), without
+the model's own CLIP, so the evaluation and the semantic tests cannot flatter the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+COLOURS = {  # far apart in RGB so a blurry generated pixel still has one clear nearest colour
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "orange": (245, 120, 0),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+RADII = {"small": 9, "large": 17}  # half the side of the shape's bounding box
+POSITIONS = ("center", "left", "right", "top", "bottom", "top left", "top right", "bottom left", "bottom right")
+MARGIN = 5  # the shape keeps this far from the edge, so the border shows only background
+JITTER = 2
+# Fill ratio of a shape's bounding box: square 1, circle pi/4 = 0.785, triangle 0.5. The judge splits
+# halfway between them.
+SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64
+MIN_FOREGROUND = 12  # pixels: fewer and the judge says nothing was drawn
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    background: str
+    dx: int = 0
+    dy: int = 0
+
+    def __post_init__(self):
+        if self.colour not in COLOURS or self.background not in BACKGROUNDS or self.colour == self.background:
+            raise ValueError(f"bad colours {self.colour!r} on {self.background!r}")
+        if self.shape not in SHAPES or self.size not in RADII or self.position not in POSITIONS:
+            raise ValueError(f"bad scene {self}")
+
+    def centre(self) -> tuple[int, int]:
+        r = RADII[self.size]
+        near, far = MARGIN + r, SIZE - 1 - MARGIN - r
+        x = near if "left" in self.position else far if "right" in self.position else SIZE // 2
+        y = near if "top" in self.position else far if "bottom" in self.position else SIZE // 2
+        return int(np.clip(x + self.dx, near - 2, far + 2)), int(np.clip(y + self.dy, near - 2, far + 2))
+
+    def box(self) -> tuple[int, int, int, int]:
+        (x, y), r = self.centre(), RADII[self.size]
+        return x - r, y - r, x + r, y + r
+
+
+def random_scene(rng: np.random.Generator, **fixed) -> Scene:
+    """A uniformly random scene; any attribute passed by name is kept as given."""
+    colour = fixed.get("colour") or str(rng.choice(list(COLOURS)))
+    backgrounds = [b for b in BACKGROUNDS if b != colour]
+    background = fixed.get("background") or str(rng.choice(backgrounds))
+    return Scene(
+        colour=colour,
+        shape=fixed.get("shape") or str(rng.choice(SHAPES)),
+        size=fixed.get("size") or str(rng.choice(list(RADII))),
+        position=fixed.get("position") or str(rng.choice(POSITIONS)),
+        background=background,
+        dx=int(rng.integers(-JITTER, JITTER + 1)),
+        dy=int(rng.integers(-JITTER, JITTER + 1)),
+    )
+
+
+def render(scene: Scene) -> np.ndarray:
+    """HxWx3 uint8 picture of the scene."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[scene.background])
+    draw, fill = ImageDraw.Draw(image), COLOURS[scene.colour]
+    x0, y0, x1, y1 = scene.box()
+    if scene.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return np.asarray(image)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(scene: Scene, rng: np.random.Generator, *, mention: float = 0.5) -> tuple[str, dict]:
+    """A caption that always names colour and shape; size, position and background each with odds
+    ``mention``. Returns the caption and the attributes it names (what a matching picture must show)."""
+    named = {"colour": scene.colour, "shape": scene.shape}
+    for key in ("size", "position", "background"):
+        if rng.random() < mention:
+            named[key] = getattr(scene, key)
+    return describe(named, template=int(rng.integers(3))), named
+
+
+def describe(named: dict, template: int = 0) -> str:
+    words = [named.get("size", ""), named["colour"], named["shape"]]
+    thing = " ".join(w for w in words if w)
+    thing = f"{_article(thing)} {thing}"
+    where = ""
+    if "position" in named:
+        where = " in the center" if named["position"] == "center" else f" at the {named['position']}"
+    ground = ""
+    if "background" in named:
+        ground = f" on {_article(named['background'])} {named['background']} background"
+    if template == 1:
+        return f"a picture of {thing}{where}{ground}"
+    if template == 2:
+        return f"{thing}{ground}{where}"
+    return f"{thing}{where}{ground}"
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can use."""
+    words = {"a", "an", "picture", "of", "in", "the", "at", "on", "background", *COLOURS, *BACKGROUNDS, *SHAPES,
+             *RADII}
+    for position in POSITIONS:
+        words.update(position.split())
+    return sorted(words)
+
+
+def samples(n: int, seed: int, mention: float = 0.5) -> tuple[np.ndarray, list[str], list[Scene], list[dict]]:
+    """n seeded (image, caption) pairs, with their scenes and the attributes each caption names."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    captions, named = zip(*(caption(s, rng, mention=mention) for s in scenes)) if n else ((), ())
+    return np.stack([render(s) for s in scenes]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8), \
+        list(captions), scenes, list(named)
+
+
+# -- the judge ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Judgement:
+    background: str
+    colour: str | None  # None when nothing stands out from the background
+    shape: str | None
+    fill: float  # share of the foreground's bounding box that the foreground covers
+
+
+def nearest(rgb, palette: dict) -> str:
+    names = list(palette)
+    distances = np.abs(np.asarray([palette[n] for n in names], float) - np.asarray(rgb, float)).sum(axis=1)
+    return names[int(np.argmin(distances))]
+
+
+def _labels(image: np.ndarray) -> np.ndarray:
+    """Index into BACKGROUNDS of every pixel's nearest palette colour."""
+    palette = np.asarray(list(BACKGROUNDS.values()), np.int32)
+    return np.abs(image[..., None, :] - palette).sum(axis=-1).argmin(axis=-1)
+
+
+def judge(image: np.ndarray) -> Judgement:
+    """Background from the border, foreground from the rest; colour by nearest palette colour, shape
+    by how much of its bounding box the foreground fills."""
+    image = np.asarray(image)[..., :3].astype(np.int32)
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3), image[:, :2].reshape(-1, 3),
+                             image[:, -2:].reshape(-1, 3)])
+    background = nearest(np.median(border, axis=0), BACKGROUNDS)
+    labels = _labels(image)
+    names = list(BACKGROUNDS)
+    foreground = labels != names.index(background)
+    counts = np.bincount(labels[foreground], minlength=len(names))[:len(COLOURS)]  # gray is never a shape
+    if foreground.sum() < MIN_FOREGROUND or not counts.any():
+        return Judgement(background, None, None, 0.0)
+    colour = names[int(np.argmax(counts))]
+    rows, cols = _extent(foreground.sum(axis=1)), _extent(foreground.sum(axis=0))
+    area = (rows[1] - rows[0] + 1) * (cols[1] - cols[0] + 1)
+    fill = float(foreground[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1].sum() / area)
+    shape = "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+    return Judgement(background, colour, shape, fill)
+
+
+def _extent(counts: np.ndarray) -> tuple[int, int]:
+    """First and last line with at least two foreground pixels (a stray pixel does not widen the box)."""
+    lines = np.flatnonzero(counts >= 2)
+    if not len(lines):
+        lines = np.flatnonzero(counts)
+    return int(lines[0]), int(lines[-1])
+
+
+def region_mask(scene: Scene, grow: int = 4) -> np.ndarray:
+    """HxW uint8 mask, 255 over the scene's shape box grown by ``grow`` px: where an inpaint may draw."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    x0, y0, x1, y1 = scene.box()
+    mask[max(0, y0 - grow):y1 + grow + 1, max(0, x0 - grow):x1 + grow + 1] = 255
+    return mask
