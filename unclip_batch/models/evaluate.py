@@ -1,0 +1,225 @@
+"""Evaluate a model on the shapes world, judged by ``world.judge`` (geometry, not the model's CLIP).
+
+    python -m unclip_batch.models.evaluate                 # the default model, 200 cases per task
+    python -m unclip_batch.models.evaluate --n 40 --json out.json
+
+Cases come from a seed the training never uses (training draws from seeds below 10^9; these from
+``EVAL_SEED``), through the same ``Kandinsky22`` code the batch job runs. Targets (issue 3):
+generate colour >= 90%, shape >= 75%, background >= 85%; variation colour kept >= 90%, shape kept
+>= 75%; inpaint prompt colour dominates inside the mask >= 85%, outside the mask mean absolute
+difference <= 6/255; CLIP zero-shot colour x shape >= 90%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from unclip_batch import world
+from unclip_batch.models import ModelSpec, Sampling
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 2_000_000_011
+TARGETS = {
+    "generate_colour": 0.90, "generate_shape": 0.75, "generate_background": 0.85,
+    "variation_colour": 0.90, "variation_shape": 0.75,
+    "inpaint_colour": 0.85, "inpaint_outside_mad": 6 / 255,
+    "clip_zero_shot": 0.90,
+}
+INPAINT_MIN_SHARE = 0.1  # at least this much of the mask must change from the background to count
+CALL = 16  # images per model call
+
+
+@dataclass(frozen=True)
+class InpaintCase:
+    source: world.Scene
+    target: world.Scene  # where and what the prompt asks for; its box, grown, is the mask
+
+
+def generate_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[str, dict]]:
+    """Prompts that always name colour, shape and background (size and position half the time)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        scene = world.random_scene(rng)
+        named = {"colour": scene.colour, "shape": scene.shape, "background": scene.background}
+        for key in ("size", "position"):
+            if rng.random() < 0.5:
+                named[key] = getattr(scene, key)
+        cases.append((world.describe(named, template=int(rng.integers(3))), named))
+    return cases
+
+
+def inpaint_cases(n: int, seed: int = EVAL_SEED + 1) -> list[InpaintCase]:
+    """A world picture and a region clear of its shape; the prompt asks for a new shape there."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n:
+        source = world.random_scene(rng)
+        colours = [c for c in world.COLOURS if c != source.background]
+        target = world.random_scene(rng, background=source.background, colour=str(rng.choice(colours)),
+                                    size="small")
+        if not _overlap(world.region_mask(target, grow=6), world.region_mask(source, grow=1)):
+            cases.append(InpaintCase(source, target))
+    return cases
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(((a > 0) & (b > 0)).any())
+
+
+def sampling(info, **overrides) -> Sampling:
+    values = dict(info.defaults, width=world.SIZE, height=world.SIZE)
+    values.update(overrides)
+    return Sampling(**{k: values[k] for k in Sampling.__dataclass_fields__})
+
+
+def _chunks(n: int):
+    for start in range(0, n, CALL):
+        yield slice(start, min(n, start + CALL))
+
+
+def evaluate(model, info, n: int = 200, **overrides) -> dict:
+    """Run every task on n cases; return accuracies and timings."""
+    s = sampling(info, **overrides)
+    results, started = {}, time.monotonic()
+    results.update(_eval_generate(model, s, n))
+    results.update(_eval_variation(model, s, n))
+    results.update(_eval_inpaint(model, s, n))
+    results.update(_eval_clip(model, n))
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["cases_per_task"] = n
+    results["sampling"] = {k: getattr(s, k) for k in Sampling.__dataclass_fields__}
+    return results
+
+
+def _eval_generate(model, s: Sampling, n: int) -> dict:
+    cases = generate_cases(n)
+    hits = {"colour": 0, "shape": 0, "background": 0}
+    for part in _chunks(n):
+        prompts = [p for p, _ in cases[part]]
+        seeds = list(range(part.start, part.stop))
+        images = model.generate(prompts, [""] * len(prompts), seeds, s)
+        for image, (_, named) in zip(images, cases[part]):
+            j = world.judge(image)
+            hits["colour"] += j.colour == named["colour"]
+            hits["shape"] += j.shape == named["shape"]
+            hits["background"] += j.background == named["background"]
+    return {f"generate_{k}": v / n for k, v in hits.items()}
+
+
+def _eval_variation(model, s: Sampling, n: int) -> dict:
+    rng = np.random.default_rng(EVAL_SEED + 2)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    hits = {"colour": 0, "shape": 0}
+    for part in _chunks(n):
+        sources = [world.render(sc) for sc in scenes[part]]
+        images = model.variation(sources, [""] * len(sources), list(range(part.start, part.stop)), s)
+        for image, scene in zip(images, scenes[part]):
+            j = world.judge(image)
+            hits["colour"] += j.colour == scene.colour
+            hits["shape"] += j.shape == scene.shape
+    return {f"variation_{k}": v / n for k, v in hits.items()}
+
+
+def _eval_inpaint(model, s: Sampling, n: int) -> dict:
+    cases = inpaint_cases(n)
+    hits, outside = 0, []
+    for part in _chunks(n):
+        sources = [world.render(c.source) for c in cases[part]]
+        masks = [(world.region_mask(c.target, grow=6) > 0).astype(np.uint8) for c in cases[part]]
+        prompts = [world.describe({"colour": c.target.colour, "shape": c.target.shape}) for c in cases[part]]
+        images = model.inpaint(sources, masks, prompts, [""] * len(prompts), list(range(part.start, part.stop)), s)
+        for image, source, mask, case in zip(images, sources, masks, cases[part]):
+            hits += dominant_inside(image, mask, case.source.background) == case.target.colour
+            keep = mask == 0
+            outside.append(np.abs(image[keep].astype(float) - source[keep]).mean() / 255)
+    return {"inpaint_colour": hits / n, "inpaint_outside_mad": float(np.mean(outside))}
+
+
+def dominant_inside(image: np.ndarray, mask: np.ndarray, background: str) -> str | None:
+    """The palette colour most pixels inside the mask show, other than the background; None when too
+    little of the mask changed."""
+    labels = world._labels(np.asarray(image)[..., :3].astype(np.int32))[mask > 0]
+    names = list(world.BACKGROUNDS)
+    drawn = labels[labels != names.index(background)]
+    if len(drawn) < INPAINT_MIN_SHARE * len(labels):
+        return None
+    return names[int(np.bincount(drawn, minlength=len(names))[:len(world.COLOURS)].argmax())]
+
+
+def _eval_clip(model, n: int) -> dict:
+    """Zero-shot: does the model's CLIP pick "a <colour> <shape>" right among all 24 for real pictures?"""
+    import torch
+
+    kinds = [(c, sh) for c in world.COLOURS for sh in world.SHAPES]
+    prompts = [world.describe({"colour": c, "shape": sh}) for c, sh in kinds]
+    prior = model.prior
+    with torch.inference_mode():
+        ids = prior.tokenizer(prompts, padding="max_length", max_length=prior.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+        text = torch.nn.functional.normalize(prior.text_encoder(ids.to(model.device)).text_embeds.float(), dim=-1)
+        rng = np.random.default_rng(EVAL_SEED + 3)
+        scenes = [world.random_scene(rng) for _ in range(n)]
+        images = model.image_embeds([world.render(sc) for sc in scenes]).float()
+        picks = (torch.nn.functional.normalize(images, dim=-1) @ text.T).argmax(dim=-1).tolist()
+    right = sum(kinds[p] == (sc.colour, sc.shape) for p, sc in zip(picks, scenes))
+    return {"clip_zero_shot": right / n}
+
+
+def passed(results: dict) -> dict:
+    return {k: (results[k] <= t if k.endswith("_mad") else results[k] >= t) for k, t in TARGETS.items()}
+
+
+def load(spec: str = "default", scheduler: str = "default"):
+    model_spec = ModelSpec.parse(spec)
+    info = model_spec.describe()
+    model = model_spec.module().load(model_spec.local_location(), tasks=frozenset({"generate", "variation", "inpaint"}),
+                                     device="cpu", dtype="float32", scheduler=scheduler)
+    return model, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--n", type=int, default=200, help="cases per task")
+    parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
+    parser.add_argument("--scheduler", default="default", help="decoder sampler: default, ddpm, ddim, dpm++")
+    parser.add_argument("--prior-steps", type=int, help="prior steps (default: the model's)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--card", action="store_true",
+                        help="save the results as evaluation.json in the model's folder and rewrite its model card")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = {}
+    if args.steps:
+        overrides["num_inference_steps"] = args.steps
+    if args.prior_steps:
+        overrides["prior_num_inference_steps"] = args.prior_steps
+    model, info = load(args.model, args.scheduler)
+    results = evaluate(model, info, args.n, **overrides)
+    results["scheduler"] = args.scheduler
+    results["passed"] = passed(results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    if args.card:
+        from pathlib import Path
+
+        from unclip_batch.models.shapes import write_card
+
+        folder = Path(ModelSpec.parse(args.model).local_location())
+        (folder / "evaluation.json").write_text(text + "\n")
+        write_card(folder)
+
+
+if __name__ == "__main__":
+    main()

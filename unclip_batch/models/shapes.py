@@ -1,0 +1,606 @@
+"""Train the embedded model: a small unCLIP that draws the shapes world, in Kandinsky 2.2's layout.
+
+Every part is a real diffusers / transformers class, trained here from nothing, stage by stage:
+
+1. tokenizer: CLIP BPE learned from the world's captions (every world word is one token);
+2. clip: CLIPTextModelWithProjection + CLIPVisionModelWithProjection, contrastive, where a caption
+   matches every picture that shows what it names (captions leave size/position/background out);
+3. movq: VQModel autoencoder, 64 px <-> 4x16x16 latents (used unquantised, as the pipelines do),
+   then its decoder alone refined further (the latents, and so every later stage, stay the same);
+4. prior: PriorTransformer, CLIP text -> CLIP image embedding (UnCLIPScheduler, predicts the sample);
+5. decoder: UNet2DConditionModel on MoVQ latents conditioned on the image embedding (DDPM, epsilon);
+6. inpaint: the decoder UNet widened to 9 input channels, fine-tuned with masks over the shape.
+
+    python -m unclip_batch.models.shapes unclip_batch/weights/shapes   # ~75 min on 2 CPU cores
+
+Each stage saves its components into the output folder when it ends, so an interrupted run resumes
+at the first unfinished stage. ``--scale 0.02`` runs every stage for 2% of its steps (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unclip_batch import world
+from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR
+from unclip_batch.models.tiny import _bytes_to_unicode, _write_model_index
+
+logger = logging.getLogger(__name__)
+
+EMBED_DIM = 64  # CLIP projection = prior width = decoder conditioning width
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, as CLIPImageProcessor uses
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_LENGTH = 77  # the prior attends over all 77 positions, so training pads to the same length
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps, batch sizes and learning rates of each stage (AdamW, cosine decay, short warm-up)."""
+
+    seed: int = 0
+    dataset: int = 20_000  # world pictures behind the prior, decoder and inpaint stages
+    clip_steps: int = 800
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    movq_steps: int = 900
+    movq_batch: int = 16
+    movq_lr: float = 2e-3
+    refine_steps: int = 1500  # MoVQ decoder only, encoder frozen: sharper small shapes, same latents
+    refine_batch: int = 16
+    refine_lr: float = 5e-4
+    prior_steps: int = 3000
+    prior_batch: int = 128
+    prior_lr: float = 1e-3
+    decoder_steps: int = 5000
+    decoder_batch: int = 32
+    decoder_lr: float = 1e-3
+    inpaint_steps: int = 1500
+    inpaint_batch: int = 32
+    inpaint_lr: float = 5e-4
+    uncond: float = 0.1  # share of examples trained without their condition (classifier-free guidance)
+
+    def scaled(self, scale: float) -> "Recipe":
+        values = asdict(self)
+        for key in values:
+            if key.endswith("_steps"):
+                values[key] = max(2, int(values[key] * scale))
+        if scale < 1:
+            values["dataset"] = max(512, int(self.dataset * scale))
+        return Recipe(**values)
+
+
+# -- stage 1: tokenizer ---------------------------------------------------------------------------
+def build_tokenizer(folder: Path):
+    """A CLIP BPE tokenizer whose merges (learned with HF tokenizers) make every world word one token;
+    any other text still tokenizes, byte by byte."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.pre_tokenizer = pre_tokenizers.Whitespace()
+    learner.train_from_iterator([" ".join(world.vocabulary())] * 10, trainers.BpeTrainer(
+        vocab_size=5000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False))
+    merges = [" ".join(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(tokens))}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TEXT_LENGTH,
+                              pad_token="<|endoftext|>")
+    for word in world.vocabulary():
+        assert len(tokenizer(word).input_ids) == 3, f"{word!r} is not one token"
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+def clip_pixels(torch, images: np.ndarray):
+    """uint8 NxHxWx3 -> what CLIPImageProcessor hands the image encoder (64 px in, no resize)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def movq_pixels(torch, images: np.ndarray):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _optimizer(torch, params, lr: float, steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+    return opt, sched
+
+
+def _step(opt, sched, loss, params, clip: float = 1.0):
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+
+
+class _Progress:
+    def __init__(self, stage: str, steps: int):
+        self.stage, self.steps, self.start, self.loss = stage, steps, time.monotonic(), None
+
+    def __call__(self, i: int, loss: float) -> None:
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        if i % 100 == 0 or i == self.steps - 1:
+            logger.info("%s %d/%d loss %.4f (%.0f s)", self.stage, i + 1, self.steps, self.loss,
+                        time.monotonic() - self.start)
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "seconds": round(time.monotonic() - self.start, 1),
+                "final_loss": round(float(self.loss), 5)}
+
+
+# -- stage 2: CLIP --------------------------------------------------------------------------------
+def clip_models(tokenizer):
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    shared = dict(hidden_size=EMBED_DIM, projection_dim=EMBED_DIM, intermediate_size=4 * EMBED_DIM,
+                  num_attention_heads=4, num_hidden_layers=3)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=TEXT_LENGTH, **shared))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=world.SIZE, patch_size=8, **shared))
+    return text, vision
+
+
+def matches(named: list[dict], scenes: list[world.Scene]):
+    """matches[i, j]: picture j shows everything caption i names."""
+    out = np.ones((len(named), len(scenes)), bool)
+    for key in ("colour", "shape", "size", "position", "background"):
+        values = np.array([getattr(s, key) for s in scenes])
+        for i, n in enumerate(named):
+            if key in n:
+                out[i] &= values == n[key]
+    return out
+
+
+def train_clip(tokenizer, recipe: Recipe, folder: Path) -> dict:
+    import torch
+
+    text, vision = clip_models(tokenizer)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    params = [*text.parameters(), *vision.parameters(), logit_scale]
+    opt, sched = _optimizer(torch, params, recipe.clip_lr, recipe.clip_steps)
+    progress = _Progress("clip", recipe.clip_steps)
+    for i in range(recipe.clip_steps):
+        images, captions, scenes, named = world.samples(recipe.clip_batch, seed=recipe.seed * 1_000_003 + i)
+        ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+        t = torch.nn.functional.normalize(text(ids).text_embeds, dim=-1)
+        v = torch.nn.functional.normalize(vision(clip_pixels(torch, images)).image_embeds, dim=-1)
+        logits = logit_scale.clamp(max=math.log(100)).exp() * t @ v.T
+        target = torch.from_numpy(matches(named, scenes)).float()
+        loss = (_soft_ce(logits, target) + _soft_ce(logits.T, target.T)) / 2
+        _step(opt, sched, loss, params)
+        progress(i, loss.item())
+    text.save_pretrained(folder / "text_encoder")
+    vision.save_pretrained(folder / "image_encoder")
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": world.SIZE}, crop_size={"height": world.SIZE, "width": world.SIZE},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(folder / "image_processor")
+    return progress.summary()
+
+
+def _soft_ce(logits, target):
+    target = target / target.sum(dim=1, keepdim=True)
+    return -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+# -- stage 3: MoVQ --------------------------------------------------------------------------------
+def movq_model():
+    from diffusers import VQModel
+
+    # SpatialNorm in the MoVQ decoder hard-codes 32 groups, so its widths are multiples of 32.
+    return VQModel(
+        block_out_channels=[32, 32, 32], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        norm_num_groups=32, norm_type="spatial", num_vq_embeddings=256, vq_embed_dim=4,
+    )
+
+
+def train_movq(recipe: Recipe, folder: Path) -> dict:
+    """An autoencoder used unquantised (the pipelines decode with force_not_quantize=True). A light
+    pull towards unit-scale latents keeps them in the range the diffusion schedules assume; noise on
+    the latents teaches the decoder to forgive the diffusion model's small errors."""
+    import torch
+
+    movq = movq_model()
+    params = list(movq.parameters())
+    opt, sched = _optimizer(torch, params, recipe.movq_lr, recipe.movq_steps)
+    progress = _Progress("movq", recipe.movq_steps)
+    for i in range(recipe.movq_steps):
+        images, *_ = world.samples(recipe.movq_batch, seed=recipe.seed * 1_000_003 + 500_000 + i)
+        x = movq_pixels(torch, images)
+        z = movq.encode(x).latents
+        scale = (z.pow(2).mean() - 1).pow(2) + z.mean(dim=(0, 2, 3)).pow(2).mean()
+        noisy = z + 0.1 * torch.randn_like(z)
+        out = movq.decode(noisy, force_not_quantize=True).sample
+        loss = (out - x).abs().mean() + (out - x).pow(2).mean() + 0.05 * scale
+        _step(opt, sched, loss, params)
+        progress(i, loss.item())
+    movq.save_pretrained(folder)
+    return progress.summary()
+
+
+def refine_movq(recipe: Recipe, folder: Path) -> dict:
+    """More training for the MoVQ decoder alone: the encoder is frozen, so the latents the prior-side
+    stages train on do not move, while small shapes get back the corners that blur had rounded."""
+    import torch
+    from diffusers import VQModel
+
+    movq = VQModel.from_pretrained(folder)
+    params = [*movq.post_quant_conv.parameters(), *movq.decoder.parameters()]
+    opt, sched = _optimizer(torch, params, recipe.refine_lr, recipe.refine_steps)
+    progress = _Progress("refine", recipe.refine_steps)
+    for i in range(recipe.refine_steps):
+        images, *_ = world.samples(recipe.refine_batch, seed=recipe.seed * 1_000_003 + 700_000 + i)
+        x = movq_pixels(torch, images)
+        with torch.no_grad():
+            z = movq.encode(x).latents
+        out = movq.decode(z + 0.1 * torch.randn_like(z), force_not_quantize=True).sample
+        loss = (out - x).abs().mean() + (out - x).pow(2).mean()
+        _step(opt, sched, loss, params)
+        progress(i, loss.item())
+    movq.save_pretrained(folder)
+    return progress.summary()
+
+
+# -- data for the prior, decoder and inpaint stages -----------------------------------------------
+@dataclass
+class Data:
+    captions: list[str]
+    scenes: list[world.Scene]
+    embeds: "object"  # torch tensor N x EMBED_DIM: CLIP image embeddings
+    latents: "object"  # torch tensor N x 4 x 16 x 16: MoVQ latents
+    zero_embed: "object"  # CLIP embedding of the all-zero input: the decoder's unconditional embedding
+
+
+def encode_dataset(recipe: Recipe, vision, movq) -> Data:
+    import torch
+
+    images, captions, scenes, _ = world.samples(recipe.dataset, seed=recipe.seed * 1_000_003 + 900_000)
+    embeds, latents = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), 512):
+            chunk = images[start:start + 512]
+            embeds.append(vision(clip_pixels(torch, chunk)).image_embeds)
+            latents.append(movq.encode(movq_pixels(torch, chunk)).latents)
+        zero = vision(torch.zeros(1, 3, world.SIZE, world.SIZE)).image_embeds
+    return Data(captions, scenes, torch.cat(embeds), torch.cat(latents), zero)
+
+
+# -- stage 4: prior -------------------------------------------------------------------------------
+def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path) -> dict:
+    import torch
+    from diffusers import PriorTransformer, UnCLIPScheduler
+
+    # Same scheduler settings as kandinsky-2-2-prior.
+    scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                                clip_sample=True, clip_sample_range=10.0)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, embedding_dim=EMBED_DIM, num_layers=3)
+    mean, std = data.embeds.mean(0), data.embeds.std(0)
+    prior.clip_mean.data.copy_(mean[None])
+    prior.clip_std.data.copy_(std[None])
+    target_all = (data.embeds - mean) / std
+    alphas = scheduler.alphas_cumprod
+    params = [p for n, p in prior.named_parameters() if n not in ("clip_mean", "clip_std")]
+    opt, sched = _optimizer(torch, params, recipe.prior_lr, recipe.prior_steps)
+    progress, rng = _Progress("prior", recipe.prior_steps), np.random.default_rng(recipe.seed + 4)
+    for i in range(recipe.prior_steps):
+        pick = rng.integers(len(data.captions), size=recipe.prior_batch)
+        captions = ["" if rng.random() < recipe.uncond else data.captions[j] for j in pick]
+        tokens = tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                           return_tensors="pt")
+        with torch.no_grad():
+            encoded = text(tokens.input_ids)
+        x0 = target_all[pick]
+        t = torch.randint(0, 1000, (len(pick),))
+        a = alphas[t][:, None]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
+        pred = prior(noisy, timestep=t, proj_embedding=encoded.text_embeds,
+                     encoder_hidden_states=encoded.last_hidden_state,
+                     attention_mask=tokens.attention_mask.bool()).predicted_image_embedding
+        loss = (pred - x0).pow(2).mean()
+        _step(opt, sched, loss, params)
+        progress(i, loss.item())
+    prior.save_pretrained(folder / "prior")
+    scheduler.save_pretrained(folder / "scheduler")
+    return progress.summary()
+
+
+# -- stages 5 and 6: decoder and inpaint UNets ----------------------------------------------------
+def unet_model(in_channels: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // 4, in_channels=in_channels, out_channels=8,  # 8 = latent + (unused) variance
+        addition_embed_type="image", encoder_hid_dim=EMBED_DIM, encoder_hid_dim_type="image_proj",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=2,
+        cross_attention_dim=128, attention_head_dim=32, resnet_time_scale_shift="scale_shift",
+        class_embed_type=None, norm_num_groups=32,
+    )
+
+
+def decoder_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Same scheduler settings as kandinsky-2-2-decoder.
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+                         thresholding=False)
+
+
+def _conditions(torch, data: Data, pick, rng, recipe: Recipe, same_kind: bool = False):
+    """Image embeddings for the picked pictures; with same_kind, half come from another picture of the
+    same colour and shape (the prompt's embedding rarely agrees on position or background)."""
+    rows = np.array(pick)
+    if same_kind:
+        kinds = _kind_index(data)
+        for n, j in enumerate(pick):
+            if rng.random() < 0.5:
+                rows[n] = rng.choice(kinds[(data.scenes[j].colour, data.scenes[j].shape)])
+    cond = data.embeds[rows].clone()
+    drop = torch.from_numpy(rng.random(len(pick)) < recipe.uncond)
+    cond[drop] = data.zero_embed
+    return cond
+
+
+_KINDS: dict = {}
+
+
+def _kind_index(data: Data) -> dict:
+    if id(data) not in _KINDS:
+        kinds: dict = {}
+        for j, s in enumerate(data.scenes):
+            kinds.setdefault((s.colour, s.shape), []).append(j)
+        _KINDS[id(data)] = kinds
+    return _KINDS[id(data)]
+
+
+def _masks(data: Data, pick, rng) -> np.ndarray:
+    """Repaint masks (N x 1 x 64 x 64, 1 = repaint): a box over the shape grown 2-20 px, each side apart."""
+    masks = np.zeros((len(pick), 1, world.SIZE, world.SIZE), np.float32)
+    for n, j in enumerate(pick):
+        x0, y0, x1, y1 = data.scenes[j].box()
+        grow = rng.integers(2, 21, size=4)
+        masks[n, 0, max(0, y0 - grow[1]):y1 + grow[3] + 1, max(0, x0 - grow[0]):x1 + grow[2] + 1] = 1
+    return masks
+
+
+def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool) -> tuple[object, dict]:
+    import torch
+
+    from unclip_batch.models.kandinsky22 import _latent_keep_mask
+
+    steps, batch, lr = ((recipe.inpaint_steps, recipe.inpaint_batch, recipe.inpaint_lr) if inpaint
+                        else (recipe.decoder_steps, recipe.decoder_batch, recipe.decoder_lr))
+    alphas = decoder_scheduler().alphas_cumprod
+    params = list(unet.parameters())
+    opt, sched = _optimizer(torch, params, lr, steps)
+    progress = _Progress("inpaint" if inpaint else "decoder", steps)
+    rng = np.random.default_rng(recipe.seed + (6 if inpaint else 5))
+    for i in range(steps):
+        pick = rng.integers(len(data.scenes), size=batch)
+        x0 = data.latents[pick]
+        cond = _conditions(torch, data, pick, rng, recipe, same_kind=inpaint)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,))
+        a = alphas[t][:, None, None, None]
+        sample = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if inpaint:  # exactly what Kandinsky22.decode feeds the inpaint UNet
+            keep = _latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)), x0.shape[-2:])
+            sample = torch.cat([sample, x0 * keep, keep], dim=1)
+        out = unet(sample=sample, timestep=t, encoder_hidden_states=None,
+                   added_cond_kwargs={"image_embeds": cond}).sample
+        loss = (out[:, :4] - noise).pow(2).mean()
+        _step(opt, sched, loss, params)
+        progress(i, loss.item())
+    return unet, progress.summary()
+
+
+def widen_for_inpaint(decoder_unet):
+    """The decoder UNet with 5 more input channels (masked source latents + keep mask), zero-initialised,
+    so fine-tuning starts from a model that already draws."""
+    import torch
+
+    unet = unet_model(in_channels=9)
+    state = decoder_unet.state_dict()
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([weight, torch.zeros(weight.shape[0], 5, *weight.shape[2:])], dim=1)
+    unet.load_state_dict(state)
+    return unet
+
+
+# -- orchestration --------------------------------------------------------------------------------
+# Stages that do not need each other run side by side, one process and one thread each: on small
+# tensors two single-threaded processes get more from two cores than one process with two threads.
+PHASES = (("clip", "movq"), ("prior", "decoder", "refine"), ("inpaint",))
+
+
+def train(out: Path, recipe: Recipe, workers: int = 2) -> dict:
+    """Run the stages not yet saved under ``out``; return what each stage took."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    log_path = out / "training.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {"recipe": asdict(recipe), "stages": {}}
+    build_tokenizer(out / PRIOR / "tokenizer")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for phase in PHASES:
+            todo = [name for name in phase if name not in log["stages"]]
+            if "prior" in todo or "decoder" in todo:
+                _save_dataset(out, recipe)
+            threads = max(1, workers // len(todo)) if todo else 1
+            futures = {name: pool.submit(run_stage, name, out, recipe, threads) for name in todo}
+            for name, future in futures.items():
+                log["stages"][name] = future.result()
+                log_path.write_text(json.dumps(log, indent=2) + "\n")
+    (out / ".dataset.pt").unlink(missing_ok=True)
+    shutil.copytree(out / DECODER / "movq", out / INPAINT / "movq", dirs_exist_ok=True)  # one MoVQ for both
+    return log
+
+
+def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed + len(name))
+    prior_dir, decoder_dir, inpaint_dir = out / PRIOR, out / DECODER, out / INPAINT
+    tokenizer = CLIPTokenizer.from_pretrained(prior_dir / "tokenizer")
+    if name == "clip":
+        return train_clip(tokenizer, recipe, prior_dir)
+    if name == "movq":
+        return train_movq(recipe, decoder_dir / "movq")
+    if name == "refine":
+        return refine_movq(recipe, decoder_dir / "movq")
+    data = torch.load(out / ".dataset.pt", weights_only=False)
+    if name == "prior":
+        text = CLIPTextModelWithProjection.from_pretrained(prior_dir / "text_encoder").eval()
+        summary = train_prior(tokenizer, text, data, recipe, prior_dir)
+        _write_prior_index(prior_dir)
+        return summary
+    if name == "decoder":
+        unet, summary = train_unet(unet_model(4), data, recipe, inpaint=False)
+        _save_decoder(decoder_dir, unet, "KandinskyV22Pipeline")
+        return summary
+    unet = widen_for_inpaint(UNet2DConditionModel.from_pretrained(decoder_dir / "unet"))
+    unet, summary = train_unet(unet, data, recipe, inpaint=True)
+    _save_decoder(inpaint_dir, unet, "KandinskyV22InpaintPipeline")
+    return summary
+
+
+def _save_dataset(out: Path, recipe: Recipe) -> None:
+    """Encode the training pictures once (CLIP embeddings, MoVQ latents) for the later stages."""
+    import torch
+    from diffusers import VQModel
+    from transformers import CLIPVisionModelWithProjection
+
+    if (out / ".dataset.pt").exists():
+        return
+    vision = CLIPVisionModelWithProjection.from_pretrained(out / PRIOR / "image_encoder").eval()
+    movq = VQModel.from_pretrained(out / DECODER / "movq").eval()
+    data = encode_dataset(recipe, vision, movq)
+    logger.info("dataset: %d pictures, latent std %.3f", len(data.scenes), data.latents.std().item())
+    torch.save(data, out / ".dataset.pt")
+
+
+def _write_prior_index(folder: Path) -> None:
+    _write_model_index(folder, "KandinskyV22PriorPipeline", {
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "prior": ["diffusers", "PriorTransformer"],
+        "scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    })
+
+
+def _save_decoder(folder: Path, unet, pipeline: str) -> None:
+    """The UNet, scheduler and index; the MoVQ is copied in once the refine stage is done."""
+    unet.save_pretrained(folder / "unet")
+    decoder_scheduler().save_pretrained(folder / "scheduler")
+    _write_model_index(folder, pipeline, {
+        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    })
+
+
+# -- model card -----------------------------------------------------------------------------------
+CARD_HEAD = """---
+license: apache-2.0
+library_name: diffusers
+tags: [unclip, kandinsky, shapes-world, text-to-image]
+---
+# unclip-batch shapes: a small unCLIP that draws the shapes world
+
+The embedded default model of unclip-batch: CLIP text and image encoders, a diffusion prior and a MoVQ
+latent decoder with a 9-channel inpainting twin, trained from nothing on procedurally drawn pictures
+and saved in exactly the folder layout of `kandinsky-community/kandinsky-2-2-prior`, `-decoder` and
+`-decoder-inpaint`, so the same loading and sampling code runs it and the real Kandinsky 2.2.
+
+**Data.** `unclip_batch.world`: one filled shape on a plain background, 64x64 px: 8 colours (red,
+green, blue, yellow, orange, purple, white, black), 3 shapes (circle, square, triangle), 2 sizes, 9
+positions, 9 background colours (the 8 and gray, never the shape's own colour), +-2 px jitter.
+Captions always name colour and shape; size, position and background each half the time
+("a small green triangle at the top left", "a picture of a red circle on a white background").
+
+**Recipe.** Reproduce with `python -m unclip_batch.models.shapes OUT` (seeded; two CPU cores).
+Stages and what they took on the machine that trained these weights:
+"""
+
+
+def write_card(folder: Path) -> None:
+    """The model card, from training.json (recipe, stage times) and evaluation.json (metrics)."""
+    training = json.loads((folder / "training.json").read_text())
+    lines = [CARD_HEAD, "| stage | steps | seconds | final loss |", "| --- | --- | --- | --- |"]
+    for stage, summary in training["stages"].items():
+        lines.append(f"| {stage} | {summary['steps']} | {summary['seconds']} | {summary['final_loss']} |")
+    total = sum(s["seconds"] for s in training["stages"].values())
+    lines += ["", f"Stage time summed: {total / 60:.0f} min (clip with movq, and prior, decoder and refine, ran "
+              "two at a time). Recipe: `" + json.dumps(training["recipe"]) + "`", "", "**Parameters.**", ""]
+    lines += [f"- {name}: {count / 1e6:.2f} M" for name, count in _parameter_counts(folder).items()]
+    evaluation = folder / "evaluation.json"
+    if evaluation.exists():
+        from unclip_batch.models.evaluate import TARGETS
+
+        results = json.loads(evaluation.read_text())
+        lines += ["", "**Evaluation** (`python -m unclip_batch.models.evaluate`, judged by geometry, not by "
+                  f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
+                  f"`{json.dumps(results['sampling'])}`):", "", "| metric | value | target |", "| --- | --- | --- |"]
+        for key, target in TARGETS.items():
+            op = "<=" if key.endswith("_mad") else ">="
+            lines.append(f"| {key} | {results[key]:.3f} | {op} {target:.3f} |")
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _parameter_counts(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    counts = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            counts[str(path.parent.relative_to(folder))] = sum(
+                np.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", type=Path, help="folder that receives the three checkpoint folders")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
+    parser.add_argument("--workers", type=int, default=2, help="stages trained side by side")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.output.mkdir(parents=True, exist_ok=True)
+    train(args.output, Recipe(seed=args.seed).scaled(args.scale), workers=args.workers)
+    write_card(args.output)
+
+
+if __name__ == "__main__":
+    main()
