@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    run.add_argument("--scheduler", default="default", choices=("default", "ddpm", "ddim", "dpm++"),
+                     help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     run.add_argument("--flush-seconds", type=float, default=30.0, help="write metadata/error shards at least "
                      "this often: the most work a killed run loses (default 30)")
@@ -64,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
                      limit=args.limit, defaults=defaults, device=args.device, dtype=args.dtype,
-                     flush_every_s=args.flush_seconds, storage_retry_s=args.storage_retry_seconds)
+                     scheduler=args.scheduler, flush_every_s=args.flush_seconds,
+                     storage_retry_s=args.storage_retry_seconds)
 
 
 def _storage_options(args) -> dict:

@@ -26,6 +26,7 @@ class JobConfig:
     defaults: dict = field(default_factory=dict)  # OVERRIDABLE fields for rows that leave them empty
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    scheduler: str = "default"  # decoder sampler: the checkpoint's own, or ddpm | ddim | dpm++
     flush_every_s: float = 30.0  # metadata/errors shard cadence: the most work a killed driver loses
     storage_retry_s: float = 60.0  # how long object-storage failures are retried before the job stops
 
@@ -51,5 +52,7 @@ class JobConfig:
             raise ValueError("device must be auto, cpu or cuda")
         if self.flush_every_s <= 0 or self.storage_retry_s < 0:
             raise ValueError("flush_every_s must be positive and storage_retry_s not negative")
+        if self.scheduler not in ("default", "ddpm", "ddim", "dpm++"):
+            raise ValueError("scheduler must be default, ddpm, ddim or dpm++")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError("dtype must be auto, float32, float16 or bfloat16")

@@ -25,6 +25,7 @@ from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns,
                                    read_manifests, validate)
 from unclip_batch.models import ModelSpec
+from unclip_batch.predict import call_key
 from unclip_batch.sources import load_sources
 from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_images,
                                  write_json)
@@ -52,8 +53,12 @@ def run_job(config: JobConfig) -> dict:
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
     # The batch size is part of it: model calls have exactly batch_size images, and the call shape
     # decides the last bits of every pixel (see predict.py).
-    record = {"model": spec.spec, "defaults": defaults, "batch_size": config.batch_size, "unclip_batch": __version__}
-    settings = json.dumps([spec.spec, defaults, config.batch_size], sort_keys=True)
+    record = {"model": spec.spec, "defaults": defaults, "batch_size": config.batch_size,
+              "scheduler": config.scheduler, "unclip_batch": __version__}
+    settings = [spec.spec, defaults, config.batch_size]
+    if config.scheduler != "default":  # jobs from before the option keep their fingerprint
+        settings.append(config.scheduler)
+    settings = json.dumps(settings, sort_keys=True)
     record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     try:
         if config.overwrite:
@@ -82,6 +87,9 @@ def run_job(config: JobConfig) -> dict:
     blocks = []
     for rows, errors in validate(todo, defaults, size):
         sinks.errors(errors)
+        # Rows that can share a model call travel together, so calls are full rather than padded
+        # (stable: manifest order within a kind). Image bytes do not depend on the company they keep.
+        rows = sorted(rows, key=lambda row: call_key(vars(row)))
         for start in range(0, len(rows), MAX_BLOCK_ROWS):
             blocks.append(_rows_table(rows[start:start + MAX_BLOCK_ROWS]))
     # 5. Run the pipeline.
@@ -158,7 +166,8 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     ds = ds.map_batches(
         UnclipPredictor,
         fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=config.device,
-                                   dtype=config.dtype, threads=threads, storage_options=so),
+                                   dtype=config.dtype, scheduler=config.scheduler, threads=threads,
+                                   storage_options=so),
         compute=ActorPoolStrategy(size=workers), batch_size=config.batch_size, batch_format="numpy",
         num_gpus=1 if use_gpu else 0, num_cpus=worker_cpus,
     )

@@ -28,7 +28,8 @@ class UnclipPredictor:
     """Callable class for ``map_batches``: loads the model once in ``__init__``."""
 
     def __init__(self, *, model: str, tasks: tuple[str, ...], batch_size: int, device: str = "auto",
-                 dtype: str = "auto", threads: int | None = None, storage_options: dict | None = None):
+                 dtype: str = "auto", scheduler: str = "default", threads: int | None = None,
+                 storage_options: dict | None = None):
         import diffusers
         import torch
         import transformers
@@ -44,7 +45,7 @@ class UnclipPredictor:
         self.family = spec.module()
         start = time.perf_counter()
         self.model = self.family.load(spec.local_location(storage_options), tasks=frozenset(tasks),
-                                        device=device, dtype=dtype)
+                                        device=device, dtype=dtype, scheduler=scheduler)
         logger.info("model %s loaded on %s (%s) in %.1fs", model, device, dtype, time.perf_counter() - start)
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
@@ -59,7 +60,7 @@ class UnclipPredictor:
             if row["code"]:
                 out.append(_without_inputs(row))  # failed upstream: pass the error through
             else:
-                groups[_group_key(row)].append(row)
+                groups[call_key(row)].append(row)
         for group in groups.values():
             out.extend(self._run_group(group))
         return to_batch(out)
@@ -119,7 +120,7 @@ class UnclipPredictor:
             self.torch.cuda.empty_cache()
 
 
-def _group_key(row: dict) -> tuple:
+def call_key(row: dict) -> tuple:
     """Rows that can share one model call: same task, size and sampling settings, and the same
     prompt kinds (a negative prompt, or a prompt steering a variation, changes the call's shape)."""
     return (row["task"], row["width"], row["height"], row["num_inference_steps"], row["guidance_scale"],

@@ -29,6 +29,12 @@ MAX_SIZE = 1024
 # Mixing weight of the prompt's embedding into a source image's embedding for a steered variation, as
 # in the prior pipeline's interpolate(): enough to move colour and style, little enough to keep the layout.
 VARIATION_PROMPT_WEIGHT = 0.3
+# --scheduler choices for the decoder ("default" keeps the checkpoint's own, DDPM for Kandinsky 2.2).
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
 DEFAULTS = {  # the values diffusers' Kandinsky 2.2 docs use
     "num_inference_steps": 50,
     "guidance_scale": 4.0,
@@ -82,7 +88,8 @@ def describe(location: str) -> ModelInfo:
 class Kandinsky22:
     """Holds CLIP, the prior and the decoder(s); turns a group of same-shaped requests into pixels."""
 
-    def __init__(self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32"):
+    def __init__(self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32",
+                 scheduler: str = "default"):
         import torch
         from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
@@ -97,6 +104,9 @@ class Kandinsky22:
         for pipe in (self.prior, self.decoder, self.inpainter):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
+        for pipe in (self.decoder, self.inpainter):
+            if pipe is not None and scheduler != "default":
+                pipe.scheduler = decoder_scheduler(scheduler, pipe.scheduler.config)
         self.movq_scale = self.decoder.movq_scale_factor
         self._zero_embed = None
 
@@ -194,6 +204,17 @@ class Kandinsky22:
         return self.torch.Generator("cpu").manual_seed(int(seed))
 
 
+def decoder_scheduler(name: str, config):
+    """The decoder's scheduler swapped for another, diffusers' way: the same training schedule (betas,
+    steps), another sampler. ``dpm++`` reaches DDPM's quality in far fewer steps."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: default, {', '.join(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls).from_config(config, **extra)
+
+
 def _guide(torch, out, channels: int, guidance_scale: float | None, variance_type: str | None):
     """Classifier-free guidance on the noise half of the UNet's output; keep the learned variance if used."""
     noise_pred, variance = out.split(channels, dim=1)
@@ -223,5 +244,5 @@ def _local_or_hub(cls, location: str, component: str, kwargs: dict):
     return cls.from_pretrained(ref, **kwargs)
 
 
-def load(location: str, *, tasks: frozenset[str], device: str, dtype: str) -> Kandinsky22:
-    return Kandinsky22(location, tasks=tasks, device=device, dtype=dtype)
+def load(location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str = "default") -> Kandinsky22:
+    return Kandinsky22(location, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler)

@@ -36,5 +36,5 @@ class NullModel:
         return np.stack(images)
 
 
-def load(location: str, *, tasks: frozenset[str], device: str, dtype: str) -> NullModel:
+def load(location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str = "default") -> NullModel:
     return NullModel()
