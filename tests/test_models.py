@@ -93,3 +93,13 @@ def test_inpaint_keeps_pixels_outside_the_mask(model):
     assert (out[0][repaint == 0] == source[repaint == 0]).all()
     assert (out[1][repaint == 1] == source[repaint == 1]).all()
     assert (out[0][repaint == 1] != source[repaint == 1]).any()
+
+
+def test_scheduler_swap_keeps_the_training_schedule():
+    fast = Kandinsky22(TINY, tasks=frozenset({"generate"}), device="cpu", scheduler="dpm++")
+    assert type(fast.decoder.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert fast.decoder.scheduler.config.beta_end == 0.012  # Kandinsky's betas, another sampler
+    out = fast.generate(["a red circle"], [""], [1], S)
+    assert out.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        Kandinsky22(TINY, tasks=frozenset({"generate"}), device="cpu", scheduler="euler")
