@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast model evaluate grid clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,17 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Retrain the embedded model from nothing (about an hour on 2 CPU cores) and measure the committed one.
+model: setup
+	$(PY) -m unclip_batch.models.shapes out/shapes  # resumes an interrupted run; --model out/shapes to use it
+
+evaluate: setup
+	$(PY) -m unclip_batch.models.evaluate --model default
+
+# The README's picture of the demo job's output (run make demo first).
+grid: setup
+	$(PY) manifests/grid.py out/demo manifests/demo_grid.png
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,35 +1,35 @@
-"""Draw the demo's source images and masks (run once; the PNGs are committed).
+"""Draw the demo's source images and masks from the shapes world (run once; the PNGs are committed).
 
     python manifests/make_images.py
 """
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
+
+from unclip_batch import world
 
 HERE = Path(__file__).parent / "images"
-SIZE = 64
 
 
 def main() -> None:
     HERE.mkdir(exist_ok=True)
-    scene = Image.new("RGB", (SIZE, SIZE), (40, 70, 200))
-    ImageDraw.Draw(scene).ellipse((16, 16, 48, 48), fill=(220, 30, 30))
-    scene.save(HERE / "red_circle_on_blue.png")
+    circle = world.render(world.Scene("red", "circle", "large", "center", "blue"))
+    Image.fromarray(circle).save(HERE / "red_circle_on_blue.png")
+    square = world.Scene("green", "square", "small", "top left", "yellow")
+    Image.fromarray(world.render(square)).save(HERE / "green_square_on_yellow.png")
 
-    square = Image.new("RGB", (SIZE, SIZE), (240, 220, 40))
-    ImageDraw.Draw(square).rectangle((8, 8, 30, 30), fill=(30, 160, 60))
-    square.save(HERE / "green_square_on_yellow.png")
-
-    mask = Image.new("L", (SIZE, SIZE), 0)  # white = repaint
-    ImageDraw.Draw(mask).rectangle((32, 32, 60, 60), fill=255)
-    mask.save(HERE / "bottom_right_mask.png")
+    # Repaint the circle and a margin around it: white = repaint. (World pictures hold one shape each,
+    # and the model repaints best where that shape was.)
+    circle_scene = world.Scene("red", "circle", "large", "center", "blue")
+    Image.fromarray(world.region_mask(circle_scene, grow=4)).save(HERE / "circle_mask.png")
 
     # OpenAI-style edit: an RGBA image whose transparent pixels mark the area to repaint.
-    hole = scene.convert("RGBA")
-    ImageDraw.Draw(hole).rectangle((0, 0, 31, 63), fill=(0, 0, 0, 0))
-    hole.save(HERE / "left_half_transparent.png")
-
+    triangle = world.Scene("yellow", "triangle", "small", "top left", "purple")
+    hole = np.dstack([world.render(triangle), np.full((world.SIZE, world.SIZE), 255, np.uint8)])
+    hole[world.region_mask(triangle, grow=6) > 0, 3] = 0
+    Image.fromarray(hole, "RGBA").save(HERE / "triangle_transparent.png")
 
 if __name__ == "__main__":
     main()

@@ -38,8 +38,8 @@ def box_mask(size=64, box=(32, 32, 60, 60)) -> Image.Image:
 
 def job(manifests, output, **kwargs) -> JobConfig:
     defaults = {**FAST, **kwargs.pop("defaults", {})}
-    return JobConfig(manifests=tuple(str(m) for m in manifests), output=str(output), model="tiny",
-                     defaults=defaults, **kwargs)
+    kwargs.setdefault("model", "tiny")
+    return JobConfig(manifests=tuple(str(m) for m in manifests), output=str(output), defaults=defaults, **kwargs)
 
 def read_output(output) -> tuple[pa.Table, pa.Table]:
 

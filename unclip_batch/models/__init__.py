@@ -1,6 +1,6 @@
 """Model specs and the registry of model families.
 
-A spec is ``[FAMILY:]LOCATION``: a built-in alias (``default``, ``tiny``), a local folder, a Hub
+A spec is ``[FAMILY:]LOCATION``: a built-in alias (``default`` = ``shapes``, ``tiny``), a local folder, a Hub
 namespace (``kandinsky-community``) or an object-storage URL (``s3://bucket/models/k22``), which each
 node copies once into a local cache. Families are looked up by name; each lives in its own module.
 """
@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {
-    # Until the trained embedded model lands, the default is the tiny random checkpoint.
-    "default": ("kandinsky22", WEIGHTS / "tiny"),
+    # The embedded model, trained here on the shapes world (python -m unclip_batch.models.shapes).
+    "default": ("kandinsky22", WEIGHTS / "shapes"),
+    "shapes": ("kandinsky22", WEIGHTS / "shapes"),
+    # Random weights, same layout: fast structural tests.
     "tiny": ("kandinsky22", WEIGHTS / "tiny"),
     "null": ("null", "none"),  # benchmarks only: a model that costs nothing
 }

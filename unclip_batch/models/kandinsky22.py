@@ -35,6 +35,7 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
+SETTINGS_FILE = "unclip_batch.json"
 DEFAULTS = {  # the values diffusers' Kandinsky 2.2 docs use
     "num_inference_steps": 50,
     "guidance_scale": 4.0,
@@ -82,7 +83,20 @@ def describe(location: str) -> ModelInfo:
     sample_size = unet.get("sample_size")
     default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
     return ModelInfo(family=FAMILY, location=location, default_size=default_size, size_multiple=multiple,
-                     max_size=MAX_SIZE, defaults=dict(DEFAULTS))
+                     max_size=MAX_SIZE, defaults={**DEFAULTS, **_checkpoint_defaults(location)})
+
+
+def _checkpoint_defaults(location: str) -> dict:
+    """Sampling defaults a checkpoint chose by measurement (``unclip_batch.json`` beside its three
+    folders, e.g. the embedded model's guidance); Hub checkpoints have none and keep diffusers' values."""
+    path = Path(location) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    defaults = json.loads(path.read_text()).get("defaults", {})
+    unknown = set(defaults) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return defaults
 
 
 class Kandinsky22:

@@ -1,0 +1,87 @@
+"""The embedded trained model: public layout, a word-level CLIP tokenizer, and pictures that show
+what was asked, judged by world.judge (geometry), not by the model's own CLIP."""
+
+import json
+
+import pytest
+
+from helpers import images_of, job, pixels, read_output, write_manifest
+from unclip_batch import world
+from unclip_batch.models import WEIGHTS, ModelSpec
+from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, describe
+
+SHAPES = WEIGHTS / "shapes"
+
+
+def test_shapes_checkpoint_is_the_default_and_has_the_public_layout():
+    assert ModelSpec.parse("default").location == str(SHAPES)
+    for name, pipeline in ((PRIOR, "KandinskyV22PriorPipeline"), (DECODER, "KandinskyV22Pipeline"),
+                           (INPAINT, "KandinskyV22InpaintPipeline")):
+        assert json.loads((SHAPES / name / "model_index.json").read_text())["_class_name"] == pipeline
+    assert not [p for p in SHAPES.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    weights = sum(p.stat().st_size for p in SHAPES.rglob("*.safetensors"))
+    assert weights < 40e6, f"committed weights grew to {weights / 1e6:.0f} MB"
+    info = describe(str(SHAPES))
+    assert (info.default_size, info.size_multiple) == (64, 8)
+    card = (SHAPES / "README.md").read_text()
+    assert "clip_zero_shot" in card and "python -m unclip_batch.models.shapes" in card
+
+
+def test_tokenizer_knows_every_world_word_as_one_token():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(SHAPES / PRIOR / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    for word in world.vocabulary():
+        assert len(tokenizer(word).input_ids) == 3, word  # <start> word <end>
+    # Words outside the world still tokenize (letter by letter), so any prompt runs.
+    assert tokenizer.decode(tokenizer("a zebra!").input_ids, skip_special_tokens=True) == "a zebra !"
+
+
+def test_tokenizer_builder_is_deterministic(tmp_path):
+    from unclip_batch.models.shapes import build_tokenizer
+
+    first, second = build_tokenizer(tmp_path / "a"), build_tokenizer(tmp_path / "b")
+    assert (tmp_path / "a" / "merges.txt").read_text() == (tmp_path / "b" / "merges.txt").read_text()
+    assert first.get_vocab() == second.get_vocab()
+    caption = "a picture of a large blue square on an orange background at the top left"
+    assert first.tokenize(caption) == [w + "</w>" for w in caption.split()]
+
+
+MODEL_DEFAULTS = {"num_inference_steps": 50, "prior_num_inference_steps": 25}  # helpers.job would cut them
+GENERATE = [("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "gray"),
+            ("yellow", "circle", "purple")]
+
+
+@pytest.mark.slow
+def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local, tmp_path):
+    """A handful of rows through Ray with the default model and its default steps: colours right."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    source = world.Scene("orange", "square", "large", "center", "blue")
+    from PIL import Image
+
+    Image.fromarray(world.render(source)).save(folder / "source.png")
+    Image.fromarray(world.region_mask(source, grow=6)).save(folder / "mask.png")  # over the square
+    rows = [{"id": f"{c}-{s}", "prompt": f"a {c} {s} on a {b} background", "seed": 1} for c, s, b in GENERATE]
+    rows.append({"id": "variation", "task": "variation", "image": "source.png", "seed": 1})
+    rows.append({"id": "inpaint", "task": "inpaint", "image": "source.png", "mask": "mask.png",
+                 "prompt": "a white circle", "seed": 1})
+    manifest = write_manifest(folder / "m.parquet", rows)
+    output = tmp_path / "out"
+    from unclip_batch.pipeline import run_job
+
+    summary = run_job(job([manifest], output, model="default", defaults=MODEL_DEFAULTS))
+    assert summary["rows"]["succeeded"] == len(rows)
+    images = {name.split("/")[0]: pixels(data) for name, data in images_of(output).items()}
+    for colour, shape, background in GENERATE:
+        seen = world.judge(images[f"{colour}-{shape}"])
+        assert (seen.colour, seen.background) == (colour, background), (colour, shape, background, seen)
+    seen = world.judge(images["variation"])
+    assert (seen.colour, seen.shape) == ("orange", "square"), seen
+    from unclip_batch.models.evaluate import dominant_inside
+
+    inside = dominant_inside(images["inpaint"], world.region_mask(source, grow=6), "blue")
+    assert inside == "white"
+    metadata, _ = read_output(output)
+    assert set(metadata.column("model").to_pylist()) == {"default"}
