@@ -18,3 +18,32 @@ def test_ceiling_benchmark_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["rows"] == report["images"] == 40 and report["images_per_s"] > 0
+
+
+def _last_json(args: list[str]) -> dict:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_naive_vs_job_benchmark_runs():
+    report = _last_json(["benchmarks/naive_vs_job.py", "--rows", "4", "--runs", "1", "--model", "tiny",
+                         "--steps", "2", "--prior-steps", "2"])
+    assert report["images"] == 6 and report["naive_images_per_s"] > 0 and report["job_images_per_s"] > 0
+
+
+def test_scale_benchmark_runs():
+    report = _last_json(["benchmarks/scale.py", "--rows", "60", "--resume-from", "0.5"])
+    assert report["first_part"]["images"] == 30 and report["resume"]["images"] == 30
+    assert report["resume"]["first_new_image_s"] > 0 and report["resume"]["driver_peak_mb"] > 0
+
+
+def test_quality_vs_speed_evaluation_runs():
+    result = subprocess.run([sys.executable, "-m", "unclip_batch.models.evaluate", "--model", "tiny", "--n", "4",
+                             "--steps", "2", "--prior-steps", "2", "--scheduler", "dpm++"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["scheduler"] == "dpm++" and report["sampling"]["num_inference_steps"] == 2
+    assert 0 <= report["generate_colour"] <= 1 and set(report["passed"]) == set(report) & set(report["passed"])

@@ -1,0 +1,117 @@
+"""Scale: the same null-model job at growing row counts; memory and time per row must stay flat.
+
+    python benchmarks/scale.py --rows 1000 10000 100000            # one fresh job per size
+    python benchmarks/scale.py --rows 100000 --resume-from 0.99      # + resume a 99%-done job
+
+Each size runs ``unclip-batch run --model null`` in its own process on a PartiPrompts manifest (local
+disk), while a sampler records the peak RSS of the driver and of every Ray worker process. With
+``--resume-from F`` the job first runs the first F of the rows (``--limit``), then the whole manifest
+again on the same output, timing how long the resume takes to store its first new image.
+Prints one JSON line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceiling import prompts  # noqa: E402  (same PartiPrompts manifest as the ceiling benchmark)
+
+
+class PeakMemory:
+    """Samples the RSS of a process tree and of Ray's worker processes, keeping each one's peak."""
+
+    def __init__(self, root_pid: int, every_s: float = 0.5):
+        self.root, self.every, self.peaks, self._stop = root_pid, every_s, {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.root)
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        name = "driver" if p.pid == self.root else " ".join(p.cmdline()[:3])[:60]
+                        self.peaks[(p.pid, name)] = max(self.peaks.get((p.pid, name), 0), p.memory_info().rss)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self._stop.wait(self.every)
+
+    def report(self) -> dict:
+        driver = max((v for (pid, n), v in self.peaks.items() if n == "driver"), default=0)
+        workers = [v for (pid, n), v in self.peaks.items() if "ray::" in n or "default_worker" in n]
+        return {"driver_peak_mb": round(driver / 2**20), "worker_peak_mb": round(max(workers, default=0) / 2**20),
+                "workers_seen": len(workers)}
+
+
+def run(manifest: Path, output: Path, limit: int | None = None, first_key: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "unclip_batch.cli", "run", str(manifest), "--output", str(output),
+               "--model", "null", "--batch-size", "64", "--quiet"]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = None
+    with PeakMemory(process.pid) as memory:
+        while process.poll() is None:
+            if first_key is not None and first is None and first_key.exists():
+                first = time.perf_counter() - started
+            time.sleep(0.05)
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"run failed:\n{err[-3000:]}")
+    summary = json.loads((output / "_SUCCESS").read_text())
+    return {"wall_s": round(time.perf_counter() - started, 1), "job_s": summary["wall_s"],
+            "images": summary["images"], **memory.report(),
+            **({"first_new_image_s": round(first, 1) if first else None} if first_key else {})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000])
+    parser.add_argument("--resume-from", type=float, help="also resume a job this much done (0.99)")
+    args = parser.parse_args()
+    texts = prompts()
+    for rows in args.rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = Path(tmp) / "m.parquet"
+            pq.write_table(pa.table({"id": [f"p{i:07d}" for i in range(rows)],
+                                     "prompt": [texts[i % len(texts)] for i in range(rows)]}), manifest)
+            output = Path(tmp) / "out"
+            result = {"rows": rows}
+            if args.resume_from:
+                done = int(rows * args.resume_from)
+                result["first_part"] = run(manifest, output, limit=done)
+                first_new = output / "images" / f"p{done:07d}" / "0.png"
+                result["resume"] = run(manifest, output, first_key=first_new)
+            else:
+                result.update(run(manifest, output))
+                result["ms_per_row"] = round(1000 * result["job_s"] / rows, 3)
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
