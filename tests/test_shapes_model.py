@@ -48,7 +48,7 @@ def test_tokenizer_builder_is_deterministic(tmp_path):
     assert first.tokenize(caption) == [w + "</w>" for w in caption.split()]
 
 
-MODEL_DEFAULTS = {"num_inference_steps": 50, "prior_num_inference_steps": 25}  # helpers.job would cut them
+MODEL_DEFAULTS = {"num_inference_steps": 20, "prior_num_inference_steps": 25}  # the model's; helpers.job cuts them
 GENERATE = [("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "gray"),
             ("yellow", "circle", "purple")]
 

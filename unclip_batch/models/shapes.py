@@ -501,7 +501,27 @@ def train(out: Path, recipe: Recipe, workers: int = 2) -> dict:
                 log_path.write_text(json.dumps(log, indent=2) + "\n")
     (out / ".dataset.pt").unlink(missing_ok=True)
     shutil.copytree(out / DECODER / "movq", out / INPAINT / "movq", dirs_exist_ok=True)  # one MoVQ for both
+    choose_sampling(out)
     return log
+
+
+# Chosen by measurement (benchmarks/README.md, quality vs speed): DPM-Solver++ at 20 steps matches DDPM
+# at 50 within the evaluation's noise, and guidance 2 beats diffusers' 4 on this model.
+SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 20}
+
+
+def choose_sampling(out: Path) -> None:
+    """Save DPM-Solver++ as the decoders' scheduler (same betas and prediction type as training) and
+    the sampling defaults beside the checkpoint (unclip_batch.json, read by kandinsky22.describe)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    for name in (DECODER, INPAINT):
+        DPMSolverMultistepScheduler.from_config(decoder_scheduler().config, algorithm_type="dpmsolver++",
+                                                solver_order=2).save_pretrained(out / name / "scheduler")
+        index = json.loads((out / name / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+        (out / name / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
 
 
 def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
