@@ -34,7 +34,7 @@ import numpy as np
 
 from unclip_batch import world
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR
-from unclip_batch.models.tiny import _bytes_to_unicode, _write_model_index
+from unclip_batch.models.tiny import bytes_to_unicode, prior_scheduler, write_decoder_index, write_prior_index
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     merges = learn_merges(world.vocabulary())
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,11 +322,9 @@ def encode_dataset(recipe: Recipe, vision, movq) -> Data:
 # -- stage 4: prior -------------------------------------------------------------------------------
 def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path) -> dict:
     import torch
-    from diffusers import PriorTransformer, UnCLIPScheduler
+    from diffusers import PriorTransformer
 
-    # Same scheduler settings as kandinsky-2-2-prior.
-    scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
-                                clip_sample=True, clip_sample_range=10.0)
+    scheduler = prior_scheduler()
     prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, embedding_dim=EMBED_DIM, num_layers=3)
     mean, std = data.embeds.mean(0), data.embeds.std(0)
     prior.clip_mean.data.copy_(mean[None])
@@ -385,13 +383,12 @@ def decoder_scheduler():
                          prediction_type="v_prediction", thresholding=False)
 
 
-def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0):
+def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0, kinds: dict | None = None):
     """Image embeddings for the picked pictures; a share ``other`` come from another picture of the same
-    colour and shape instead (a prompt's embedding rarely agrees with the source on position or
-    background)."""
+    colour and shape (``kinds``, from _kind_index) instead (a prompt's embedding rarely agrees with the
+    source on position or background)."""
     rows = np.array(pick)
     if other:
-        kinds = _kind_index(data)
         for n, j in enumerate(pick):
             if rng.random() < other:
                 rows[n] = rng.choice(kinds[(data.scenes[j].colour, data.scenes[j].shape)])
@@ -401,16 +398,12 @@ def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0
     return cond
 
 
-_KINDS: dict = {}
-
-
 def _kind_index(data: Data) -> dict:
-    if id(data) not in _KINDS:
-        kinds: dict = {}
-        for j, s in enumerate(data.scenes):
-            kinds.setdefault((s.colour, s.shape), []).append(j)
-        _KINDS[id(data)] = kinds
-    return _KINDS[id(data)]
+    """(colour, shape) -> indices of the pictures that show it."""
+    kinds: dict = {}
+    for j, s in enumerate(data.scenes):
+        kinds.setdefault((s.colour, s.shape), []).append(j)
+    return kinds
 
 
 def _masks(data: Data, pick, rng) -> np.ndarray:
@@ -441,10 +434,11 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
     progress = _Progress(stage, steps)
     rng = np.random.default_rng(recipe.seed + {"decoder": 5, "inpaint": 6, "polish": 7, "inpaint2": 8}[stage])
     other = {"inpaint": 0.5, "inpaint2": 1.0}.get(stage, 0.0)
+    kinds = _kind_index(data) if other else None
     for i in range(steps):
         pick = rng.integers(len(data.scenes), size=batch)
         x0 = data.latents[pick]
-        cond = _conditions(torch, data, pick, rng, recipe, other=other)
+        cond = _conditions(torch, data, pick, rng, recipe, other=other, kinds=kinds)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,))
         a = alphas[t][:, None, None, None]
@@ -515,12 +509,10 @@ def choose_sampling(out: Path) -> None:
     the sampling defaults beside the checkpoint (unclip_batch.json, read by kandinsky22.describe)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    for name in (DECODER, INPAINT):
+    for name, pipeline in ((DECODER, "KandinskyV22Pipeline"), (INPAINT, "KandinskyV22InpaintPipeline")):
         DPMSolverMultistepScheduler.from_config(decoder_scheduler().config, algorithm_type="dpmsolver++",
                                                 solver_order=2).save_pretrained(out / name / "scheduler")
-        index = json.loads((out / name / "model_index.json").read_text())
-        index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
-        (out / name / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_decoder_index(out / name, pipeline, scheduler="DPMSolverMultistepScheduler")
     (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
 
 
@@ -544,7 +536,7 @@ def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
     if name == "prior":
         text = CLIPTextModelWithProjection.from_pretrained(prior_dir / "text_encoder").eval()
         summary = train_prior(tokenizer, text, data, recipe, prior_dir)
-        _write_prior_index(prior_dir)
+        write_prior_index(prior_dir)
         return summary
     if name == "decoder":
         unet, summary = train_unet(unet_model(4), data, recipe, inpaint=False)
@@ -581,25 +573,11 @@ def _save_dataset(out: Path, recipe: Recipe) -> None:
     torch.save(data, out / ".dataset.pt")
 
 
-def _write_prior_index(folder: Path) -> None:
-    _write_model_index(folder, "KandinskyV22PriorPipeline", {
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "image_processor": ["transformers", "CLIPImageProcessor"],
-        "prior": ["diffusers", "PriorTransformer"],
-        "scheduler": ["diffusers", "UnCLIPScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    })
-
-
 def _save_decoder(folder: Path, unet, pipeline: str) -> None:
     """The UNet, scheduler and index; the MoVQ is copied in once the refine stage is done."""
     unet.save_pretrained(folder / "unet")
     decoder_scheduler().save_pretrained(folder / "scheduler")
-    _write_model_index(folder, pipeline, {
-        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDPMScheduler"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-    })
+    write_decoder_index(folder, pipeline)
 
 
 # -- model card -----------------------------------------------------------------------------------

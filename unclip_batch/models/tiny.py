@@ -21,7 +21,7 @@ IMAGE_SIZE = 64  # default output size in pixels
 CLIP_IMAGE_SIZE = 32  # what the CLIP image encoder sees
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-to-character table: every byte gets a printable character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -39,7 +39,7 @@ def build_tokenizer(folder: Path):
     """A character-level CLIP BPE tokenizer (no merges): any text tokenizes, the vocabulary stays tiny."""
     from transformers import CLIPTokenizer
 
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
@@ -53,7 +53,7 @@ def build_tokenizer(folder: Path):
 
 def build(root: Path, seed: int = 0) -> None:
     import torch
-    from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel, UnCLIPScheduler, VQModel
+    from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -80,17 +80,8 @@ def build(root: Path, seed: int = 0) -> None:
     prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, embedding_dim=EMBED_DIM, num_layers=1)
     prior.clip_std.data.fill_(1.0)  # random init leaves these at 0, which would collapse every embedding
     prior.save_pretrained(prior_dir / "prior")
-    # Same scheduler settings as kandinsky-2-2-prior.
-    UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
-                    clip_sample=True, clip_sample_range=10.0).save_pretrained(prior_dir / "scheduler")
-    _write_model_index(prior_dir, "KandinskyV22PriorPipeline", {
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "image_processor": ["transformers", "CLIPImageProcessor"],
-        "prior": ["diffusers", "PriorTransformer"],
-        "scheduler": ["diffusers", "UnCLIPScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    })
+    prior_scheduler().save_pretrained(prior_dir / "scheduler")
+    write_prior_index(prior_dir)
 
     # SpatialNorm in the MoVQ decoder hard-codes 32 groups, so its widths are multiples of 32.
     movq = VQModel(
@@ -117,11 +108,33 @@ def build(root: Path, seed: int = 0) -> None:
         unet.save_pretrained(folder / "unet")
         movq.save_pretrained(folder / "movq")
         scheduler.save_pretrained(folder / "scheduler")
-        pipeline = "KandinskyV22InpaintPipeline" if name == INPAINT else "KandinskyV22Pipeline"
-        _write_model_index(folder, pipeline, {
-            "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDPMScheduler"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-        })
+        write_decoder_index(folder, "KandinskyV22InpaintPipeline" if name == INPAINT else "KandinskyV22Pipeline")
+
+
+def prior_scheduler():
+    """kandinsky-2-2-prior's scheduler settings."""
+    from diffusers import UnCLIPScheduler
+
+    return UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                           clip_sample=True, clip_sample_range=10.0)
+
+
+def write_prior_index(folder: Path) -> None:
+    _write_model_index(folder, "KandinskyV22PriorPipeline", {
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "prior": ["diffusers", "PriorTransformer"],
+        "scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    })
+
+
+def write_decoder_index(folder: Path, pipeline: str, scheduler: str = "DDPMScheduler") -> None:
+    _write_model_index(folder, pipeline, {
+        "movq": ["diffusers", "VQModel"], "scheduler": ["diffusers", scheduler],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    })
 
 
 def _write_model_index(folder: Path, class_name: str, components: dict) -> None:
