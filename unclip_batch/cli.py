@@ -9,7 +9,7 @@ import os
 import sys
 from collections import Counter
 
-from unclip_batch.config import OVERRIDABLE, JobConfig
+from unclip_batch.config import OVERRIDABLE, SCHEDULERS, JobConfig
 from unclip_batch.errors import JobFailed, SetupError
 
 EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    run.add_argument("--scheduler", default="default", choices=("default", "ddpm", "ddim", "dpm++"),
+    run.add_argument("--scheduler", default="default", choices=SCHEDULERS,
                      help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     run.add_argument("--flush-seconds", type=float, default=30.0, help="write metadata/error shards at least "

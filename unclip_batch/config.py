@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 # Row fields a job-level option may set for rows that leave them empty (diffusers' argument names).
 OVERRIDABLE = ("width", "height", "num_inference_steps", "guidance_scale", "prior_num_inference_steps",
                "prior_guidance_scale")
+# Decoder samplers a job may ask for: the checkpoint's own, or one the model family swaps in.
+SCHEDULERS = ("default", "ddpm", "ddim", "dpm++")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class JobConfig:
             raise ValueError("device must be auto, cpu or cuda")
         if self.flush_every_s <= 0 or self.storage_retry_s < 0:
             raise ValueError("flush_every_s must be positive and storage_retry_s not negative")
-        if self.scheduler not in ("default", "ddpm", "ddim", "dpm++"):
-            raise ValueError("scheduler must be default, ddpm, ddim or dpm++")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError("dtype must be auto, float32, float16 or bfloat16")
