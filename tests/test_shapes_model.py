@@ -46,6 +46,29 @@ def test_tokenizer_builder_is_deterministic(tmp_path):
     assert first.get_vocab() == second.get_vocab()
     caption = "a picture of a large blue square on an orange background at the top left"
     assert first.tokenize(caption) == [w + "</w>" for w in caption.split()]
+    # The committed tokenizer is this builder's: a retrain gives the same token ids.
+    assert (SHAPES / PRIOR / "tokenizer" / "merges.txt").read_text() == (tmp_path / "a" / "merges.txt").read_text()
+
+
+def test_recipe_changes_are_typed_and_checked():
+    from unclip_batch.models.shapes import Recipe, _parse_changes
+
+    changes = _parse_changes(["movq_channels=32,64,64", "refine_steps=10", "clip_lr=0.5"])
+    assert changes == {"movq_channels": (32, 64, 64), "refine_steps": 10, "clip_lr": 0.5}
+    assert Recipe().replace(**changes).refine_steps == 10
+    with pytest.raises(SystemExit, match="no Recipe field 'refine'"):
+        _parse_changes(["refine=3"])
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+    """A resumed run must not mix stages trained under two recipes into one checkpoint."""
+    from dataclasses import asdict
+
+    from unclip_batch.models.shapes import Recipe, train
+
+    (tmp_path / "training.json").write_text(json.dumps({"recipe": asdict(Recipe(refine_steps=1)), "stages": {}}))
+    with pytest.raises(SystemExit, match="another recipe"):
+        train(tmp_path, Recipe())
 
 
 MODEL_DEFAULTS = {"num_inference_steps": 20, "prior_num_inference_steps": 25}  # the model's; helpers.job cuts them

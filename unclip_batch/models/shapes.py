@@ -13,7 +13,8 @@ Every part is a real diffusers / transformers class, trained here from nothing, 
 7. polish: the decoder UNet trained further from where stage 5 stopped (a second, gentler cosine);
    inpaint2, beside it: the inpaint UNet further, always conditioned on another picture of the kind.
 
-    python -m unclip_batch.models.shapes unclip_batch/weights/shapes   # ~75 min on 2 CPU cores
+    python -m unclip_batch.models.shapes OUT                             # two CPU cores (see the model card)
+    python -m unclip_batch.models.shapes OUT --device cuda --workers 3   # ~9 min on one H100
 
 Each stage saves its components into the output folder when it ends, so an interrupted run resumes
 at the first unfinished stage. ``--scale 0.02`` runs every stage for 2% of its steps (a smoke run).
@@ -53,10 +54,13 @@ class Recipe:
     clip_steps: int = 800
     clip_batch: int = 256
     clip_lr: float = 1e-3
+    # VQModel block_out_channels, per level at 64/32/16 px: 32 wide at full size (the costly level), 64
+    # below. (32, 32, 32) blurred the corners of small shapes (its reconstructions judged right 81%).
+    movq_channels: tuple[int, ...] = (32, 64, 64)
     movq_steps: int = 900
     movq_batch: int = 16
     movq_lr: float = 2e-3
-    refine_steps: int = 1500  # MoVQ decoder only, encoder frozen: sharper small shapes, same latents
+    refine_steps: int = 3000  # MoVQ decoder only, encoder frozen: sharper small shapes, same latents
     refine_batch: int = 16
     refine_lr: float = 5e-4
     prior_steps: int = 3000
@@ -84,6 +88,9 @@ class Recipe:
         if scale < 1:
             values["dataset"] = max(512, int(self.dataset * scale))
         return Recipe(**values)
+
+    def replace(self, **changes) -> "Recipe":
+        return Recipe(**{**asdict(self), **changes})
 
 
 # -- stage 1: tokenizer ---------------------------------------------------------------------------
@@ -135,14 +142,15 @@ def build_tokenizer(folder: Path):
 
 
 # -- shared helpers -------------------------------------------------------------------------------
-def clip_pixels(torch, images: np.ndarray):
+def clip_pixels(torch, images: np.ndarray, device="cpu"):
     """uint8 NxHxWx3 -> what CLIPImageProcessor hands the image encoder (64 px in, no resize)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(CLIP_MEAN, device=device), torch.tensor(CLIP_STD, device=device)
+    return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def movq_pixels(torch, images: np.ndarray):
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+def movq_pixels(torch, images: np.ndarray, device="cpu"):
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _optimizer(torch, params, lr: float, steps: int):
@@ -203,26 +211,26 @@ def matches(named: list[dict], scenes: list[world.Scene]):
     return out
 
 
-def train_clip(tokenizer, recipe: Recipe, folder: Path) -> dict:
+def train_clip(tokenizer, recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
     import torch
 
-    text, vision = clip_models(tokenizer)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    text, vision = (m.to(device) for m in clip_models(tokenizer))
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     params = [*text.parameters(), *vision.parameters(), logit_scale]
     opt, sched = _optimizer(torch, params, recipe.clip_lr, recipe.clip_steps)
     progress = _Progress("clip", recipe.clip_steps)
     for i in range(recipe.clip_steps):
         images, captions, scenes, named = world.samples(recipe.clip_batch, seed=recipe.seed * 1_000_003 + i)
-        ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+        ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids.to(device)
         t = torch.nn.functional.normalize(text(ids).text_embeds, dim=-1)
-        v = torch.nn.functional.normalize(vision(clip_pixels(torch, images)).image_embeds, dim=-1)
+        v = torch.nn.functional.normalize(vision(clip_pixels(torch, images, device)).image_embeds, dim=-1)
         logits = logit_scale.clamp(max=math.log(100)).exp() * t @ v.T
-        target = torch.from_numpy(matches(named, scenes)).float()
+        target = torch.from_numpy(matches(named, scenes)).float().to(device)
         loss = (_soft_ce(logits, target) + _soft_ce(logits.T, target.T)) / 2
         _step(opt, sched, loss, params)
         progress(i, loss.item())
-    text.save_pretrained(folder / "text_encoder")
-    vision.save_pretrained(folder / "image_encoder")
+    text.cpu().save_pretrained(folder / "text_encoder")
+    vision.cpu().save_pretrained(folder / "image_encoder")
     from transformers import CLIPImageProcessor
 
     CLIPImageProcessor(size={"shortest_edge": world.SIZE}, crop_size={"height": world.SIZE, "width": world.SIZE},
@@ -236,31 +244,32 @@ def _soft_ce(logits, target):
 
 
 # -- stage 3: MoVQ --------------------------------------------------------------------------------
-def movq_model():
+def movq_model(recipe: Recipe):
     from diffusers import VQModel
 
     # SpatialNorm in the MoVQ decoder hard-codes 32 groups, so its widths are multiples of 32.
     return VQModel(
-        block_out_channels=[32, 32, 32], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=list(recipe.movq_channels), in_channels=3, out_channels=3, latent_channels=4,
+        layers_per_block=1,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
         up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
         norm_num_groups=32, norm_type="spatial", num_vq_embeddings=256, vq_embed_dim=4,
     )
 
 
-def train_movq(recipe: Recipe, folder: Path) -> dict:
+def train_movq(recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
     """An autoencoder used unquantised (the pipelines decode with force_not_quantize=True). A light
     pull towards unit-scale latents keeps them in the range the diffusion schedules assume; noise on
     the latents teaches the decoder to forgive the diffusion model's small errors."""
     import torch
 
-    movq = movq_model()
+    movq = movq_model(recipe).to(device)
     params = list(movq.parameters())
     opt, sched = _optimizer(torch, params, recipe.movq_lr, recipe.movq_steps)
     progress = _Progress("movq", recipe.movq_steps)
     for i in range(recipe.movq_steps):
         images, *_ = world.samples(recipe.movq_batch, seed=recipe.seed * 1_000_003 + 500_000 + i)
-        x = movq_pixels(torch, images)
+        x = movq_pixels(torch, images, device)
         z = movq.encode(x).latents
         scale = (z.pow(2).mean() - 1).pow(2) + z.mean(dim=(0, 2, 3)).pow(2).mean()
         noisy = z + 0.1 * torch.randn_like(z)
@@ -268,30 +277,30 @@ def train_movq(recipe: Recipe, folder: Path) -> dict:
         loss = (out - x).abs().mean() + (out - x).pow(2).mean() + 0.05 * scale
         _step(opt, sched, loss, params)
         progress(i, loss.item())
-    movq.save_pretrained(folder)
+    movq.cpu().save_pretrained(folder)
     return progress.summary()
 
 
-def refine_movq(recipe: Recipe, folder: Path) -> dict:
+def refine_movq(recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
     """More training for the MoVQ decoder alone: the encoder is frozen, so the latents the prior-side
     stages train on do not move, while small shapes get back the corners that blur had rounded."""
     import torch
     from diffusers import VQModel
 
-    movq = VQModel.from_pretrained(folder)
+    movq = VQModel.from_pretrained(folder).to(device)
     params = [*movq.post_quant_conv.parameters(), *movq.decoder.parameters()]
     opt, sched = _optimizer(torch, params, recipe.refine_lr, recipe.refine_steps)
     progress = _Progress("refine", recipe.refine_steps)
     for i in range(recipe.refine_steps):
         images, *_ = world.samples(recipe.refine_batch, seed=recipe.seed * 1_000_003 + 700_000 + i)
-        x = movq_pixels(torch, images)
+        x = movq_pixels(torch, images, device)
         with torch.no_grad():
             z = movq.encode(x).latents
         out = movq.decode(z + 0.1 * torch.randn_like(z), force_not_quantize=True).sample
         loss = (out - x).abs().mean() + (out - x).pow(2).mean()
         _step(opt, sched, loss, params)
         progress(i, loss.item())
-    movq.save_pretrained(folder)
+    movq.cpu().save_pretrained(folder)
     return progress.summary()
 
 
@@ -304,33 +313,39 @@ class Data:
     latents: "object"  # torch tensor N x 4 x 16 x 16: MoVQ latents
     zero_embed: "object"  # CLIP embedding of the all-zero input: the decoder's unconditional embedding
 
+    def to(self, device) -> "Data":
+        return Data(self.captions, self.scenes, self.embeds.to(device), self.latents.to(device),
+                    self.zero_embed.to(device))
 
-def encode_dataset(recipe: Recipe, vision, movq) -> Data:
+
+def encode_dataset(recipe: Recipe, vision, movq, device: str = "cpu") -> Data:
     import torch
 
     images, captions, scenes, _ = world.samples(recipe.dataset, seed=recipe.seed * 1_000_003 + 900_000)
     embeds, latents = [], []
+    vision, movq = vision.to(device), movq.to(device)
     with torch.inference_mode():
         for start in range(0, len(images), 512):
             chunk = images[start:start + 512]
-            embeds.append(vision(clip_pixels(torch, chunk)).image_embeds)
-            latents.append(movq.encode(movq_pixels(torch, chunk)).latents)
-        zero = vision(torch.zeros(1, 3, world.SIZE, world.SIZE)).image_embeds
+            embeds.append(vision(clip_pixels(torch, chunk, device)).image_embeds.cpu())
+            latents.append(movq.encode(movq_pixels(torch, chunk, device)).latents.cpu())
+        zero = vision(torch.zeros(1, 3, world.SIZE, world.SIZE, device=device)).image_embeds.cpu()
     return Data(captions, scenes, torch.cat(embeds), torch.cat(latents), zero)
 
 
 # -- stage 4: prior -------------------------------------------------------------------------------
-def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path) -> dict:
+def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
     import torch
     from diffusers import PriorTransformer
 
     scheduler = prior_scheduler()
     prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, embedding_dim=EMBED_DIM, num_layers=3)
+    prior, text = prior.to(device), text.to(device)
     mean, std = data.embeds.mean(0), data.embeds.std(0)
     prior.clip_mean.data.copy_(mean[None])
     prior.clip_std.data.copy_(std[None])
     target_all = (data.embeds - mean) / std
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod.to(device)
     params = [p for n, p in prior.named_parameters() if n not in ("clip_mean", "clip_std")]
     opt, sched = _optimizer(torch, params, recipe.prior_lr, recipe.prior_steps)
     progress, rng = _Progress("prior", recipe.prior_steps), np.random.default_rng(recipe.seed + 4)
@@ -338,11 +353,11 @@ def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path) -> di
         pick = rng.integers(len(data.captions), size=recipe.prior_batch)
         captions = ["" if rng.random() < recipe.uncond else data.captions[j] for j in pick]
         tokens = tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                           return_tensors="pt")
+                           return_tensors="pt").to(device)
         with torch.no_grad():
             encoded = text(tokens.input_ids)
         x0 = target_all[pick]
-        t = torch.randint(0, 1000, (len(pick),))
+        t = torch.randint(0, 1000, (len(pick),), device=device)
         a = alphas[t][:, None]
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
         pred = prior(noisy, timestep=t, proj_embedding=encoded.text_embeds,
@@ -351,7 +366,7 @@ def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path) -> di
         loss = (pred - x0).pow(2).mean()
         _step(opt, sched, loss, params)
         progress(i, loss.item())
-    prior.save_pretrained(folder / "prior")
+    prior.cpu().save_pretrained(folder / "prior")
     scheduler.save_pretrained(folder / "scheduler")
     return progress.summary()
 
@@ -393,7 +408,7 @@ def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0
             if rng.random() < other:
                 rows[n] = rng.choice(kinds[(data.scenes[j].colour, data.scenes[j].shape)])
     cond = data.embeds[rows].clone()
-    drop = torch.from_numpy(rng.random(len(pick)) < recipe.uncond)
+    drop = torch.from_numpy(rng.random(len(pick)) < recipe.uncond).to(cond.device)
     cond[drop] = data.zero_embed
     return cond
 
@@ -427,7 +442,9 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
         steps, lr = recipe.polish_steps, recipe.polish_lr
     elif stage == "inpaint2":
         steps, lr = recipe.inpaint2_steps, recipe.inpaint2_lr
-    alphas = decoder_scheduler().alphas_cumprod
+    device = data.latents.device
+    unet = unet.to(device)
+    alphas = decoder_scheduler().alphas_cumprod.to(device)
     params = list(unet.parameters())
     opt, sched = _optimizer(torch, params, lr, steps)
     stage = stage or ("inpaint" if inpaint else "decoder")
@@ -440,11 +457,11 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
         x0 = data.latents[pick]
         cond = _conditions(torch, data, pick, rng, recipe, other=other, kinds=kinds)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=device)
         a = alphas[t][:, None, None, None]
         sample = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if inpaint:  # exactly what Kandinsky22.decode feeds the inpaint UNet
-            keep = _latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)), x0.shape[-2:])
+            keep = _latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)).to(device), x0.shape[-2:])
             sample = torch.cat([sample, x0 * keep, keep], dim=1)
         out = unet(sample=sample, timestep=t, encoder_hidden_states=None,
                    added_cond_kwargs={"image_embeds": cond}).sample
@@ -452,7 +469,7 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
         loss = (out[:, :4] - v).pow(2).mean()
         _step(opt, sched, loss, params)
         progress(i, loss.item())
-    return unet, progress.summary()
+    return unet.cpu(), progress.summary()
 
 
 def widen_for_inpaint(decoder_unet):
@@ -471,27 +488,34 @@ def widen_for_inpaint(decoder_unet):
 # -- orchestration --------------------------------------------------------------------------------
 # Stages that do not need each other run side by side, one process and one thread each: on small
 # tensors two single-threaded processes get more from two cores than one process with two threads.
-PHASES = (("clip", "movq"), ("prior", "decoder", "refine"), ("inpaint",), ("polish", "inpaint2"))
+# The longest stage of a phase goes first, so the others share the second worker while it runs.
+PHASES = (("movq", "clip"), ("refine", "prior", "decoder"), ("inpaint",), ("polish", "inpaint2"))
 
 
-def train(out: Path, recipe: Recipe, workers: int = 2) -> dict:
+def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> dict:
     """Run the stages not yet saved under ``out``; return what each stage took."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     log_path = out / "training.json"
-    log = json.loads(log_path.read_text()) if log_path.exists() else {"recipe": asdict(recipe), "stages": {}}
+    wanted = json.loads(json.dumps(asdict(recipe)))  # as training.json holds it (tuples become lists)
+    log = json.loads(log_path.read_text()) if log_path.exists() else {"recipe": wanted, "stages": {}}
+    if log["recipe"] != wanted:
+        raise SystemExit(f"{log_path} was trained with another recipe; resume with the same options or use "
+                         "a new folder")
+    log.setdefault("devices", {})
     if not (out / PRIOR / "tokenizer" / "vocab.json").exists():  # later stages need the one CLIP learned with
         build_tokenizer(out / PRIOR / "tokenizer")
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         for phase in PHASES:
             todo = [name for name in phase if name not in log["stages"]]
             if set(todo) - {"clip", "movq", "refine"}:
-                _save_dataset(out, recipe)
+                _save_dataset(out, recipe, device)
             threads = max(1, workers // len(todo)) if todo else 1
-            futures = {name: pool.submit(run_stage, name, out, recipe, threads) for name in todo}
+            futures = {name: pool.submit(run_stage, name, out, recipe, threads, device) for name in todo}
             for name, future in futures.items():
                 log["stages"][name] = future.result()
+                log["devices"][name] = _device_name(device)
                 log_path.write_text(json.dumps(log, indent=2) + "\n")
     (out / ".dataset.pt").unlink(missing_ok=True)
     shutil.copytree(out / DECODER / "movq", out / INPAINT / "movq", dirs_exist_ok=True)  # one MoVQ for both
@@ -516,7 +540,17 @@ def choose_sampling(out: Path) -> None:
     (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
 
 
-def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads available)"
+
+
+def run_stage(name: str, out: Path, recipe: Recipe, threads: int, device: str = "cpu") -> dict:
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -527,15 +561,15 @@ def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
     prior_dir, decoder_dir, inpaint_dir = out / PRIOR, out / DECODER, out / INPAINT
     tokenizer = CLIPTokenizer.from_pretrained(prior_dir / "tokenizer")
     if name == "clip":
-        return train_clip(tokenizer, recipe, prior_dir)
+        return train_clip(tokenizer, recipe, prior_dir, device)
     if name == "movq":
-        return train_movq(recipe, decoder_dir / "movq")
+        return train_movq(recipe, decoder_dir / "movq", device)
     if name == "refine":
-        return refine_movq(recipe, decoder_dir / "movq")
-    data = torch.load(out / ".dataset.pt", weights_only=False)
+        return refine_movq(recipe, decoder_dir / "movq", device)
+    data = torch.load(out / ".dataset.pt", weights_only=False).to(device)
     if name == "prior":
         text = CLIPTextModelWithProjection.from_pretrained(prior_dir / "text_encoder").eval()
-        summary = train_prior(tokenizer, text, data, recipe, prior_dir)
+        summary = train_prior(tokenizer, text, data, recipe, prior_dir, device)
         write_prior_index(prior_dir)
         return summary
     if name == "decoder":
@@ -558,7 +592,7 @@ def run_stage(name: str, out: Path, recipe: Recipe, threads: int) -> dict:
     return summary
 
 
-def _save_dataset(out: Path, recipe: Recipe) -> None:
+def _save_dataset(out: Path, recipe: Recipe, device: str = "cpu") -> None:
     """Encode the training pictures once (CLIP embeddings, MoVQ latents) for the later stages."""
     import torch
     from diffusers import VQModel
@@ -568,7 +602,7 @@ def _save_dataset(out: Path, recipe: Recipe) -> None:
         return
     vision = CLIPVisionModelWithProjection.from_pretrained(out / PRIOR / "image_encoder").eval()
     movq = VQModel.from_pretrained(out / DECODER / "movq").eval()
-    data = encode_dataset(recipe, vision, movq)
+    data = encode_dataset(recipe, vision, movq, device)
     logger.info("dataset: %d pictures, latent std %.3f", len(data.scenes), data.latents.std().item())
     torch.save(data, out / ".dataset.pt")
 
@@ -604,23 +638,27 @@ decoder scheduler predicts `v_prediction` instead of `epsilon` (a small noise-pr
 samples drift to twice the latents' spread: colour right in 22% of generations, 94-100% after the
 switch), and `unclip_batch.json` holds the sampling defaults chosen by measurement.
 
-**Recipe.** Reproduce with `python -m unclip_batch.models.shapes OUT` (seeded; two CPU cores; the
-docstring of `unclip_batch/models/shapes.py` describes each stage). These weights were trained by that
-command, stopped and resumed as stages were added; its first tokenizer builder used HF tokenizers'
-BPE trainer, which breaks ties in hash order, so a retrain (now with the deterministic `learn_merges`)
-gives the same words as single tokens under other ids. Stages and what they took here:
+**Recipe.** Reproduce with `python -m unclip_batch.models.shapes OUT` (seeded; two CPU cores by
+default, `--device cuda` on a GPU; the docstring of `unclip_batch/models/shapes.py` describes each
+stage). The same seed on another device gives other weights of the same quality (its random streams
+differ), not the same bytes. Stages, where they ran and what they took:
 """
 
 
 def write_card(folder: Path) -> None:
     """The model card, from training.json (recipe, stage times) and evaluation.json (metrics)."""
     training = json.loads((folder / "training.json").read_text())
-    lines = [CARD_HEAD, "| stage | steps | seconds | final loss |", "| --- | --- | --- | --- |"]
+    devices = training.get("devices", {})
+    lines = [CARD_HEAD, "| stage | device | steps | seconds | final loss |", "| --- | --- | --- | --- | --- |"]
     for stage, summary in training["stages"].items():
-        lines.append(f"| {stage} | {summary['steps']} | {summary['seconds']} | {summary['final_loss']} |")
+        lines.append(f"| {stage} | {devices.get(stage, 'cpu')} | {summary['steps']} | {summary['seconds']} | "
+                     f"{summary['final_loss']} |")
     total = sum(s["seconds"] for s in training["stages"].values())
-    lines += ["", f"Stage time summed: {total / 60:.0f} min (clip with movq, and prior, decoder and refine, ran "
-              "two at a time). Recipe: `" + json.dumps(training["recipe"]) + "`", "", "**Parameters.**", ""]
+    lines += ["", f"Stage time summed: {total / 60:.0f} min (the stages of each phase in `PHASES` run side by "
+              "side). Recipe: `" + json.dumps(training["recipe"]) + "`"]
+    if training.get("note"):
+        lines += ["", training["note"]]
+    lines += ["", "**Parameters.**", ""]
     lines += [f"- {name}: {count / 1e6:.2f} M" for name, count in _parameter_counts(folder).items()]
     evaluation = folder / "evaluation.json"
     if evaluation.exists():
@@ -647,16 +685,33 @@ def _parameter_counts(folder: Path) -> dict:
     return counts
 
 
+def _parse_changes(changes: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> Recipe fields, each VALUE read as its field's type."""
+    fields = asdict(Recipe())
+    out = {}
+    for change in changes:
+        key, _, value = change.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set {change}: no Recipe field {key!r}; fields: {', '.join(fields)}")
+        default = fields[key]
+        out[key] = tuple(int(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path, help="folder that receives the three checkpoint folders")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     parser.add_argument("--workers", type=int, default=2, help="stages trained side by side")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is there (same recipe, other RNG)")
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one Recipe field, e.g. --set movq_channels=64,64,64 (experiments)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.output.mkdir(parents=True, exist_ok=True)
-    train(args.output, Recipe(seed=args.seed).scaled(args.scale), workers=args.workers)
+    recipe = Recipe(seed=args.seed).replace(**_parse_changes(args.changes)).scaled(args.scale)
+    train(args.output, recipe, workers=args.workers, device=args.device)
     write_card(args.output)
 
 
