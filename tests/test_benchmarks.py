@@ -47,3 +47,14 @@ def test_quality_vs_speed_evaluation_runs():
     report = json.loads(result.stdout)
     assert report["scheduler"] == "dpm++" and report["sampling"]["num_inference_steps"] == 2
     assert 0 <= report["generate_colour"] <= 1 and set(report["passed"]) == set(report) & set(report["passed"])
+
+
+def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
+    """The GPU benchmark's code path (checkpoint build, naive loop, our predictor, writer pool) on a
+    small stand-in of Kandinsky 2.2's structure; the real figures come from a lent GPU."""
+    report = _last_json(["benchmarks/gpu.py", "--root", str(tmp_path / "k22"), "--small", "--device", "cpu",
+                         "--dtype", "float32", "--size", "64", "--steps", "2", "--prior-steps", "2", "--rows", "4",
+                         "--naive-rows", "1", "--batch", "2"])
+    assert [r["side"] for r in report["results"]] == ["naive", "ours"]
+    assert report["results"][1]["images"] == 4 and report["ratios"]["ours"] > 0
+    assert len(list((tmp_path / "k22" / "images").glob("ours-*.png"))) == 6  # 4 timed + 2 warm-up

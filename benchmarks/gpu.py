@@ -1,0 +1,273 @@
+"""GPU: Kandinsky 2.2 at real size, our model stage vs the naive diffusers loop, side by side in one run.
+
+    python benchmarks/gpu.py --root /tmp/k22                  # 512 px, bf16, 50 decoder steps
+    python benchmarks/gpu.py --root /tmp/k22 --compile        # also with torch.compile'd UNet
+    python benchmarks/gpu.py --root /tmp/k22 --small --device cpu --rows 2 --naive-rows 1 --batch 2   # smoke
+
+No hub is reachable, so the checkpoint is Kandinsky 2.2's shape with random weights, built from the
+public configs (ViT-bigG/14 CLIP text and image encoders, the 20-layer 1280-wide prior, the 1.2 B
+UNet, MoVQ with 8x downsampling), saved with ``save_pretrained`` in the Hub layout: the same classes,
+sizes and therefore the same cost per image as the real model.
+
+- naive: what diffusers' docs show: ``KandinskyV22PriorPipeline`` + ``KandinskyV22Pipeline``, one row
+  per call, default scheduler (DDPM), PNG saved per image.
+- ours: ``UnclipPredictor``, what each of the job's model actors runs (rows grouped by call shape,
+  ``--batch`` images per call, one prior call per batch), with PNG encoding and writes on a thread
+  pool beside it, as the job's write stage runs beside the model stage. Ray itself is not in the loop
+  (its wheel is too large to carry to the lent GPU machines); on a GPU node its stages overlap the
+  same way.
+
+Both sides get the same dtype, resolution, steps and guidance. GPU busy fraction is NVML's
+utilisation (share of time a kernel was running), sampled every 100 ms over each side's timed part.
+Prints one JSON line per measurement and a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unclip_batch.models.kandinsky22 import DECODER, PRIOR
+from unclip_batch.models.tiny import build_tokenizer, prior_scheduler, write_decoder_index, write_prior_index
+
+PROMPTS = ["a red fox in the snow, photograph", "an oil painting of a lighthouse at dusk",
+           "a bowl of ramen, studio lighting", "a robot reading a newspaper in a cafe"]
+
+
+def build(root: Path, dtype: str, device: str, small: bool) -> None:
+    """Random weights in kandinsky-2-2-prior / -decoder's layout and sizes (``small``: a CPU-sized stand-in
+    with the same structure, for the smoke test)."""
+    import torch
+    from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel, VQModel
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    if (root / "built.json").exists():
+        return
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    embed = 64 if small else 1280
+    text_cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2) if small else \
+        dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32)  # bigG text
+    vision_cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2) if small \
+        else dict(hidden_size=1664, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=48)  # bigG
+    prior_dir, decoder_dir = root / PRIOR, root / DECODER
+    tokenizer = build_tokenizer(prior_dir / "tokenizer")
+    tokenizer.save_pretrained(prior_dir / "tokenizer")
+    dt = getattr(torch, dtype)
+    with torch.device(device):
+        text = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, projection_dim=embed,
+            hidden_act="gelu", **text_cfg))
+        text.to(dt).save_pretrained(prior_dir / "text_encoder")
+        del text
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            image_size=224, patch_size=14, projection_dim=embed, hidden_act="gelu", **vision_cfg))
+        vision.to(dt).save_pretrained(prior_dir / "image_encoder")
+        del vision
+        prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=embed) \
+            if small else PriorTransformer(num_attention_heads=32, attention_head_dim=64, num_layers=20,
+                                           embedding_dim=1280, num_embeddings=77, additional_embeddings=4)
+        prior.clip_std.data.fill_(1.0)
+        prior.to(dt).save_pretrained(prior_dir / "prior")
+        del prior
+        widths = (32, 64) if small else (384, 768, 1152, 1536)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=8, addition_embed_type="image", encoder_hid_dim=embed,
+            encoder_hid_dim_type="image_proj", cross_attention_dim=128 if small else 768,
+            attention_head_dim=32 if small else 64, block_out_channels=widths, layers_per_block=1 if small else 3,
+            down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (len(widths) - 1),
+            up_block_types=("SimpleCrossAttnUpBlock2D",) * (len(widths) - 1) + ("ResnetUpsampleBlock2D",),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_time_scale_shift="scale_shift",
+            class_embed_type=None, norm_num_groups=32, addition_embed_type_num_heads=64)
+        unet.to(dt).save_pretrained(decoder_dir / "unet")
+        del unet
+        movq = VQModel(
+            block_out_channels=[32, 32, 32, 32] if small else [128, 256, 256, 512], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+            up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3, latent_channels=4,
+            layers_per_block=1 if small else 2, norm_num_groups=32, norm_type="spatial", num_vq_embeddings=16384,
+            vq_embed_dim=4, scaling_factor=0.18215)
+        movq.to(dt).save_pretrained(decoder_dir / "movq")
+        del movq
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        prior_dir / "image_processor")
+    prior_scheduler().save_pretrained(prior_dir / "scheduler")
+    write_prior_index(prior_dir)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+                  thresholding=False).save_pretrained(decoder_dir / "scheduler")
+    write_decoder_index(decoder_dir, "KandinskyV22Pipeline")
+    (root / "built.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+
+
+class Busy:
+    """NVML utilisation sampled every 100 ms while the block runs (None without a GPU or NVML)."""
+
+    def __enter__(self):
+        self.samples, self.stop = [], threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            return self
+        self.thread = threading.Thread(target=self._run, args=(pynvml, handle), daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self, pynvml, handle):
+        while not self.stop.wait(0.1):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    @property
+    def fraction(self):
+        return round(statistics.mean(self.samples) / 100, 3) if self.samples else None
+
+
+def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
+    from unclip_batch.manifest import ROW_FIELDS
+
+    out = []
+    for i in range(n):
+        row = dict(row=i, id=f"r{i:04d}", task="generate", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="",
+                   image="", mask="", num_images=1, seed=i, width=size, height=size, num_inference_steps=steps,
+                   guidance_scale=4.0, prior_num_inference_steps=prior_steps, prior_guidance_scale=4.0,
+                   code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0)
+        assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
+        out.append(row)
+    return out
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def naive(root: Path, out: Path, n: int, args) -> dict:
+    import torch
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    dt = getattr(torch, args.dtype)
+    prior = KandinskyV22PriorPipeline.from_pretrained(root / PRIOR, torch_dtype=dt).to(args.device)
+    decoder = KandinskyV22Pipeline.from_pretrained(root / DECODER, torch_dtype=dt).to(args.device)
+    for pipe in (prior, decoder):
+        pipe.set_progress_bar_config(disable=True)
+
+    def one(i: int) -> None:
+        generator = torch.Generator(args.device).manual_seed(i)
+        embeds = prior(PROMPTS[i % len(PROMPTS)], num_inference_steps=args.prior_steps, generator=generator)
+        image = decoder(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
+                        height=args.size, width=args.size, num_inference_steps=args.steps,
+                        generator=generator).images[0]
+        image.save(out / f"naive-{i}.png")
+
+    one(0)  # warm-up: kernels chosen, memory pooled
+    synchronize(args.device)
+    with Busy() as busy:
+        started = time.perf_counter()
+        for i in range(n):
+            one(i)
+        wall = time.perf_counter() - started
+    return {"side": "naive", "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3),
+            "gpu_busy": busy.fraction}
+
+
+def ours(root: Path, out: Path, n: int, args, compile_unet: bool = False) -> dict:
+    import torch
+
+    from unclip_batch.batches import rows_of, to_batch
+    from unclip_batch.predict import UnclipPredictor
+
+    predictor = UnclipPredictor(model=str(root), tasks=("generate",), batch_size=args.batch, device=args.device,
+                                dtype=args.dtype)
+    model = predictor.model
+    if args.channels_last:
+        model.decoder.unet.to(memory_format=torch.channels_last)
+        model.decoder.movq.to(memory_format=torch.channels_last)
+    if compile_unet:
+        model.decoder.unet = torch.compile(model.decoder.unet)
+    all_rows = rows(n + args.batch, args.size, args.steps, args.prior_steps)
+    pool = ThreadPoolExecutor(max_workers=4)  # the write stage: PNG encode + write, beside the model
+
+    def write(row: dict) -> None:
+        pixels = np.frombuffer(row["pixels"], np.uint8).reshape(args.size, args.size, 3)
+        Image.fromarray(pixels).save(out / f"ours-{row['id']}.png")
+
+    warm_started = time.perf_counter()
+    for row in rows_of(predictor(to_batch(all_rows[:args.batch]))):  # warm-up (and compile) on one batch
+        pool.submit(write, row)
+    synchronize(args.device)
+    warm_s = time.perf_counter() - warm_started
+    pending = []
+    with Busy() as busy:
+        started = time.perf_counter()
+        for start in range(args.batch, len(all_rows), args.batch):
+            for row in rows_of(predictor(to_batch(all_rows[start:start + args.batch]))):
+                pending.append(pool.submit(write, row))
+        for f in pending:
+            f.result()
+        wall = time.perf_counter() - started
+    pool.shutdown()
+    return {"side": "ours" + (" compiled" if compile_unet else ""), "images": n, "batch": args.batch,
+            "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3), "gpu_busy": busy.fraction,
+            "warm_up_s": round(warm_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="where the random checkpoint is built (reused)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--prior-steps", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=32, help="rows (= images) timed on our side")
+    parser.add_argument("--naive-rows", type=int, default=8, help="rows timed in the naive loop")
+    parser.add_argument("--batch", type=int, default=16, help="images per model call on our side")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd UNet")
+    parser.add_argument("--small", action="store_true", help="a CPU-sized stand-in checkpoint (smoke runs)")
+    parser.add_argument("--out", type=Path, help="PNG folder (default: ROOT/images)")
+    args = parser.parse_args()
+    import diffusers
+    import torch
+    import transformers
+
+    build(args.root, args.dtype, args.device, args.small)
+    out = args.out or args.root / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "dtype": args.dtype, "size": args.size, "steps": args.steps, "prior_steps": args.prior_steps,
+            "build": json.loads((args.root / "built.json").read_text())}
+    print(json.dumps(info), flush=True)
+    results = [naive(args.root, out, args.naive_rows, args)]
+    print(json.dumps(results[-1]), flush=True)
+    results.append(ours(args.root, out, args.rows, args))
+    print(json.dumps(results[-1]), flush=True)
+    if args.compile:
+        results.append(ours(args.root, out, args.rows, args, compile_unet=True))
+        print(json.dumps(results[-1]), flush=True)
+    base = results[0]["images_per_s"]
+    print(json.dumps({**info, "ratios": {r["side"]: round(r["images_per_s"] / base, 2) for r in results[1:]},
+                      "results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
