@@ -58,3 +58,8 @@ def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
     assert [r["side"] for r in report["results"]] == ["naive", "ours"]
     assert report["results"][1]["images"] == 4 and report["ratios"]["ours"] > 0
     assert len(list((tmp_path / "k22" / "images").glob("ours-*.png"))) == 6  # 4 timed + 2 warm-up
+
+
+def test_first_image_benchmark_runs():
+    report = _last_json(["benchmarks/first_image.py", "--rows", "2", "--runs", "1", "--model", "tiny"])
+    assert 0 < report["first_image_s"] <= report["wall_s"]

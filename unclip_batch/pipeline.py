@@ -38,6 +38,7 @@ MAX_BLOCK_ROWS = 64  # rows per source block: small enough that the first images
 # Rows handed to the model per batch, per image of a call: rows with several images and groups that
 # end mid-call leave calls padded; four calls' worth of rows per batch keeps that waste small.
 ROWS_PER_CALL = 4
+VERSIONED = ("ray", "torch", "diffusers", "transformers")  # recorded in the summary
 
 
 def run_job(config: JobConfig) -> dict:
@@ -147,7 +148,10 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     from unclip_batch.predict import UnclipPredictor
 
     if not ray.is_initialized():
-        ray.init(address=config.address, logging_level=logging.WARNING)
+        # A Ray we start ourselves is for this job alone: no dashboard (its processes cost ~1 s of a
+        # small machine's start-up). Start Ray with `ray start --head` and pass --address to keep one.
+        ray.init(address=config.address, logging_level=logging.WARNING,
+                 include_dashboard=None if config.address else False)
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
     ray.data.DataContext.get_current().raise_original_map_exception = True
@@ -246,10 +250,7 @@ class _Sinks:
 
 def _summary(config: JobConfig, spec: ModelSpec, manifest_rows: int, done: plan.Done, sinks: _Sinks,
              started: dt.datetime, wall_s: float) -> dict:
-    import diffusers
-    import ray
-    import torch
-    import transformers
+    from importlib.metadata import version  # not `import torch`: that alone takes seconds in the driver
 
     failed = sum(sinks.codes.values())
     return {
@@ -271,8 +272,7 @@ def _summary(config: JobConfig, spec: ModelSpec, manifest_rows: int, done: plan.
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 3),
         "images_per_s": round(sinks.images / wall_s, 3) if wall_s > 0 else None,
-        "versions": {"unclip_batch": __version__, "ray": ray.__version__, "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "versions": {"unclip_batch": __version__, **{name: version(name) for name in VERSIONED},
                      "python": platform.python_version()},
         "host": os.uname().nodename,
     }
