@@ -108,3 +108,20 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     assert inside == "white"
     metadata, _ = read_output(output)
     assert set(metadata.column("model").to_pylist()) == {"default"}
+
+
+def test_every_stage_starts_after_the_stages_it_reads():
+    from unclip_batch.models.shapes import NEEDS, ON_DATASET, STAGES
+
+    assert set(NEEDS) == set(STAGES) and len(STAGES) == len(set(STAGES))
+    for name in STAGES:
+        assert all(STAGES.index(need) < STAGES.index(name) for need in NEEDS[name]), name
+    # The dataset is encoded from CLIP and the MoVQ: its readers wait for both.
+    assert all({"clip", "movq"} <= _upstream(name, NEEDS) for name in ON_DATASET)
+
+
+def _upstream(name, needs):
+    out = set(needs[name])
+    for need in needs[name]:
+        out |= _upstream(need, needs)
+    return out

@@ -13,7 +13,7 @@ Every part is a real diffusers / transformers class, trained here from nothing, 
 7. polish: the decoder UNet trained further from where stage 5 stopped (a second, gentler cosine);
    inpaint2, beside it: the inpaint UNet further, always conditioned on another picture of the kind.
 
-    python -m unclip_batch.models.shapes OUT                             # two CPU cores (see the model card)
+    python -m unclip_batch.models.shapes OUT                             # ~86 min on two CPU cores
     python -m unclip_batch.models.shapes OUT --device cuda --workers 3   # ~9 min on one H100
 
 Each stage saves its components into the output folder when it ends, so an interrupted run resumes
@@ -486,15 +486,20 @@ def widen_for_inpaint(decoder_unet):
 
 
 # -- orchestration --------------------------------------------------------------------------------
-# Stages that do not need each other run side by side, one process and one thread each: on small
-# tensors two single-threaded processes get more from two cores than one process with two threads.
-# The longest stage of a phase goes first, so the others share the second worker while it runs.
-PHASES = (("movq", "clip"), ("refine", "prior", "decoder"), ("inpaint",), ("polish", "inpaint2"))
+# Stages start as soon as the stages they build on are saved, one process and one thread each while
+# others run: on small tensors two single-threaded processes get more from two cores than one process
+# with two threads. NEEDS lists what each stage reads; STAGES is the order among stages that are ready
+# (the longest first: refine, which nothing waits for, runs beside the whole prior/decoder chain).
+# (refine also waits for clip: then the dataset, which reads the MoVQ's folder, is encoded before it starts.)
+NEEDS = {"movq": (), "clip": (), "refine": ("clip", "movq"), "prior": ("clip", "movq"), "decoder": ("clip", "movq"),
+         "inpaint": ("decoder",), "polish": ("inpaint",), "inpaint2": ("inpaint",)}
+STAGES = ("movq", "clip", "refine", "prior", "decoder", "inpaint", "polish", "inpaint2")
+ON_DATASET = {"prior", "decoder", "inpaint", "polish", "inpaint2"}  # read .dataset.pt (encoded once)
 
 
 def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> dict:
     """Run the stages not yet saved under ``out``; return what each stage took."""
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
     log_path = out / "training.json"
@@ -506,14 +511,21 @@ def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> d
     log.setdefault("devices", {})
     if not (out / PRIOR / "tokenizer" / "vocab.json").exists():  # later stages need the one CLIP learned with
         build_tokenizer(out / PRIOR / "tokenizer")
+    pending = [name for name in STAGES if name not in log["stages"]]
+    running: dict = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for phase in PHASES:
-            todo = [name for name in phase if name not in log["stages"]]
-            if set(todo) - {"clip", "movq", "refine"}:
-                _save_dataset(out, recipe, device)
-            threads = max(1, workers // len(todo)) if todo else 1
-            futures = {name: pool.submit(run_stage, name, out, recipe, threads, device) for name in todo}
-            for name, future in futures.items():
+        while pending or running:
+            ready = [name for name in pending if all(need in log["stages"] for need in NEEDS[name])]
+            if ON_DATASET & set(ready):
+                _save_dataset(out, recipe, device)  # before refine starts rewriting the MoVQ's folder
+            while ready and len(running) < workers:
+                name = ready.pop(0)
+                pending.remove(name)
+                threads = max(1, workers // (len(running) + 1 + len(ready)))
+                running[pool.submit(run_stage, name, out, recipe, threads, device)] = name
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
                 log["stages"][name] = future.result()
                 log["devices"][name] = _device_name(device)
                 log_path.write_text(json.dumps(log, indent=2) + "\n")
@@ -654,8 +666,8 @@ def write_card(folder: Path) -> None:
         lines.append(f"| {stage} | {devices.get(stage, 'cpu')} | {summary['steps']} | {summary['seconds']} | "
                      f"{summary['final_loss']} |")
     total = sum(s["seconds"] for s in training["stages"].values())
-    lines += ["", f"Stage time summed: {total / 60:.0f} min (the stages of each phase in `PHASES` run side by "
-              "side). Recipe: `" + json.dumps(training["recipe"]) + "`"]
+    lines += ["", f"Stage time summed: {total / 60:.0f} min (stages run side by side once the stages they read "
+              "are saved: `NEEDS` in shapes.py). Recipe: `" + json.dumps(training["recipe"]) + "`"]
     if training.get("note"):
         lines += ["", training["note"]]
     lines += ["", "**Parameters.**", ""]
