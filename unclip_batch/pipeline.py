@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 IO_TASK_CPUS = 0.25  # load and write tasks mostly wait on storage; on 2 cores whole CPUs would starve them
 PROGRESS_EVERY_S = 10.0
-MAX_BLOCK_ROWS = 64  # rows per source block: small enough that the first images come quickly
 # Rows handed to the model per batch, per image of a call: rows with several images and groups that
 # end mid-call leave calls padded; four calls' worth of rows per batch keeps that waste small.
 ROWS_PER_CALL = 4
@@ -88,14 +87,18 @@ def run_job(config: JobConfig) -> dict:
     # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
     lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
     sinks = _Sinks(config, lookup, spec.spec, total=todo.num_rows)
+    # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
+    # a bigger block would hold every image of it until the last one is made. Batch-sized blocks are
+    # written as they are made (first images sooner; a crash loses only the batches in flight).
+    block_rows = config.batch_size * ROWS_PER_CALL
     blocks = []
     for rows, errors in validate(todo, defaults, size):
         sinks.errors(errors)
         # Rows that can share a model call travel together, so calls are full rather than padded
         # (stable: manifest order within a kind). Image bytes do not depend on the company they keep.
         rows = sorted(rows, key=lambda row: call_key(vars(row)))
-        for start in range(0, len(rows), MAX_BLOCK_ROWS):
-            blocks.append(_rows_table(rows[start:start + MAX_BLOCK_ROWS]))
+        for start in range(0, len(rows), block_rows):
+            blocks.append(_rows_table(rows[start:start + block_rows]))
     # 5. Run the pipeline.
     try:
         if blocks:
