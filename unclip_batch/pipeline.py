@@ -151,8 +151,9 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     from unclip_batch.predict import UnclipPredictor
 
     if not ray.is_initialized():
-        # A Ray we start ourselves is for this job alone: no dashboard (its processes cost ~1 s of a
-        # small machine's start-up). Start Ray with `ray start --head` and pass --address to keep one.
+        # A Ray we start ourselves is for this job alone: no dashboard. Its processes start beside the
+        # model actor and slow it down: on 2 cores the first image of a 10-row job came 26 s -> 19 s
+        # without them (benchmarks/README.md). `ray start --head` + --address keeps a dashboard.
         ray.init(address=config.address, logging_level=logging.WARNING,
                  include_dashboard=None if config.address else False)
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
