@@ -152,8 +152,8 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
 
     if not ray.is_initialized():
         # A Ray we start ourselves is for this job alone: no dashboard. Its processes start beside the
-        # model actor and slow it down: on 2 cores the first image of a 10-row job came 26 s -> 19 s
-        # without them (benchmarks/README.md). `ray start --head` + --address keeps a dashboard.
+        # model actor: ~1.5 s of a 10-row job's first image on 2 cores, measured side by side
+        # (benchmarks/README.md). `ray start --head` + --address keeps a dashboard.
         ray.init(address=config.address, logging_level=logging.WARNING,
                  include_dashboard=None if config.address else False)
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
