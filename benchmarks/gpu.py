@@ -36,7 +36,8 @@ import numpy as np
 from PIL import Image
 
 from unclip_batch.models.kandinsky22 import DECODER, PRIOR
-from unclip_batch.models.tiny import build_tokenizer, prior_scheduler, write_decoder_index, write_prior_index
+from unclip_batch.models.tiny import (build_tokenizer, decoder_ddpm_scheduler, prior_scheduler, write_decoder_index,
+                                      write_prior_index)
 
 PROMPTS = ["a red fox in the snow, photograph", "an oil painting of a lighthouse at dusk",
            "a bowl of ramen, studio lighting", "a robot reading a newspaper in a cafe"]
@@ -46,7 +47,7 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
     """Random weights in kandinsky-2-2-prior / -decoder's layout and sizes (``small``: a CPU-sized stand-in
     with the same structure, for the smoke test)."""
     import torch
-    from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel, VQModel
+    from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
@@ -103,9 +104,7 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
         prior_dir / "image_processor")
     prior_scheduler().save_pretrained(prior_dir / "scheduler")
     write_prior_index(prior_dir)
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-                  thresholding=False).save_pretrained(decoder_dir / "scheduler")
+    decoder_ddpm_scheduler().save_pretrained(decoder_dir / "scheduler")
     write_decoder_index(decoder_dir, "KandinskyV22Pipeline")
     (root / "built.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
 

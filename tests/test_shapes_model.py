@@ -51,11 +51,13 @@ def test_tokenizer_builder_is_deterministic(tmp_path):
 
 
 def test_recipe_changes_are_typed_and_checked():
+    from dataclasses import replace
+
     from unclip_batch.models.shapes import Recipe, _parse_changes
 
     changes = _parse_changes(["movq_channels=32,64,64", "refine_steps=10", "clip_lr=0.5"])
     assert changes == {"movq_channels": (32, 64, 64), "refine_steps": 10, "clip_lr": 0.5}
-    assert Recipe().replace(**changes).refine_steps == 10
+    assert replace(Recipe(), **changes).refine_steps == 10
     with pytest.raises(SystemExit, match="no Recipe field 'refine'"):
         _parse_changes(["refine=3"])
 

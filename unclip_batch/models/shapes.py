@@ -28,14 +28,15 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from unclip_batch import world
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR
-from unclip_batch.models.tiny import bytes_to_unicode, prior_scheduler, write_decoder_index, write_prior_index
+from unclip_batch.models.tiny import (bytes_to_unicode, decoder_ddpm_scheduler, prior_scheduler, write_decoder_index,
+                                      write_prior_index)
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,6 @@ class Recipe:
         if scale < 1:
             values["dataset"] = max(512, int(self.dataset * scale))
         return Recipe(**values)
-
-    def replace(self, **changes) -> "Recipe":
-        return Recipe(**{**asdict(self), **changes})
 
 
 # -- stage 1: tokenizer ---------------------------------------------------------------------------
@@ -387,15 +385,11 @@ def unet_model(in_channels: int):
 
 
 def decoder_scheduler():
-    from diffusers import DDPMScheduler
-
     # kandinsky-2-2-decoder's settings, except that the UNet predicts v, not the noise: a small UNet
     # that predicts noise is least accurate where an error costs most (at high noise a noise error is
     # magnified ~15x into the image), and its samples drifted to twice the latents' spread (first
     # recipe: colour right in 22% of generations). v stays well-posed at every noise level.
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-                         clip_sample=False, steps_offset=1, timestep_spacing="leading",
-                         prediction_type="v_prediction", thresholding=False)
+    return decoder_ddpm_scheduler(prediction_type="v_prediction")
 
 
 def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0, kinds: dict | None = None):
@@ -513,6 +507,7 @@ def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> d
         build_tokenizer(out / PRIOR / "tokenizer")
     pending = [name for name in STAGES if name not in log["stages"]]
     running: dict = {}
+    device_name = _device_name(device)
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         while pending or running:
             ready = [name for name in pending if all(need in log["stages"] for need in NEEDS[name])]
@@ -527,7 +522,7 @@ def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> d
             for future in done:
                 name = running.pop(future)
                 log["stages"][name] = future.result()
-                log["devices"][name] = _device_name(device)
+                log["devices"][name] = device_name
                 log_path.write_text(json.dumps(log, indent=2) + "\n")
     (out / ".dataset.pt").unlink(missing_ok=True)
     shutil.copytree(out / DECODER / "movq", out / INPAINT / "movq", dirs_exist_ok=True)  # one MoVQ for both
@@ -722,7 +717,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.output.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(seed=args.seed).replace(**_parse_changes(args.changes)).scaled(args.scale)
+    recipe = replace(Recipe(seed=args.seed), **_parse_changes(args.changes)).scaled(args.scale)
     train(args.output, recipe, workers=args.workers, device=args.device)
     write_card(args.output)
 

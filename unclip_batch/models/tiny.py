@@ -53,7 +53,7 @@ def build_tokenizer(folder: Path):
 
 def build(root: Path, seed: int = 0) -> None:
     import torch
-    from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel, VQModel
+    from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -90,10 +90,7 @@ def build(root: Path, seed: int = 0) -> None:
         latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12,
         vq_embed_dim=4,
     )
-    # Same scheduler settings as kandinsky-2-2-decoder.
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, steps_offset=1, timestep_spacing="leading",
-                              prediction_type="epsilon", thresholding=False)
+    scheduler = decoder_ddpm_scheduler()
     for name, in_channels in ((DECODER, 4), (INPAINT, 9)):
         unet = UNet2DConditionModel(
             sample_size=IMAGE_SIZE // 2, in_channels=in_channels, out_channels=8,  # 8 = latent + learned variance
@@ -117,6 +114,15 @@ def prior_scheduler():
 
     return UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
                            clip_sample=True, clip_sample_range=10.0)
+
+
+def decoder_ddpm_scheduler(prediction_type: str = "epsilon"):
+    """kandinsky-2-2-decoder's scheduler settings (the embedded model changes only what its UNet predicts)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, steps_offset=1, timestep_spacing="leading",
+                         prediction_type=prediction_type, thresholding=False)
 
 
 def write_prior_index(folder: Path) -> None:
