@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py --root /tmp/k22                  # 512 px, bf16, 50 decoder steps
     python benchmarks/gpu.py --root /tmp/k22 --compile        # also with torch.compile'd UNet
+    python benchmarks/gpu.py --root /tmp/k22 --batch 32 64 --compile --compile-prior   # and UNet + prior
     python benchmarks/gpu.py --root /tmp/k22 --small --device cpu --rows 2 --naive-rows 1 --batch 2   # smoke
 
 No hub is reachable, so the checkpoint is Kandinsky 2.2's shape with random weights, built from the
@@ -12,10 +13,9 @@ sizes and therefore the same cost per image as the real model.
 - naive: what diffusers' docs show: ``KandinskyV22PriorPipeline`` + ``KandinskyV22Pipeline``, one row
   per call, default scheduler (DDPM), PNG saved per image.
 - ours: ``UnclipPredictor``, what each of the job's model actors runs (rows grouped by call shape,
-  ``--batch`` images per call, one prior call per batch), with PNG encoding and writes on a thread
-  pool beside it, as the job's write stage runs beside the model stage. Ray itself is not in the loop
-  (its wheel is too large to carry to the lent GPU machines); on a GPU node its stages overlap the
-  same way.
+  ``--batch`` images per call, one prior call per batch), with PNG encoding and writes in a pool of
+  other processes, as the job's write stage runs in other Ray workers beside the model stage. Ray
+  itself is not in the loop (its wheel is too large to carry to the lent GPU machines).
 
 Both sides get the same dtype, resolution, steps and guidance. GPU busy fraction is NVML's
 utilisation (share of time a kernel was running), sampled every 100 ms over each side's timed part.
@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import multiprocessing
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,45 +188,112 @@ def naive(root: Path, out: Path, n: int, args) -> dict:
             "gpu_busy": busy.fraction}
 
 
-def ours(root: Path, out: Path, n: int, args, compile_unet: bool = False) -> dict:
+def write(path: Path, pixels: bytes, size: int) -> None:
+    Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(size, size, 3)).save(path)
+
+
+def profile(predictor, batch_rows: list[dict], device: str) -> dict:
+    """One more model call under torch.profiler: per phase (prior, decoder loop, MoVQ decode) its wall time
+    and the share of it in which a GPU kernel ran; the rest of the call is the predictor's own work."""
+    import sys
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, record_function
+
+    from unclip_batch.batches import rows_of, to_batch
+
+    model = predictor.model
+
+    def phased(name, fn):
+        def run(*a, **kw):
+            with record_function(f"phase:{name}"):
+                out = fn(*a, **kw)
+                synchronize(device)
+            return out
+        return run
+
+    model.text_embeds = phased("prior", model.text_embeds)
+    model.decode = phased("decoder", model.decode)
+    model.decoder.movq.decode = phased("movq", model.decoder.movq.decode)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        with record_function("phase:call"):
+            rows_of(predictor(to_batch(batch_rows)))
+            synchronize(device)
+    events = prof.events()
+    # GPU-side events: kernels and copies; not the GPU copies of our phase annotations (they span whole
+    # phases) nor the profiler's "Command Buffer Full" markers (the CPU waiting on a full launch queue).
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+                     and not e.name.startswith("phase:") and e.name != "Command Buffer Full")
+
+    def busy(start: float, end: float) -> float:  # union of kernel time inside [start, end]
+        total, reach = 0.0, start
+        for k0, k1 in kernels:
+            lo, hi = max(k0, reach), min(k1, end)
+            total += max(0.0, hi - lo)
+            reach = max(reach, hi)
+        return total
+
+    phases = {}
+    for e in events:
+        if e.name.startswith("phase:") and e.device_type == DeviceType.CPU:
+            wall = e.time_range.end - e.time_range.start
+            entry = phases.setdefault(e.name[6:], {"wall_ms": 0.0, "kernel_ms": 0.0})
+            entry["wall_ms"] += wall / 1e3
+            entry["kernel_ms"] += busy(e.time_range.start, e.time_range.end) / 1e3
+    for entry in phases.values():
+        entry["busy"] = round(entry["kernel_ms"] / max(entry["wall_ms"], 1e-9), 3)
+        entry["wall_ms"], entry["kernel_ms"] = round(entry["wall_ms"], 1), round(entry["kernel_ms"], 1)
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if kernels else ()):
+        print(prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr, flush=True)
+    return phases
+
+
+def ours(root: Path, out: Path, n: int, batch: int, args, compiled: tuple[str, ...] = ()) -> dict:
     import torch
 
     from unclip_batch.batches import rows_of, to_batch
     from unclip_batch.predict import UnclipPredictor
 
-    predictor = UnclipPredictor(model=str(root), tasks=("generate",), batch_size=args.batch, device=args.device,
+    predictor = UnclipPredictor(model=str(root), tasks=("generate",), batch_size=batch, device=args.device,
                                 dtype=args.dtype)
     model = predictor.model
     if args.channels_last:
         model.decoder.unet.to(memory_format=torch.channels_last)
         model.decoder.movq.to(memory_format=torch.channels_last)
-    if compile_unet:
+    if "unet" in compiled:
         model.decoder.unet = torch.compile(model.decoder.unet)
-    all_rows = rows(n + args.batch, args.size, args.steps, args.prior_steps)
-    pool = ThreadPoolExecutor(max_workers=4)  # the write stage: PNG encode + write, beside the model
+    if "prior" in compiled:  # the prior transformer and the CLIP text encoder it reads
+        model.prior.prior = torch.compile(model.prior.prior)
+        model.prior.text_encoder = torch.compile(model.prior.text_encoder)
+    all_rows = rows(n + batch, args.size, args.steps, args.prior_steps)
+    # The write stage: PNG encode + write in other processes (Ray workers in the job), beside the model.
+    pool = ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn"))
 
-    def write(row: dict) -> None:
-        pixels = np.frombuffer(row["pixels"], np.uint8).reshape(args.size, args.size, 3)
-        Image.fromarray(pixels).save(out / f"ours-{row['id']}.png")
+    def submit(row: dict):
+        return pool.submit(write, out / f"ours-{row['id']}.png", row["pixels"], args.size)
 
     warm_started = time.perf_counter()
-    for row in rows_of(predictor(to_batch(all_rows[:args.batch]))):  # warm-up (and compile) on one batch
-        pool.submit(write, row)
+    for f in [submit(row) for row in rows_of(predictor(to_batch(all_rows[:batch])))]:  # warm-up (and compile)
+        f.result()
     synchronize(args.device)
     warm_s = time.perf_counter() - warm_started
     pending = []
     with Busy() as busy:
         started = time.perf_counter()
-        for start in range(args.batch, len(all_rows), args.batch):
-            for row in rows_of(predictor(to_batch(all_rows[start:start + args.batch]))):
-                pending.append(pool.submit(write, row))
+        for start in range(batch, len(all_rows), batch):
+            pending += [submit(row) for row in rows_of(predictor(to_batch(all_rows[start:start + batch])))]
         for f in pending:
             f.result()
         wall = time.perf_counter() - started
     pool.shutdown()
-    return {"side": "ours" + (" compiled" if compile_unet else ""), "images": n, "batch": args.batch,
-            "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3), "gpu_busy": busy.fraction,
-            "warm_up_s": round(warm_s, 1)}
+    result = {"side": "ours" + (f" compiled {'+'.join(compiled)}" if compiled else ""), "images": n,
+              "batch": batch, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3),
+              "gpu_busy": busy.fraction, "warm_up_s": round(warm_s, 1)}
+    if args.profile:
+        result["profile"] = profile(predictor, all_rows[:batch], args.device)
+    return result
 
 
 def main() -> None:
@@ -238,9 +306,14 @@ def main() -> None:
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--rows", type=int, default=32, help="rows (= images) timed on our side")
     parser.add_argument("--naive-rows", type=int, default=8, help="rows timed in the naive loop")
-    parser.add_argument("--batch", type=int, default=16, help="images per model call on our side")
+    parser.add_argument("--batch", type=int, nargs="+", default=[16],
+                        help="images per model call on our side (one run each; compiled runs use the first)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd UNet")
+    parser.add_argument("--compile-prior", action="store_true",
+                        help="also time ours with the UNet, the prior and its text encoder compiled")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each of our runs, one call under torch.profiler: wall and GPU busy per phase")
     parser.add_argument("--small", action="store_true", help="a CPU-sized stand-in checkpoint (smoke runs)")
     parser.add_argument("--out", type=Path, help="PNG folder (default: ROOT/images)")
     args = parser.parse_args()
@@ -258,14 +331,15 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = [naive(args.root, out, args.naive_rows, args)]
     print(json.dumps(results[-1]), flush=True)
-    results.append(ours(args.root, out, args.rows, args))
-    print(json.dumps(results[-1]), flush=True)
-    if args.compile:
-        results.append(ours(args.root, out, args.rows, args, compile_unet=True))
+    runs = [(batch, ()) for batch in args.batch]
+    runs += [(args.batch[0], ("unet",))] if args.compile else []
+    runs += [(args.batch[0], ("unet", "prior"))] if args.compile_prior else []
+    for batch, compiled in runs:
+        results.append(ours(args.root, out, args.rows, batch, args, compiled))
         print(json.dumps(results[-1]), flush=True)
     base = results[0]["images_per_s"]
-    print(json.dumps({**info, "ratios": {r["side"]: round(r["images_per_s"] / base, 2) for r in results[1:]},
-                      "results": results}), flush=True)
+    ratios = {f"{r['side']} x{r['batch']}": round(r["images_per_s"] / base, 2) for r in results[1:]}
+    print(json.dumps({**info, "ratios": ratios, "results": results}), flush=True)
 
 
 if __name__ == "__main__":
