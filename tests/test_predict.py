@@ -1,5 +1,9 @@
 """The predictor on plain dict batches, without Ray (as Ray's batch-inference docs test theirs)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -51,3 +55,31 @@ def test_companions_do_not_change_a_rows_images(predictor):
     crowd = rows_of(predictor(to_batch([row(0, num_images=2), row(1, num_images=2), row(2, prompt="other")])))
     alone = rows_of(predictor(to_batch([row(1, num_images=2)])))
     assert [r["pixels"] for r in crowd if r["id"] == "r1"] == [r["pixels"] for r in alone]
+
+
+def test_model_runs_on_the_configured_threads_from_any_calling_thread():
+    """Ray Data calls an actor from another thread than the one that built it, where Ray's
+    OMP_NUM_THREADS=1 rules (an actor holding one CPU): the model must still get its ``threads``. Read
+    as oneDNN's convolutions see it: OpenMP's own count in the calling thread."""
+    probe = """
+import ctypes, threading, sys
+sys.path.insert(0, "tests")
+from test_predict import row
+from unclip_batch.batches import to_batch
+from unclip_batch.predict import UnclipPredictor
+predictor = UnclipPredictor(model="tiny", tasks=("generate",), batch_size=1, device="cpu", threads=2)
+gomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+generate, seen = predictor.model.generate, []
+def spy(*args):
+    seen.append(ctypes.CDLL(gomp).omp_get_max_threads())
+    return generate(*args)
+predictor.model.generate = spy
+caller = threading.Thread(target=predictor, args=(to_batch([row(0)]),))
+caller.start()
+caller.join()
+print(seen)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "[2]"

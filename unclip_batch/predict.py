@@ -13,6 +13,7 @@ or 6 it does (vector kernels work on rows in blocks), hence the power of two.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 
@@ -48,14 +49,16 @@ class UnclipPredictor:
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
         self.batch_size = batch_size
-        self.torch, self.threads = torch, threads
+        self.torch, self.threads, self._threaded = torch, threads, set()
 
     def _use_threads(self):
-        # OpenMP's thread count belongs to the calling thread, and Ray Data calls an actor from another
-        # thread than the one that built it, where Ray's OMP_NUM_THREADS (the actor's whole CPUs, here 1)
-        # rules: set it where the model runs. Measured on 2 cores: the model ran on one core at half speed.
-        if self.threads and self.torch.get_num_threads() != self.threads:
+        # OpenMP's thread count belongs to each thread. oneDNN's convolutions start OpenMP directly, so in
+        # a thread torch has not set up they get OMP_NUM_THREADS, which Ray sets to an actor's whole CPUs
+        # (1 here); and Ray Data calls the actor from a thread pool, not the thread that built it. Set the
+        # count in the calling thread. Measured on 2 cores: without it the UNet ran on one core.
+        if self.threads and threading.get_ident() not in self._threaded:
             self.torch.set_num_threads(self.threads)
+            self._threaded.add(threading.get_ident())
 
     def __call__(self, batch: dict) -> dict:
         self._use_threads()
