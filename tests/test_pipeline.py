@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import images_of, job, pixels, read_output, write_manifest
+from unclip_batch.config import JobConfig
 from unclip_batch.errors import SetupError
 from unclip_batch.pipeline import run_job
 
@@ -151,9 +152,9 @@ def test_resume_runs_only_what_is_left(ray_local, sources, tmp_path):
 def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_path):
     manifest = write_manifest(sources / "m.parquet", [{"id": "a", "prompt": "p"}])
     run_job(job([manifest], tmp_path / "out"))
-    with pytest.raises(SetupError, match="another job"):
+    with pytest.raises(SetupError, match="another job .*guidance_scale.*7.0 here"):
         run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
-    with pytest.raises(SetupError, match="another job"):
+    with pytest.raises(SetupError, match=f"another job .*batch_size {JobConfig.batch_size} there, 2 here"):
         run_job(job([manifest], tmp_path / "out", batch_size=2))
-    with pytest.raises(SetupError, match="another job"):
+    with pytest.raises(SetupError, match="another job .*model 'tiny' there, 'null' here"):
         run_job(dataclasses.replace(job([manifest], tmp_path / "out"), model="null"))

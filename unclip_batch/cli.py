@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     run.add_argument("--output", "-o", required=True, help="output folder URL (local path, s3://bucket/prefix ...)")
     run.add_argument("--address", help="Ray address: auto, ray://HEAD:10001 ... (default: start a local Ray)")
-    run.add_argument("--batch-size", type=int, default=8, help="images per model call, a power of two (default 8)")
+    run.add_argument("--batch-size", type=int, default=16, help="images per model call, a power of two (default 16)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
     run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor")
     run.add_argument("--overwrite", action="store_true", help="discard earlier results under --output "

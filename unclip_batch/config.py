@@ -20,7 +20,7 @@ class JobConfig:
     address: str | None = None  # Ray address; None starts a local Ray instance
     # Images per model call, a power of two. Calls are padded to exactly this size, so an image's bytes
     # never depend on what it was batched with (see predict.py).
-    batch_size: int = 8
+    batch_size: int = 16
     workers: int | None = None  # model actors; None = one per GPU, or 1 without a GPU
     cpus_per_worker: float | None = None  # None = 1 with a GPU, else a fraction (see pipeline.py)
     overwrite: bool = False  # delete earlier results under output first (default: resume)

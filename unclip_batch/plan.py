@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 JOB_RECORD = "_job.json"
 SUCCESS = "_SUCCESS"
 POSITION_CODES = ("invalid_id", "duplicate_id")  # errors whose id cannot key them
+RECORDED = ("model", "defaults", "batch_size", "scheduler")  # the job record's settings, named when they differ
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,18 @@ def check_job_record(output: str, record: dict, storage_options: dict | None = N
     except FileNotFoundError:
         return False
     if earlier.get("fingerprint") != record["fingerprint"]:
+        there, here = _settings(earlier), _settings(record)
+        differs = [f"{key} {there.get(key)!r} there, {here.get(key)!r} here" for key in sorted(set(there) | set(here))
+                   if there.get(key) != here.get(key)]
         raise SetupError(
-            f"{output} holds results of another job (model {earlier.get('model')!r}, settings "
-            f"{earlier.get('fingerprint')}); this one is model {record['model']!r}, settings "
-            f"{record['fingerprint']}. Use a new --output, or --overwrite to discard the old results.")
+            f"{output} holds results of another job ({'; '.join(differs) or 'other settings'}). To resume it, "
+            "run with its settings; else use a new --output, or --overwrite to discard the old results.")
     return True
+
+
+def _settings(record: dict) -> dict:
+    """A job record's settings, the defaults (steps, guidance) each named on their own."""
+    return {**{key: record.get(key) for key in RECORDED if key != "defaults"}, **record.get("defaults", {})}
 
 
 def clear_output(output: str, storage_options: dict | None = None) -> None:
