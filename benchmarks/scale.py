@@ -5,7 +5,7 @@
 
 Each size runs ``unclip-batch run --model null`` in its own process on a PartiPrompts manifest (local
 disk), while a sampler records the peak RSS of the driver (and its private part, USS: without the object
-store's shared pages it maps) and of every Ray worker process. With
+store's shared pages it maps) and of every Ray worker process (RSS, and USS every 2.5 s). With
 ``--resume-from F`` the job first runs the first F of the rows (``--limit``), then the whole manifest
 again on the same output, timing how long the resume takes to store its first new image.
 Prints one JSON line per size.
@@ -36,7 +36,7 @@ class PeakMemory:
 
     def __init__(self, root_pid: int, every_s: float = 0.5):
         self.root, self.every, self.peaks, self._stop = root_pid, every_s, {}, threading.Event()
-        self.private = 0
+        self.private, self.samples = {}, 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -55,20 +55,27 @@ class PeakMemory:
                     try:
                         name = "driver" if p.pid == self.root else " ".join(p.cmdline()[:3])[:60]
                         self.peaks[(p.pid, name)] = max(self.peaks.get((p.pid, name), 0), p.memory_info().rss)
-                        if p.pid == self.root:  # its own pages, without the object store's shared ones it maps
-                            self.private = max(self.private, p.memory_full_info().uss)
+                        # Private pages (USS), without the object store's shared ones a process maps: every
+                        # sample for the driver, every 5th for workers (reading them costs CPU).
+                        if p.pid == self.root or self.samples % 5 == 0:
+                            self.private[name] = max(self.private.get(name, 0), p.memory_full_info().uss)
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
+            self.samples += 1
             self._stop.wait(self.every)
 
     def report(self) -> dict:
         driver = max((v for (pid, n), v in self.peaks.items() if n == "driver"), default=0)
         workers = sorted((v, n) for (pid, n), v in self.peaks.items() if "ray::" in n or "default_worker" in n)
-        return {"driver_peak_mb": round(driver / 2**20), "driver_peak_private_mb": round(self.private / 2**20),
+        private = sorted((v, n) for n, v in self.private.items() if n != "driver")
+        return {"driver_peak_mb": round(driver / 2**20),
+                "driver_peak_private_mb": round(self.private.get("driver", 0) / 2**20),
                 "worker_peak_mb": round(workers[-1][0] / 2**20) if workers else 0,
-                "worker_peak_name": workers[-1][1] if workers else None,
+                "worker_peak_name": workers[-1][1].strip() if workers else None,
+                "worker_peak_private_mb": round(private[-1][0] / 2**20) if private else 0,
+                "worker_peak_private_name": private[-1][1].strip() if private else None,
                 "workers_seen": len(workers)}
 
 

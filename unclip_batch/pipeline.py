@@ -91,19 +91,21 @@ def run_job(config: JobConfig) -> dict:
     # a bigger block would hold every image of it until the last one is made. Batch-sized blocks are
     # written as they are made (first images sooner; a crash loses only the batches in flight).
     block_rows = config.batch_size * ROWS_PER_CALL
-    blocks = []
+    blocks, tasks = [], set()
     for rows, errors in validate(todo, defaults, size):
         sinks.errors(errors)
         # Rows that can share a model call travel together, so calls are full rather than padded
         # (stable: manifest order within a kind). Image bytes do not depend on the company they keep.
         rows = sorted(rows, key=lambda row: call_key(vars(row)))
         for start in range(0, len(rows), block_rows):
-            blocks.append(_rows_table(rows[start:start + block_rows]))
+            block = rows[start:start + block_rows]
+            tasks.update(row.task for row in block)
+            blocks.append(_put(config, _rows_table(block)))  # the driver keeps a reference, not the rows
     # 5. Run the pipeline.
     try:
         if blocks:
-            tasks = tuple(sorted({t for block in blocks for t in block["task"].to_pylist()}))
-            for batch in _dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in _dataset(config, blocks, tuple(sorted(tasks))).iter_batches(batch_size=None,
+                                                                                      batch_format="numpy"):
                 sinks.add(rows_of(batch))
     except KeyboardInterrupt:
         sinks.close(finished=False)  # Ctrl-C: keep the finished rows, then stop
@@ -144,11 +146,10 @@ def _rows_table(rows) -> pa.Table:
         "stage", pa.array([""] * len(rows), pa.string()))
 
 
-def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
+def _put(config: JobConfig, block: pa.Table):
+    """A validated block into Ray's object store as soon as it is made (Ray starts with the first one):
+    the driver holds references, not a second copy of every row (at 1M rows: ~250 MB less)."""
     import ray
-    from ray.data import ActorPoolStrategy
-
-    from unclip_batch.predict import UnclipPredictor
 
     if not ray.is_initialized():
         # A Ray we start ourselves is for this job alone: no dashboard. Its processes start beside the
@@ -156,6 +157,15 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
         # (benchmarks/README.md). `ray start --head` + --address keeps a dashboard.
         ray.init(address=config.address, logging_level=logging.WARNING,
                  include_dashboard=None if config.address else False)
+    return ray.put(block)
+
+
+def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from unclip_batch.predict import UnclipPredictor
+
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
     ray.data.DataContext.get_current().raise_original_map_exception = True
@@ -170,7 +180,7 @@ def _dataset(config: JobConfig, blocks: list[pa.Table], tasks: tuple[str, ...]):
     logger.info("Ray: %s; %d model worker(s), %s", resources, workers,
                 "one GPU each" if use_gpu else f"{threads} CPU threads each")
     so = config.storage_options
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow_refs(blocks)
     io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
     ds = ds.map_batches(load_sources, fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS,
                         batch_format="numpy")
