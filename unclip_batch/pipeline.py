@@ -102,10 +102,12 @@ def run_job(config: JobConfig) -> dict:
             tasks.update(row.task for row in block)
             blocks.append(_put(config, _rows_table(block)))  # the driver keeps a reference, not the rows
     # 5. Run the pipeline.
+    batches = None
     try:
         if blocks:
-            for batch in _dataset(config, blocks, tuple(sorted(tasks))).iter_batches(batch_size=None,
-                                                                                      batch_format="numpy"):
+            batches = iter(_dataset(config, blocks, tuple(sorted(tasks))).iter_batches(batch_size=None,
+                                                                                        batch_format="numpy"))
+            for batch in batches:
                 sinks.add(rows_of(batch))
     except KeyboardInterrupt:
         sinks.close(finished=False)  # Ctrl-C: keep the finished rows, then stop
@@ -120,6 +122,12 @@ def run_job(config: JobConfig) -> dict:
             raise StorageUnavailable(str(outage)) from exc
         raise JobFailed(f"the job stopped: {type(exc).__name__}: {exc}. Finished rows are saved; "
                         "rerun the same command to resume") from exc
+    finally:
+        # Stop the execution now, so its actors give back their CPUs and GPUs: a failed job's iterator
+        # lives on in the exception's traceback, and a caller that runs another job in the same process
+        # (a retry loop, our tests) would find the cluster still held by the first job's model actor.
+        if batches is not None:
+            batches.close()
     sinks.close()
     # 6. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
