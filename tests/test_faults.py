@@ -165,7 +165,7 @@ def test_s3_down_for_a_few_seconds_is_ridden_out(workload, own_s3):
     assert s3_images(own_s3) == images_of(reference)
 
 
-def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3, ray_local):
+def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3):
     from unclip_batch.errors import StorageUnavailable
 
     _, reference = workload
@@ -175,13 +175,9 @@ def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3, ra
     kill_s3_after(own_s3, images=1, down_s=None)
     with pytest.raises(StorageUnavailable, match="rerun the same command to resume"):
         run_job(config)
-    # The stopped job gave its model actor's CPU back: the rerun in this process once waited for it forever.
-    cpus = ray_local.cluster_resources()["CPU"]
-    deadline = time.monotonic() + 30
-    while ray_local.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray_local.available_resources().get("CPU", 0) == cpus, "the stopped job still holds CPUs"
     own_s3.start()
+    # The stopped run's model actor may still hold its CPUs: the rerun must not wait for them (it once
+    # waited forever on 2 CPUs, when each model actor reserved 1).
     summary = run_job(config)
     assert summary["rows"]["total_succeeded"] == 36 and summary["rows"]["total_failed"] == 0
     fs = own_s3.filesystem()

@@ -123,11 +123,8 @@ def run_job(config: JobConfig) -> dict:
         raise JobFailed(f"the job stopped: {type(exc).__name__}: {exc}. Finished rows are saved; "
                         "rerun the same command to resume") from exc
     finally:
-        # Stop the execution now, so its actors give back their CPUs and GPUs: a failed job's iterator
-        # lives on in the exception's traceback, and a caller that runs another job in the same process
-        # (a retry loop, our tests) would find the cluster still held by the first job's model actor.
         if batches is not None:
-            batches.close()
+            batches.close()  # stop the execution now, not when the iterator is garbage-collected
     sinks.close()
     # 6. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
@@ -181,9 +178,11 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     use_gpu = config.device != "cpu" and resources.get("GPU", 0) >= 1
     workers = config.workers or (int(resources["GPU"]) if use_gpu else 1)
     cpus = resources.get("CPU", 1)
-    # Without a GPU the actors compute on CPUs that the load and write tasks need too: give the model
-    # half the cluster, and the actor's torch as many threads as that half holds.
-    worker_cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, cpus / (2 * workers))))
+    # Without a GPU the actors compute on CPUs that the load and write tasks need too: reserve a quarter
+    # of the cluster for the model (its torch still gets all of a node's CPUs as threads). Not more: a job
+    # stopped by a failure can leave its model actor holding its CPUs for a while (seen in our tests:
+    # a rerun in the same process, on 2 CPUs with two 1-CPU actors, waited forever for its I/O tasks).
+    worker_cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, cpus / (4 * workers))))
     threads = None if use_gpu else max(1, int(cpus // workers))
     logger.info("Ray: %s; %d model worker(s), %s", resources, workers,
                 "one GPU each" if use_gpu else f"{threads} CPU threads each")
