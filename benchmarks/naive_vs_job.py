@@ -1,7 +1,7 @@
 """Job vs naive loop: the same rows, model, steps and machine, side by side in one command.
 
     python benchmarks/naive_vs_job.py                       # 96 mixed rows, 3 runs each, default model
-    python benchmarks/naive_vs_job.py --scheduler dpm++ --steps 20   # our job with the faster sampler
+    python benchmarks/naive_vs_job.py --steps 20 --naive-steps 50    # the model's 20 steps vs the docs' 50
 
 The naive loop is what a user writes from diffusers' Kandinsky 2.2 docs: load the prior, decoder and
 inpaint pipelines once, then per row call the prior pipeline once (``interpolate`` for a variation) and the
