@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 JOB_RECORD = "_job.json"
 SUCCESS = "_SUCCESS"
 POSITION_CODES = ("invalid_id", "duplicate_id")  # errors whose id cannot key them
-RECORDED = ("model", "defaults", "batch_size", "scheduler")  # the job record's settings, named when they differ
+RECORDED = ("model", "batch_size", "scheduler")  # the job record's settings besides its defaults
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def check_job_record(output: str, record: dict, storage_options: dict | None = N
 
 def _settings(record: dict) -> dict:
     """A job record's settings, the defaults (steps, guidance) each named on their own."""
-    return {**{key: record.get(key) for key in RECORDED if key != "defaults"}, **record.get("defaults", {})}
+    return {**{key: record.get(key) for key in RECORDED}, **record.get("defaults", {})}
 
 
 def clear_output(output: str, storage_options: dict | None = None) -> None:
