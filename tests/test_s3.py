@@ -1,7 +1,8 @@
-"""Manifests, sources and outputs on a real S3 server (SeaweedFS), through s3fs."""
+"""Manifests, sources and outputs on a real S3 server (SeaweedFS), through s3fs (image PUTs: obstore)."""
 
 import io
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,3 +84,38 @@ def test_model_from_object_storage_is_copied_once_per_node(s3, tmp_path, monkeyp
     assert spec.local_location(s3.storage_options) == local
     model = Kandinsky22(local, tasks=frozenset({"generate"}), device="cpu")
     assert model.inpainter is None
+
+
+def test_image_writes_go_through_obstore_where_the_options_allow(s3, bucket):
+    from unclip_batch import storage
+
+    fs, name = bucket
+    objects = {f"{name}/w/images/r{i}/0.png": png_bytes(scene()) for i in range(40)}
+    assert storage.s3_store(fs, name) is not None
+    storage.write_many(fs, objects, f"{name}/w", retry_for_s=5)
+    assert fs.cat(list(objects)) == objects
+    assert fs.info(f"{name}/w/images/r0/0.png")["ContentType"] == "image/png"
+    # An option obstore would not honour (here: extra PUT arguments, object metadata) keeps the s3fs path.
+    sse = s3.filesystem({**s3.storage_options, "s3_additional_kwargs": {"Metadata": {"by": "s3fs"}}})
+    assert storage.s3_store(sse, name) is None
+    storage.write_many(sse, {f"{name}/w/other.png": b"x"}, f"{name}/w", retry_for_s=5)
+    assert fs.cat(f"{name}/w/other.png") == b"x"
+
+
+def test_obstore_writes_stop_on_an_outage_with_a_short_message(tmp_path):
+    """The image PUTs (obstore) retry like every other storage call, up to retry_for_s, then raise
+    StorageUnavailable (riding out a short outage: test_faults, through a whole job)."""
+    from seaweedfs import SeaweedFS
+    from unclip_batch import storage
+    from unclip_batch.errors import StorageUnavailable
+
+    with SeaweedFS(tmp_path / "weed") as server:
+        fs = server.filesystem()
+        fs.mkdir("out")
+        storage.write_many(fs, {"out/a.png": b"a"}, "out", retry_for_s=5)
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="writing 1 objects under out kept failing for 3s") as failed:
+            storage.write_many(fs, {"out/b.png": b"b"}, "out", retry_for_s=3)
+        assert time.monotonic() - started < 20  # obstore's own retries stay short
+        assert "\n" not in str(failed.value)  # one line, not obstore's debug dump

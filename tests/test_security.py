@@ -102,3 +102,18 @@ def test_read_only_identity_is_refused_before_model_work(ray_local, locked_s3):
     with pytest.raises(SetupError, match="cannot write to output s3://outbox/denied"):
         run_job(job(["s3://inbox/demo.parquet"], "s3://outbox/denied", storage_options=reader))
     assert locked_s3.filesystem(locked_s3.admin_options()).find("outbox") == []
+
+
+def test_image_puts_sign_with_the_jobs_credentials(locked_s3):
+    """obstore signs the image PUTs itself: with the admin's keys they land; with the reader's they are
+    refused at once as PermissionError (a job stops), not retried as an outage."""
+    from unclip_batch import storage
+
+    admin = locked_s3.filesystem(locked_s3.admin_options())
+    storage.write_many(admin, {"outbox/signed/0.png": b"png"}, "outbox/signed", retry_for_s=5)
+    assert admin.cat("outbox/signed/0.png") == b"png"
+    reader = locked_s3.filesystem(locked_s3.options("reader-key", "reader-secret"))
+    assert storage.s3_store(reader, "outbox") is not None
+    with pytest.raises(PermissionError):
+        storage.write_many(reader, {"outbox/denied/0.png": b"png"}, "outbox/denied", retry_for_s=60)
+    assert admin.find("outbox/denied") == []

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import functools
+import json
 import logging
+import mimetypes
 import os
 import posixpath
 import time
@@ -82,14 +87,138 @@ def write_whole(fs, path: str, data: bytes, root: str, retry_for_s: float = RETR
 
 
 def write_many(fs, objects: dict[str, bytes], root: str, retry_for_s: float = RETRY_FOR_S) -> None:
-    """Write several whole objects; object stores get them concurrently (fsspec's async pipe)."""
+    """Write several whole objects; object stores get them concurrently.
+
+    S3 PUTs go through obstore (Rust's object_store) where the output's options are ones it understands:
+    measured against SeaweedFS on 2 cores, s3fs spends ~2 ms of CPU per small object (request building
+    and signing in Python), obstore ~0.3 ms, at 4x the objects/s. Anything else goes through fsspec's
+    async pipe.
+    """
     if not objects:
         return
+    what = f"writing {len(objects)} objects under {root}"
     if isinstance(fs, LocalFileSystem):
         for path, data in objects.items():
             write_whole(fs, path, data, root)
+    elif (store := s3_store(fs, fs.split_path(root)[0])) is not None:
+        pending = {fs.split_path(path)[1]: data for path, data in objects.items()}
+        retrying(lambda: _put_all(store, pending), what, retry_for_s)
     else:  # one round of concurrent PUTs instead of one round trip per object
-        retrying(lambda: fs.pipe(objects), f"writing {len(objects)} objects under {root}", retry_for_s)
+        retrying(lambda: fs.pipe(objects), what, retry_for_s)
+
+
+# S3 options obstore is given the same meaning of; an output with any other option (ACLs, encryption,
+# addressing style ...) keeps the s3fs path, which honours them all.
+S3_OPTIONS = {"key", "secret", "token", "anon", "endpoint_url", "profile", "use_ssl", "client_kwargs"}
+S3_CLIENT_OPTIONS = {"endpoint_url", "region_name"}
+PUT_CONCURRENCY = 64  # PUTs in flight per write task; s3fs's pipe batches similarly
+# obstore's own retries stay short: `retrying` decides when an outage is one (RETRY_FOR_S).
+OBSTORE_RETRY = {"max_retries": 2, "retry_timeout": dt.timedelta(seconds=10)}
+
+
+def s3_store(fs, bucket: str):
+    """An obstore S3Store for a bucket of an s3fs filesystem, or None where obstore cannot stand in."""
+    if type(fs).__module__.split(".")[0] != "s3fs":
+        return None
+    options = fs.storage_options
+    if set(options) - S3_OPTIONS or set(options.get("client_kwargs") or {}) - S3_CLIENT_OPTIONS:
+        return None
+    return _s3_store(json.dumps(options, sort_keys=True, default=str), bucket)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_store(options: str, bucket: str):
+    from obstore.store import S3Store
+
+    options = json.loads(options)
+    client = options.get("client_kwargs") or {}
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    config = {"region": client.get("region_name") or os.environ.get("AWS_REGION")
+              or os.environ.get("AWS_DEFAULT_REGION") or _bucket_region(options, bucket, endpoint)}
+    if config["region"] is None:
+        return None
+    if endpoint:
+        config["endpoint"] = endpoint
+    if options.get("anon"):
+        return S3Store(bucket, config={**config, "skip_signature": True}, retry_config=OBSTORE_RETRY,
+                       client_options={"allow_http": True})
+    provider = _Credentials(options)
+    if provider.credentials is None:
+        return None  # no credentials found: s3fs gives the error it always gave
+    return S3Store(bucket, config=config, credential_provider=provider, retry_config=OBSTORE_RETRY,
+                   client_options={"allow_http": True})
+
+
+def _bucket_region(options: dict, bucket: str, endpoint: str | None) -> str | None:
+    """The bucket's region, as AWS tells it (a custom endpoint with no region named: us-east-1)."""
+    if endpoint:
+        return "us-east-1"  # what botocore signs with when no region is named
+    import s3fs
+
+    try:
+        fs = s3fs.S3FileSystem(**options)
+        answer = fs.call_s3("head_bucket", Bucket=bucket)
+        return answer["ResponseMetadata"]["HTTPHeaders"].get("x-amz-bucket-region")
+    except Exception as exc:  # e.g. no s3:ListBucket permission: s3fs finds its way alone
+        logger.info("region of bucket %s not found (%s); writing through s3fs", bucket, exc)
+        return None
+
+
+class _Credentials:
+    """obstore credential provider over botocore's chain, so obstore finds the same credentials s3fs does
+    (options, environment, profile, instance role); temporary ones are renewed by botocore."""
+
+    RECHECK = dt.timedelta(minutes=5)
+
+    def __init__(self, options: dict):
+        import botocore.credentials
+        import botocore.session
+
+        if options.get("key"):
+            self.credentials = botocore.credentials.Credentials(options["key"], options.get("secret"),
+                                                                options.get("token"))
+        else:
+            self.credentials = botocore.session.Session(profile=options.get("profile")).get_credentials()
+
+    def __call__(self) -> dict:
+        frozen = self.credentials.get_frozen_credentials()
+        refreshing = hasattr(self.credentials, "refresh_needed")
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
+                "expires_at": dt.datetime.now(dt.timezone.utc) + self.RECHECK if refreshing else None}
+
+
+def _put_all(store, pending: dict[str, bytes]) -> None:
+    """PUT every pending object concurrently; the ones stored are taken out of ``pending``, so a retry
+    sends only the rest. Raises the first failure as the built-in error ``retrying`` understands."""
+    import obstore
+    from obstore import exceptions
+
+    async def put(key: str, data: bytes, slots: asyncio.Semaphore):
+        content_type = mimetypes.guess_type(key)[0]
+        async with slots:
+            await obstore.put_async(store, key, data,
+                                    attributes={"Content-Type": content_type} if content_type else None)
+
+    async def put_all():
+        slots = asyncio.Semaphore(PUT_CONCURRENCY)
+        return await asyncio.gather(*(put(key, data, slots) for key, data in pending.items()),
+                                    return_exceptions=True)
+
+    keys = list(pending)
+    failures = []
+    for key, result in zip(keys, asyncio.run(put_all())):
+        if isinstance(result, BaseException):
+            failures.append(result)
+        else:
+            del pending[key]
+    if failures:
+        first = failures[0]
+        if isinstance(first, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
+            raise PermissionError(str(first).split("\n")[0]) from first
+        if isinstance(first, exceptions.NotFoundError):  # the bucket is gone
+            raise FileNotFoundError(str(first).split("\n")[0]) from first
+        reason = str(first).split("\n")[0]  # obstore's next lines are a debug dump
+        raise OSError(f"{len(failures)} of {len(keys)} PUTs failed, first: {reason}") from first
 
 
 def clear_partial(fs, root: str) -> None:
