@@ -157,12 +157,25 @@ def _put(config: JobConfig, block: pa.Table):
     import ray
 
     if not ray.is_initialized():
-        # A Ray we start ourselves is for this job alone: no dashboard. Its processes start beside the
-        # model actor: ~1.5 s of a 10-row job's first image on 2 cores, measured side by side
-        # (benchmarks/README.md). `ray start --head` + --address keeps a dashboard.
-        ray.init(address=config.address, logging_level=logging.WARNING,
-                 include_dashboard=None if config.address else False)
+        start_ray(config.address)
     return ray.put(block)
+
+
+def start_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a Ray for this job alone."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):  # a cluster's settings are its own
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # No dashboard: its processes start beside the model actor, ~1.5 s of a 10-row job's first image on
+    # 2 cores, measured side by side (benchmarks/README.md). `ray start --head` + --address keeps one.
+    # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
+    # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
+    # Ray Data, pandas and the stage's libraries again (18 worker processes in a 10,000-row job on 2
+    # cores). Keep one per I/O task slot: 10,000 rows to S3 212 -> 256 images/s, side by side.
+    ray.init(logging_level=logging.WARNING, include_dashboard=False,
+             _system_config={"num_workers_soft_limit": int((os.cpu_count() or 1) / IO_TASK_CPUS) + 2})
 
 
 def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
