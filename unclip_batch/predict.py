@@ -13,6 +13,7 @@ or 6 it does (vector kernels work on rows in blocks), hence the power of two.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -31,33 +32,25 @@ class UnclipPredictor:
     def __init__(self, *, model: str, tasks: tuple[str, ...], batch_size: int, device: str = "auto",
                  dtype: str = "auto", scheduler: str = "default", threads: int | None = None,
                  storage_options: dict | None = None):
-        import diffusers
-        import torch
-        import transformers
-
-        # Per-component loading bars from every actor drown Ray's own progress; the job reports progress.
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
         spec = ModelSpec.parse(model)
-        self.family = spec.module()
+        self.family = spec.module()  # the family imports its own libraries (the null model: none)
         start = time.perf_counter()
         self.model = self.family.load(spec.local_location(storage_options), tasks=frozenset(tasks),
                                         device=device, dtype=dtype, scheduler=scheduler)
-        logger.info("model %s loaded on %s (%s) in %.1fs", model, device, dtype, time.perf_counter() - start)
+        logger.info("model %s loaded in %.1fs", model, time.perf_counter() - start)
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
         self.batch_size = batch_size
-        self.torch, self.threads, self._threaded = torch, threads, set()
+        self.threads, self._threaded = threads, set()
 
     def _use_threads(self):
         # OpenMP's thread count belongs to each thread. oneDNN's convolutions start OpenMP directly, so in
         # a thread torch has not set up they get OMP_NUM_THREADS, which Ray sets to an actor's whole CPUs
         # (1 here); and Ray Data calls the actor from a thread pool, not the thread that built it. Set the
         # count in the calling thread. Measured on 2 cores: without it the UNet ran on one core.
-        if self.threads and threading.get_ident() not in self._threaded:
-            self.torch.set_num_threads(self.threads)
+        torch = sys.modules.get("torch")  # not imported: the model computes without it
+        if torch and self.threads and threading.get_ident() not in self._threaded:
+            torch.set_num_threads(self.threads)
             self._threaded.add(threading.get_ident())
 
     def __call__(self, batch: dict) -> dict:
@@ -125,8 +118,9 @@ class UnclipPredictor:
         return self.model.inpaint(sources, [mask_of(row) for row, _ in call], prompts, negatives, seeds, sampling)
 
     def _free_memory(self):
-        if self.torch.cuda.is_available():
-            self.torch.cuda.empty_cache()
+        torch = sys.modules.get("torch")
+        if torch and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def call_key(row: dict) -> tuple:

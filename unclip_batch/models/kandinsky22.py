@@ -104,9 +104,16 @@ class Kandinsky22:
 
     def __init__(self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32",
                  scheduler: str = "default"):
+        import diffusers
         import torch
+        import transformers
         from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
+        # Per-component loading bars from every actor drown Ray's own progress; the job reports progress.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dtype = ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
         self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
         load = dict(use_safetensors=True, dtype=self.dtype)
         self.prior = _local_or_hub(KandinskyV22PriorPipeline, location, PRIOR, load).to(self.device)
