@@ -51,3 +51,38 @@ def test_overwrite_removes_only_our_names(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     plan.clear_output(str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_model_blocks_end_only_where_a_call_ends():
+    """Blocks of about CALLS_PER_BLOCK full calls; a group is never cut mid-call, so the actor pads each
+    group once, not once per block it spans. Every row exactly once, grouped, manifest order within a group."""
+    import math
+    import random
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from unclip_batch.predict import call_key
+
+    random.seed(0)
+    batch = 16
+    rows = [SimpleNamespace(id=f"r{i}", task=random.choice(["generate", "variation", "inpaint"]), width=64, height=64,
+                            num_inference_steps=20, guidance_scale=2.0, prior_num_inference_steps=25,
+                            prior_guidance_scale=4.0, negative_prompt="", prompt="p",
+                            num_images=random.choice([1, 1, 1, 2, 4]))
+            for i in range(500)]
+    blocks = list(plan.model_blocks(rows, batch))
+    flat = [row for block in blocks for row in block]
+    assert sorted(r.id for r in flat) == sorted(r.id for r in rows)
+    assert flat == sorted(rows, key=lambda row: call_key(vars(row)))  # stable: manifest order within a group
+    per_group = Counter()
+    for row in rows:
+        per_group[call_key(vars(row))] += row.num_images
+    calls = 0
+    for block in blocks:
+        in_block = Counter()
+        for row in block:
+            in_block[call_key(vars(row))] += row.num_images
+        calls += sum(math.ceil(n / batch) for n in in_block.values())
+        assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + max(r.num_images for r in rows)
+    assert calls == sum(math.ceil(n / batch) for n in per_group.values())  # no call padded twice
+    assert len(blocks) > 5  # and still small blocks, written as they are made

@@ -25,7 +25,6 @@ from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns,
                                    read_manifests, validate)
 from unclip_batch.models import ModelSpec
-from unclip_batch.predict import call_key
 from unclip_batch.sources import load_sources
 from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_images,
                                  write_json)
@@ -34,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 IO_TASK_CPUS = 0.25  # load and write tasks mostly wait on storage; on 2 cores whole CPUs would starve them
 PROGRESS_EVERY_S = 10.0
-# Rows handed to the model per batch, per image of a call: rows with several images and groups that
-# end mid-call leave calls padded; four calls' worth of rows per batch keeps that waste small.
-ROWS_PER_CALL = 4
 VERSIONED = ("ray", "torch", "diffusers", "transformers")  # recorded in the summary
 
 
@@ -88,17 +84,12 @@ def run_job(config: JobConfig) -> dict:
     lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
     sinks = _Sinks(config, lookup, spec.spec, total=todo.num_rows)
     # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
-    # a bigger block would hold every image of it until the last one is made. Batch-sized blocks are
-    # written as they are made (first images sooner; a crash loses only the batches in flight).
-    block_rows = config.batch_size * ROWS_PER_CALL
+    # a bigger block would hold every image of it until the last one is made. Small blocks are written
+    # as they are made (first images sooner; a crash loses only the batches in flight).
     blocks, tasks = [], set()
     for rows, errors in validate(todo, defaults, size):
         sinks.errors(errors)
-        # Rows that can share a model call travel together, so calls are full rather than padded
-        # (stable: manifest order within a kind). Image bytes do not depend on the company they keep.
-        rows = sorted(rows, key=lambda row: call_key(vars(row)))
-        for start in range(0, len(rows), block_rows):
-            block = rows[start:start + block_rows]
+        for block in plan.model_blocks(rows, config.batch_size):
             tasks.update(row.task for row in block)
             blocks.append(_put(config, _rows_table(block)))  # the driver keeps a reference, not the rows
     # 5. Run the pipeline.
@@ -209,7 +200,7 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
         fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=config.device,
                                    dtype=config.dtype, scheduler=config.scheduler, threads=threads,
                                    storage_options=so),
-        compute=ActorPoolStrategy(size=workers), batch_size=config.batch_size * ROWS_PER_CALL, batch_format="numpy",
+        compute=ActorPoolStrategy(size=workers), batch_size=None, batch_format="numpy",  # a block: plan.model_blocks
         num_gpus=1 if use_gpu else 0, num_cpus=worker_cpus,
     )
     return ds.map_batches(write_images, fn_kwargs={"output": config.output, **io_kwargs}, batch_size=None,
