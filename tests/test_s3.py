@@ -119,3 +119,19 @@ def test_obstore_writes_stop_on_an_outage_with_a_short_message(tmp_path):
             storage.write_many(fs, {"out/b.png": b"b"}, "out", retry_for_s=3)
         assert time.monotonic() - started < 20  # obstore's own retries stay short
         assert "\n" not in str(failed.value)  # one line, not obstore's debug dump
+
+
+def test_obstore_finds_endpoint_and_keys_in_the_environment_as_s3fs_does(s3, monkeypatch):
+    """README: credentials and an S3-compatible endpoint may come from the environment alone."""
+    import s3fs
+
+    from unclip_batch import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.storage_options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.storage_options["secret"])
+    bare = s3fs.S3FileSystem(skip_instance_cache=True)
+    bare.mkdir("from-env")
+    assert storage.s3_store(bare, "from-env") is not None
+    storage.write_many(bare, {"from-env/x/0.png": b"png"}, "from-env/x", retry_for_s=5)
+    assert s3.filesystem().cat("from-env/x/0.png") == b"png"

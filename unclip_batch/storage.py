@@ -132,7 +132,8 @@ def _s3_store(options: str, bucket: str):
 
     options = json.loads(options)
     client = options.get("client_kwargs") or {}
-    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    endpoint = (options.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))  # botocore's order
     config = {"region": client.get("region_name") or os.environ.get("AWS_REGION")
               or os.environ.get("AWS_DEFAULT_REGION") or _bucket_region(options, bucket, endpoint)}
     if config["region"] is None:
