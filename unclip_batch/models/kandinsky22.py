@@ -114,6 +114,7 @@ class Kandinsky22:
         transformers.utils.logging.disable_progress_bar()
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = ("float16" if device == "cuda" else "float32") if dtype == "auto" else dtype
+        logger.info("loading %s on %s (%s)", location, device, dtype)
         self.torch, self.device, self.dtype = torch, torch.device(device), getattr(torch, dtype)
         load = dict(use_safetensors=True, dtype=self.dtype)
         self.prior = _local_or_hub(KandinskyV22PriorPipeline, location, PRIOR, load).to(self.device)
