@@ -140,12 +140,13 @@ def _s3_store(options: str, bucket: str):
         return None
     if endpoint:
         config["endpoint"] = endpoint
+    provider = None
     if options.get("anon"):
-        return S3Store(bucket, config={**config, "skip_signature": True}, retry_config=OBSTORE_RETRY,
-                       client_options={"allow_http": True})
-    provider = _Credentials(options)
-    if provider.credentials is None:
-        return None  # no credentials found: s3fs gives the error it always gave
+        config["skip_signature"] = True
+    else:
+        provider = _Credentials(options)
+        if provider.credentials is None:
+            return None  # no credentials found: s3fs gives the error it always gave
     return S3Store(bucket, config=config, credential_provider=provider, retry_config=OBSTORE_RETRY,
                    client_options={"allow_http": True})
 
@@ -214,11 +215,11 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
             del pending[key]
     if failures:
         first = failures[0]
-        if isinstance(first, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
-            raise PermissionError(str(first).split("\n")[0]) from first
-        if isinstance(first, exceptions.NotFoundError):  # the bucket is gone
-            raise FileNotFoundError(str(first).split("\n")[0]) from first
         reason = str(first).split("\n")[0]  # obstore's next lines are a debug dump
+        if isinstance(first, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
+            raise PermissionError(reason) from first
+        if isinstance(first, exceptions.NotFoundError):  # the bucket is gone
+            raise FileNotFoundError(reason) from first
         raise OSError(f"{len(failures)} of {len(keys)} PUTs failed, first: {reason}") from first
 
 
