@@ -131,8 +131,8 @@ def model_blocks(rows: list, batch_size: int) -> Iterator[list]:
     block) the 96-row mixed benchmark ran 9 calls of 16 for 128 images; cut here, 8.
     """
     target, block, images, group, group_images = batch_size * CALLS_PER_BLOCK, [], 0, None, 0
-    for row in sorted(rows, key=lambda row: call_key(vars(row))):
-        key = call_key(vars(row))
+    keyed = sorted(((call_key(vars(row)), row) for row in rows), key=lambda pair: pair[0])
+    for key, row in keyed:
         if key != group:
             group, group_images = key, 0
         # A row with several images can carry a group past a call's end: past twice the target, cut anyway.
