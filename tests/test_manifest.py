@@ -1,6 +1,7 @@
 import math
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from helpers import write_manifest
@@ -127,3 +128,33 @@ def test_unusable_manifests_fail_as_a_whole(tmp_path, make, message):
 def test_default_seed_is_stable():
     assert default_seed("row-1") == default_seed("row-1") != default_seed("row-2")
     assert 0 <= default_seed("x") < 2**32
+
+
+@pytest.mark.parametrize("kind", [pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string()),
+                                  pa.dictionary(pa.int8(), pa.large_string())])
+def test_every_arrow_string_type_is_a_string(tmp_path, kind):
+    """pandas categoricals become dictionaries, newer writers string_view: both are strings to us."""
+    rows = {"id": ["a", "b"], "task": ["generate", "variation"], "prompt": ["a red circle", None],
+            "image": [None, "img/x.png"], "tag": ["kept", "as is"]}
+    table = pa.table({name: pa.array(values, pa.string()).cast(kind) for name, values in rows.items()})
+    path = tmp_path / "m.parquet"
+    pa.parquet.write_table(table, path)
+    read = read_manifests([str(path)])
+    assert read.schema.field("id").type == read.schema.field("prompt").type == pa.string()
+    assert read.schema.field("tag").type == pa.parquet.read_schema(path).field("tag").type  # carried untouched
+    good, bad = collect(read)
+    assert bad == [] and [(r.id, r.task, r.prompt, r.image) for r in good] == [
+        ("a", "generate", "a red circle", ""), ("b", "variation", "", str(tmp_path / "img" / "x.png"))]
+
+
+def test_input_hash_sees_what_the_images_depend_on(tmp_path):
+    from unclip_batch.manifest import input_hash
+
+    base = {"id": "a", "prompt": "a red circle", "seed": 5}
+    assert input_hash(base) == input_hash({**base, "seed": 5.0, "tag": "extra"}) == input_hash(
+        {**base, "mask": None})
+    for change in ({"prompt": "a blue circle"}, {"seed": 6}, {"num_images": 2}, {"task": "variation"},
+                   {"guidance_scale": 2.0}, {"image": "x.png"}):
+        assert input_hash({**base, **change}) != input_hash(base), change
+    good, _ = run_validate(tmp_path, [base])
+    assert good[0].input_hash == input_hash(base)

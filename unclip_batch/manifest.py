@@ -6,9 +6,13 @@ Whole-manifest problems (unreadable, no ``id``, a column of the wrong type, no r
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
+import logging
 import math
 import os
+import posixpath
 import re
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -19,6 +23,8 @@ import pyarrow.parquet as pq
 
 from unclip_batch import storage
 from unclip_batch.errors import ManifestError, RowError
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("generate", "variation", "inpaint")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -34,7 +40,7 @@ FLOAT_COLUMNS = ("guidance_scale", "prior_guidance_scale")
 KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
 # Columns the output adds to every metadata/error row; a manifest column may not shadow them.
 RESERVED_COLUMNS = ("k", "image_key", "sha256", "model", "parameters", "timings", "stage", "code", "message",
-                    "manifest", "manifest_row", "row")
+                    "manifest", "manifest_row", "row", "input_hash")
 # Bookkeeping columns added to the manifest table (leading underscore: never a user column).
 ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST = "_row", "_manifest", "_manifest_row", "_folder", "_first"
 BOOKKEEPING = (ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST)
@@ -59,6 +65,7 @@ class Row:
     guidance_scale: float
     prior_num_inference_steps: int
     prior_guidance_scale: float
+    input_hash: str = ""  # of the row as written (see input_hash): a resume spots a row changed under its id
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -103,6 +110,24 @@ def _check_text(name: str, text: str) -> None:
                                          f"at position {control.start()}; remove it")
 
 
+def input_hash(record: dict) -> str:
+    """A fingerprint of a manifest row as written: every known column (a column left out is the same as
+    one left empty), numbers compared as values (5 and 5.0 agree). Recorded with the row's output, so a
+    rerun can tell a row changed under the same id from one already done."""
+    values = [_canonical(record.get(name)) for name in KNOWN_COLUMNS]
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _canonical(value):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None  # pandas' missing number
+        if value.is_integer():
+            return int(value)
+    return value
+
+
 def default_seed(row_id: str) -> int:
     """A seed derived from the id, so a row without one is still reproducible (32 bits, like numpy's)."""
     return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:4], "big")
@@ -128,7 +153,7 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         is_dir = fs.isdir(path)
         if not is_dir and not fs.exists(path):
             raise ManifestError(f"manifest {url} does not exist")
-        table = pq.read_table(path, filesystem=fs)
+        table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
     except ManifestError:
         raise
     except PermissionError as exc:
@@ -141,22 +166,56 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         raise ManifestError(f"manifest {url} has no rows")
     folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
     n = table.num_rows
-    table = table.set_column(table.schema.get_field_index("id"), "id", pc.cast(table["id"], pa.string()))
-    for name in STRING_COLUMNS:
-        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
-            table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(n, pa.string()))
+    for name in ("id",) + STRING_COLUMNS:  # plain strings from here on, whatever string type was written
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], pa.string()))
+    _warn_near_misses(url, table.column_names)
     return (table.append_column(MANIFEST, pa.array([url] * n, pa.string()))
             .append_column(MANIFEST_ROW, pa.array(range(n), pa.int64()))
             .append_column(FOLDER, pa.array([folder] * n, pa.string()).dictionary_encode()))
+
+
+def parquet_files(fs, path: str, url: str) -> list[str]:
+    """The ``*.parquet`` files under a manifest folder, sorted; other files (source images beside the
+    manifests, scripts, ``_SUCCESS``) are skipped and named once. Hidden and ``_``-prefixed entries are
+    skipped as pyarrow's dataset discovery skips them."""
+    found = sorted(p for p in fs.find(path) if not any(
+        part.startswith((".", "_")) for part in posixpath.relpath(p, path).split("/")))
+    files = [p for p in found if p.endswith(".parquet")]
+    skipped = [posixpath.relpath(p, path) for p in found if not p.endswith(".parquet")]
+    if not files:
+        raise ManifestError(f"manifest folder {url} has no *.parquet files"
+                            + (f" ({len(skipped)} other files, e.g. {skipped[0]})" if skipped else ""))
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        logger.warning("manifest folder %s: read %d *.parquet file(s), skipped %d other file(s): %s", url,
+                       len(files), len(skipped), shown)
+    return files
+
+
+def _warn_near_misses(url: str, columns: list[str]) -> None:
+    """A column that is not ours but nearly is (``prompts``) is carried through untouched: say so."""
+    for name in columns:
+        if name not in KNOWN_COLUMNS:
+            close = difflib.get_close_matches(name.lower(), [c for c in KNOWN_COLUMNS if c not in columns], n=1)
+            if close:
+                logger.warning("manifest %s: column %r is not a manifest column and is carried through as it "
+                               "is; did you mean %r?", url, name, close[0])
+
+
+def _string_like(kind: pa.DataType) -> bool:
+    """Every Arrow string type: pandas categoricals arrive as dictionaries, newer writers as string_view."""
+    if pa.types.is_dictionary(kind):
+        return _string_like(kind.value_type)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
 def _check_schema(url: str, schema: pa.Schema) -> None:
     if "id" not in schema.names:
         raise ManifestError(f"manifest {url} has no 'id' column (columns: {', '.join(schema.names)}); "
                             "every row needs a unique id")
-    checks = [("id", (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer), "string")]
-    checks += [(c, (pa.types.is_string, pa.types.is_large_string, pa.types.is_null), "string")
-               for c in STRING_COLUMNS]
+    checks = [("id", (_string_like, pa.types.is_integer), "string")]
+    checks += [(c, (_string_like, pa.types.is_null), "string") for c in STRING_COLUMNS]
     checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "integer") for c in INT_COLUMNS]
     checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "number") for c in FLOAT_COLUMNS]
     for name, accepted, expected in checks:
@@ -239,7 +298,7 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
         negative_prompt=record.get("negative_prompt") or "",
         image=storage.resolve(record["image"], folder) if record.get("image") else "",
         mask=storage.resolve(record["mask"], folder) if record.get("mask") else "",
-        **values,
+        input_hash=input_hash(record), **values,
     )
 
 
@@ -258,4 +317,4 @@ def _number(name: str, value, integer: bool):
 def error_record(record: dict, stage: str, code: str, message: str) -> dict:
     """The errors/*.parquet row for a manifest record (its id may itself be the problem)."""
     return {"id": record.get("id"), "task": record.get("task") or "generate", "stage": stage, "code": code,
-            "message": message, "row": record[ROW]}
+            "message": message, "row": record[ROW], "input_hash": input_hash(record)}
