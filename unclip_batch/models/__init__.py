@@ -90,6 +90,38 @@ class ModelSpec:
         return self.module().describe(self.local_location(storage_options))
 
 
+_HUB_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # a Hub user or organisation name
+
+
+def describe_model(model: str, storage_options: dict | None = None) -> tuple[ModelSpec, ModelInfo]:
+    """The spec and what rows may ask of it, or a SetupError saying what is wrong with ``--model``."""
+    from unclip_batch.errors import SetupError
+
+    try:
+        spec = ModelSpec.parse(model)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+    local = "://" not in spec.location or spec.location.startswith("file://")
+    path = Path(spec.location.removeprefix("file://")).expanduser()
+    if local and spec.family != "null" and not path.is_dir():
+        known = ", ".join(ALIASES)
+        if not _HUB_NAMESPACE.match(spec.location):
+            raise SetupError(f"model {model!r} not found: not a folder ({path.absolute()} does not exist), not a "
+                             f"known alias ({known})")
+        try:
+            return spec, spec.describe(storage_options)
+        except Exception as exc:  # the Hub answers in many exception types; the first line says enough
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+                reason = "HF_HUB_OFFLINE is set, and this machine's Hub cache does not have it"
+            raise SetupError(f"model {model!r} not found: not a folder, not a known alias ({known}), and not "
+                             f"loadable from the Hugging Face Hub as a namespace ({reason})") from exc
+    try:
+        return spec, spec.describe(storage_options)
+    except Exception as exc:
+        raise SetupError(f"model {model!r} could not be read: {type(exc).__name__}: {exc}") from exc
+
+
 def sync_to_cache(url: str, storage_options: dict) -> str:
     """Copy a checkpoint tree from object storage into a per-node cache, once; return the local folder."""
     from unclip_batch.storage import filesystem
