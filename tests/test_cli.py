@@ -28,7 +28,7 @@ def test_validate_reports_bad_rows(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [
         {"id": "ok", "prompt": "p"}, {"id": "bad id", "prompt": "p"}, {"id": "n", "prompt": "p", "num_images": 0}])
     result = cli("validate", manifest)
-    assert result.returncode == 1
+    assert result.returncode == 4  # EXIT_ROWS_FAILED, as a run whose rows failed
     assert "3 rows: 1 valid, 2 invalid" in result.stdout
     assert "invalid_id: 1" in result.stdout and "invalid_num_images: 1" in result.stdout
     assert "row 1 id='bad id'" in result.stdout
@@ -53,10 +53,69 @@ def test_bad_manifest_fails_fast_without_a_model(tmp_path, rows, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_model_fails_fast(tmp_path):
+@pytest.mark.parametrize("command, model, says", [
+    ("run", "{tmp}/nothing", "not a folder ({tmp}/nothing does not exist), not a known alias (default, shapes"),
+    ("run", "./defualt", "not a folder"),
+    ("validate", "does-not-exist", "not a folder, not a known alias (default, shapes, tiny, null), and not loadable from the "
+                                   "Hugging Face Hub as a namespace (HF_HUB_OFFLINE is set"),
+])
+def test_unknown_model_fails_fast_saying_what_was_tried(tmp_path, command, model, says):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
-    result = cli("run", manifest, "--output", str(tmp_path / "out"), "--model", str(tmp_path / "nothing"))
-    assert result.returncode == 2 and "could not be read" in result.stderr
+    output = ["--output", str(tmp_path / "out")] if command == "run" else []
+    result = cli(command, manifest, *output, "--model", model.format(tmp=tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert f"model {model.format(tmp=tmp_path)!r} not found: " + says.format(tmp=tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_ray_client_address_is_refused_before_any_work(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    start = time.monotonic()
+    result = cli("run", manifest, "--output", str(tmp_path / "out"), "--model", "tiny",
+                 "--address", "ray://head.example:10001")
+    assert result.returncode == 2, result.stderr
+    assert "Ray Client (ray://) does not work with Ray Data" in result.stderr
+    assert "ray job submit --address http://head.example:8265" in result.stderr
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+    # The same from the environment, as `RAY_ADDRESS=ray://...` would have it.
+    result = cli("run", manifest, "--output", str(tmp_path / "out"), env={"RAY_ADDRESS": "ray://h:10001"})
+    assert result.returncode == 2 and "Ray Client" in result.stderr
+
+
+def test_relative_output_is_refused_in_a_ray_job_and_made_absolute_elsewhere(tmp_path):
+    from unclip_batch.cli import output_location
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    result = cli("run", manifest, "--output", "out/run1", env={"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"})
+    assert result.returncode == 2, result.stderr
+    assert "--output out/run1 is a relative path, and this is a Ray job" in result.stderr
+    assert output_location("out/x") == os.path.join(os.getcwd(), "out/x")
+    assert output_location("s3://b/out") == "s3://b/out" and output_location("/abs/out") == "/abs/out"
+
+
+def test_validate_reads_only_parquet_of_a_folder_and_names_the_rest(tmp_path):
+    folder = tmp_path / "manifests"
+    write_manifest(folder / "a.parquet", [{"id": "a", "prompt": "p"}])
+    write_manifest(folder / "sub" / "b.parquet", [{"id": "b", "prompt": "p"}])
+    (folder / "build.py").write_text("print('not a manifest')\n")
+    (folder / "source.png").write_bytes(b"\x89PNG not really")
+    (folder / "_SUCCESS").write_text("{}")
+    result = cli("validate", str(folder))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 rows: 2 valid, 0 invalid" in result.stdout
+    assert "read 2 *.parquet file(s), skipped 2 other file(s): build.py, source.png" in result.stderr
+    (folder / "a.parquet").unlink(), (folder / "sub" / "b.parquet").unlink()
+    result = cli("validate", str(folder))
+    assert result.returncode == 2 and "has no *.parquet files (2 other files, e.g. build.py)" in result.stderr
+
+
+def test_validate_suggests_the_column_a_near_miss_meant(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompts": "a red circle"}])
+    result = cli("validate", manifest)
+    assert result.returncode == 4
+    assert "column 'prompts' is not a manifest column and is carried through as it is; did you mean 'prompt'?" \
+        in result.stderr
+    assert "missing_prompt: 1" in result.stdout
 
 
 @pytest.mark.slow

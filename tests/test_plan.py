@@ -86,3 +86,50 @@ def test_model_blocks_end_only_where_a_call_ends():
         assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + max(r.num_images for r in rows)
     assert calls == sum(math.ceil(n / batch) for n in per_group.values())  # no call padded twice
     assert len(blocks) > 5  # and still small blocks, written as they are made
+
+
+def test_rows_changed_under_their_id_are_found_and_forgotten(tmp_path):
+    from unclip_batch.manifest import input_hash
+
+    rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}, {"id": "bad id", "prompt": "x"},
+            {"id": "c", "prompt": "green"}]
+    old = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    h = {r["id"]: input_hash(r) for r in rows}
+    shard(out / "metadata", [{"id": "a", "k": 0, "input_hash": h["a"]}, {"id": "a", "k": 1, "input_hash": h["a"]},
+                             {"id": "c", "k": 0, "input_hash": h["c"]}])
+    shard(out / "metadata", [{"id": "old", "k": 0, "input_hash": None}])  # before fingerprints: never "changed"
+    shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": old, "manifest_row": 1,
+                            "input_hash": h["b"]},
+                           {"id": "bad id", "code": "invalid_id", "manifest": old, "manifest_row": 2,
+                            "input_hash": h["bad id"]}])
+    for k in (0, 1):
+        (out / "images" / "a").mkdir(parents=True, exist_ok=True)
+        (out / "images" / "a" / f"{k}.png").write_bytes(b"png")
+    assert plan.changed_rows(read_manifests([old]), plan.load_done(str(out))).num_rows == 0
+
+    # Same ids, same file: a's prompt changed, b's seed set, the bad id fixed; c and old untouched.
+    rows[0]["prompt"], rows[1]["seed"], rows[2]["id"] = "yellow", 3, "fixed"
+    table = read_manifests([write_manifest(tmp_path / "m.parquet", rows)])
+    done = plan.load_done(str(out))
+    changed = plan.changed_rows(table, done)
+    assert changed["key"].to_pylist() == ["a", "b", f"{old}#2"]
+    assert plan.pending(table, done)["id"].to_pylist() == []
+    plan.forget(str(out), changed)
+    assert not (out / "images" / "a").exists()
+    done = plan.load_done(str(out))
+    assert plan.pending(table, done)["id"].to_pylist() == ["a", "b", "fixed"]
+    assert sorted(pq.read_table(out / "metadata")["id"].to_pylist()) == ["c", "old"]
+    assert pq.read_table(out / "errors").num_rows == 0
+
+
+def test_rows_recorded_as_errors_are_counted_and_can_be_redone(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": i} for i in "abc"])
+    out = tmp_path / "out"
+    shard(out / "metadata", [{"id": "a", "k": 0}])
+    shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": manifest, "manifest_row": 1}])
+    table = read_manifests([manifest])
+    assert plan.skipped_errors(table, plan.load_done(str(out))) == 1
+    plan.discard_errors(str(out))
+    done = plan.load_done(str(out))
+    assert plan.skipped_errors(table, done) == 0 and plan.pending(table, done)["id"].to_pylist() == ["b", "c"]

@@ -16,7 +16,7 @@ from unclip_batch.predict import UnclipPredictor
 def row(i, **kw):
     base = dict(row=i, id=f"r{i}", task="generate", prompt=f"prompt {i}", negative_prompt="", image="", mask="",
                 num_images=1, seed=i, width=64, height=64, guidance_scale=4.0, prior_guidance_scale=4.0,
-                code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, **FAST)
+                code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, input_hash=f"h{i}", **FAST)
     base.update(kw)
     assert set(ROW_FIELDS) <= set(base)
     return base

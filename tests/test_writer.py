@@ -84,7 +84,7 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
     row = dict(id="b", k=0, task="generate", image_key="images/b/0.png", prompt="p", negative_prompt="",
                image="", mask="", seed=3, width=8, height=8, sha256="x", row=1, num_inference_steps=4,
                guidance_scale=4.0, prior_num_inference_steps=2, prior_guidance_scale=4.0, load_s=0.0,
-               model_s=1.0, write_s=0.1)
+               model_s=1.0, write_s=0.1, input_hash="0123456789abcdef")
     writer.add([metadata_record(row, "tiny")])
     writer.flush()
     table = pq.read_table(tmp_path / "metadata")
@@ -97,11 +97,12 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
 def test_errors_shard(tmp_path):
     lookup = pa.table({"_manifest": ["m"], "_manifest_row": [0]})
     writer = ShardWriter(output=str(tmp_path), folder="errors", schema=ERROR_SCHEMA, lookup=lookup)
-    writer.add([{"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m", "row": 0}])
+    writer.add([{"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m", "row": 0,
+                 "input_hash": "h"}])
     writer.flush()
     assert pq.read_table(tmp_path / "errors").to_pylist() == [
         {"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m",
-         "manifest": "m", "manifest_row": 0}]
+         "input_hash": "h", "manifest": "m", "manifest_row": 0}]
 
 
 def test_json(tmp_path):

@@ -6,14 +6,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 
 from unclip_batch.config import OVERRIDABLE, SCHEDULERS, JobConfig
-from unclip_batch.errors import JobFailed, SetupError
+from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable
 
-EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options
-EXIT_FAILED = 3  # the job stopped part-way (storage outage, cluster failure); rerunning resumes
+# Exit codes (README, "Exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
+EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options; nothing was computed
+EXIT_STORAGE = 3  # object storage stayed unavailable past --storage-retry-seconds; rerunning resumes
+EXIT_ROWS_FAILED = 4  # every row is accounted for, but some are error records (validate: invalid rows)
+EXIT_STOPPED = 5  # the job stopped part-way for another reason (cluster, model actor); finished rows are kept
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor")
     run.add_argument("--overwrite", action="store_true", help="discard earlier results under --output "
                      "(default: resume, skipping rows already done)")
+    run.add_argument("--retry-errors", action="store_true", help="redo the rows that earlier runs recorded as "
+                     "errors (default: a resumed job skips them)")
+    run.add_argument("--redo-changed", action="store_true", help="redo rows whose manifest values changed under "
+                     "the same id since an earlier run recorded them (default: such a rerun is refused)")
+    run.add_argument("--allow-failures", action="store_true", help="exit 0 when the job completes even if some "
+                     f"rows failed (default: exit {EXIT_ROWS_FAILED})")
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
@@ -62,12 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     defaults = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
-    return JobConfig(manifests=tuple(args.manifests), output=args.output, model=args.model,
+    return JobConfig(manifests=tuple(args.manifests), output=output_location(args.output), model=args.model,
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
-                     limit=args.limit, defaults=defaults, device=args.device, dtype=args.dtype,
+                     limit=args.limit, retry_errors=args.retry_errors, redo_changed=args.redo_changed, defaults=defaults, device=args.device, dtype=args.dtype,
                      scheduler=args.scheduler, flush_every_s=args.flush_seconds,
                      storage_retry_s=args.storage_retry_seconds)
+
+
+def output_location(output: str) -> str:
+    """A local output as an absolute path: Ray's workers (and a Ray job's driver) run in other folders.
+
+    Inside a Ray job the working directory is Ray's temporary copy of the job's files, deleted with it:
+    a relative output there is refused rather than written where nobody will look."""
+    if "://" in output or os.path.isabs(output):
+        return output
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray for a submitted job's entrypoint
+        raise SetupError(f"--output {output} is a relative path, and this is a Ray job: it would land in Ray's "
+                         f"temporary working directory ({os.getcwd()}), deleted with the job. Give an "
+                         "object-storage URL (s3://...) or an absolute path on storage every node shares")
+    return os.path.abspath(output)
 
 
 def _storage_options(args) -> dict:
@@ -92,10 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, ValueError) as exc:
         print(f"unclip-batch: error: {exc}", file=sys.stderr)
         return EXIT_SETUP
+    except StorageUnavailable as exc:
+        print(f"unclip-batch: job stopped: object storage unavailable: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except JobFailed as exc:
-        print(f"unclip-batch: job stopped: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"unclip-batch: job stopped: {exc}. The rows finished so far are saved: once the cause is fixed, "
+              "the same command resumes after them", file=sys.stderr)
+        return EXIT_STOPPED
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"unclip-batch: interrupted ({signal.Signals(signum).name}): {getattr(exc, 'saved', 0)} rows saved "
+              "by this run; rerun the same command to resume", file=sys.stderr)
+        return 128 + signum  # the shell's convention for a process ended by a signal
     print(format_summary(summary))
+    if summary["rows"]["failed"] and not args.allow_failures:
+        return EXIT_ROWS_FAILED
     return 0
 
 
@@ -107,9 +142,9 @@ def _quiet_ray() -> None:
 
 def _validate(args) -> int:
     from unclip_batch.manifest import SizeRule, read_manifests, validate
-    from unclip_batch.models import ModelSpec
+    from unclip_batch.models import describe_model
 
-    info = ModelSpec.parse(args.model).describe(_storage_options(args))
+    _, info = describe_model(args.model, _storage_options(args))
     table = read_manifests(args.manifests, _storage_options(args))
     size = SizeRule.of(info)
     good, bad, codes = 0, [], Counter()
@@ -123,7 +158,7 @@ def _validate(args) -> int:
         print(f"  {code}: {n}")
     for e in bad:
         print(f"  row {e['row']} id={e['id']!r}: [{e['code']}] {e['message']}")
-    return 1 if total_bad else 0
+    return EXIT_ROWS_FAILED if total_bad else 0
 
 
 def format_summary(summary: dict) -> str:
@@ -137,8 +172,12 @@ def format_summary(summary: dict) -> str:
         f"  failed          {rows['failed']:>8}",
     ]
     lines += [f"    {code:<22}{n:>6}" for code, n in summary["errors_by_code"].items()]
-    lines.append(f"  all runs: {rows['total_succeeded']} succeeded, {rows['total_failed']} failed "
-                 f"(errors: {summary['output'].rstrip('/')}/errors/)")
+    errors = f" (errors: {summary['output'].rstrip('/')}/errors/)" if rows["total_failed"] else ""
+    lines.append(f"  all runs: {rows['total_succeeded']} succeeded, {rows['total_failed']} failed{errors}")
+    skipped = rows.get("skipped_errors", 0)
+    if skipped:
+        lines.append(f"  {skipped} rows recorded as errors by earlier runs were skipped: fix them in the manifest "
+                     "and rerun with --retry-errors to redo them")
     return "\n".join(lines)
 
 

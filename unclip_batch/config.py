@@ -25,6 +25,8 @@ class JobConfig:
     cpus_per_worker: float | None = None  # None = 1 with a GPU, else a fraction (see pipeline.py)
     overwrite: bool = False  # delete earlier results under output first (default: resume)
     limit: int | None = None  # run only the first N manifest rows
+    retry_errors: bool = False  # redo rows that earlier runs recorded as errors (default: skip them)
+    redo_changed: bool = False  # redo rows changed under the same id since recorded (default: refuse the job)
     defaults: dict = field(default_factory=dict)  # OVERRIDABLE fields for rows that leave them empty
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16

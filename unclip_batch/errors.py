@@ -23,6 +23,15 @@ class StorageUnavailable(JobFailed):
     """Object storage kept failing past the retry window (an outage, not a missing object)."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: the job saves the rows it finished and stops (not an Exception, like
+    KeyboardInterrupt, so no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int, saved: int = 0):
+        super().__init__(signum, saved)
+        self.signum, self.saved = signum, saved
+
+
 class RowError(ValueError):
     """One manifest row cannot be done; the job records it and goes on."""
 

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import platform
+import signal
+import threading
 import time
 from collections import Counter
 
@@ -21,10 +23,10 @@ import pyarrow as pa
 from unclip_batch import __version__, plan, storage
 from unclip_batch.batches import NO_ERROR, rows_of
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
+from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable
 from unclip_batch.manifest import (MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns,
                                    read_manifests, validate)
-from unclip_batch.models import ModelSpec
+from unclip_batch.models import ModelSpec, describe_model
 from unclip_batch.sources import load_sources
 from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_images,
                                  write_json)
@@ -41,11 +43,8 @@ def run_job(config: JobConfig) -> dict:
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     so = config.storage_options
     # 1. Model config (no weights) and manifests: every whole-job problem surfaces here.
-    spec = ModelSpec.parse(config.model)
-    try:
-        info = spec.describe(so)
-    except Exception as exc:
-        raise SetupError(f"model {config.model!r} could not be read: {type(exc).__name__}: {exc}") from exc
+    ray_address(config.address)  # a Ray Client address is refused before anything else
+    spec, info = describe_model(config.model, so)
     defaults = {**info.defaults, **config.defaults}
     size = SizeRule.of(info)
     table = read_manifests(config.manifests, so, config.limit)
@@ -76,52 +75,73 @@ def run_job(config: JobConfig) -> dict:
     except Exception as exc:
         raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
     # 3. What is left to do.
+    if resuming and config.retry_errors:
+        plan.discard_errors(config.output, so)
     done = plan.load_done(config.output, so) if resuming else plan.Done.nothing()
+    changed = plan.changed_rows(table, done)
+    if changed.num_rows:
+        first = ", ".join(changed["id"].to_pylist()[:5])
+        if not config.redo_changed:
+            raise SetupError(f"{changed.num_rows} manifest rows changed since an earlier run recorded them under "
+                             f"the same id (first: {first}); their old results would be kept. Rerun with "
+                             "--redo-changed to redo them, or use a new --output (nothing was computed)")
+        logger.warning("%d rows changed since they were recorded (first: %s): redoing them", changed.num_rows, first)
+        plan.forget(config.output, changed, so)
+        done = plan.load_done(config.output, so)
     todo = plan.pending(table, done)
+    skipped_errors = plan.skipped_errors(table, done)
+    if skipped_errors:
+        logger.info("%d rows recorded as errors by earlier runs are skipped (--retry-errors redoes them)",
+                    skipped_errors)
     logger.info("%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows,
                 todo.num_rows)
     # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
     lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
     sinks = _Sinks(config, lookup, spec.spec, total=todo.num_rows)
-    # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
-    # a bigger block would hold every image of it until the last one is made. Small blocks are written
-    # as they are made (first images sooner; a crash loses only the batches in flight).
-    blocks, tasks = [], set()
-    for rows, errors in validate(todo, defaults, size):
-        sinks.errors(errors)
-        for block in plan.model_blocks(rows, config.batch_size):
-            tasks.update(row.task for row in block)
-            blocks.append(_put(config, _rows_table(block)))  # the driver keeps a reference, not the rows
-    # 5. Run the pipeline.
     batches = None
     try:
+        # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
+        # a bigger block would hold every image of it until the last one is made. Small blocks are written
+        # as they are made (first images sooner; a crash loses only the batches in flight).
+        blocks, tasks = [], set()
+        for rows, errors in validate(todo, defaults, size):
+            sinks.errors(errors)
+            for block in plan.model_blocks(rows, config.batch_size):
+                tasks.update(row.task for row in block)
+                blocks.append(_put(config, _rows_table(block)))  # the driver keeps a reference, not the rows
+        # 5. Run the pipeline.
         if blocks:
             batches = iter(_dataset(config, blocks, tuple(sorted(tasks))).iter_batches(batch_size=None,
                                                                                         batch_format="numpy"))
             for batch in batches:
                 sinks.add(rows_of(batch))
-    except KeyboardInterrupt:
-        sinks.close(finished=False)  # Ctrl-C: keep the finished rows, then stop
-        raise
+    except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C or SIGTERM: keep the finished rows, then stop
+        _save_what_finished(sinks)
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), saved=sinks.done) from None
     except Exception as exc:
-        try:
-            sinks.close(finished=False)  # keep every finished row: the rerun resumes after them
-        except Exception as close_exc:  # storage may be what failed; the rows are redone on resume
-            logger.warning("could not save the last finished rows: %s", close_exc)
+        _save_what_finished(sinks)
         outage = _caused_by(exc, StorageUnavailable)
         if outage is not None:
             raise StorageUnavailable(str(outage)) from exc
-        raise JobFailed(f"the job stopped: {type(exc).__name__}: {exc}. Finished rows are saved; "
-                        "rerun the same command to resume") from exc
+        raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if batches is not None:
             batches.close()  # stop the execution now, not when the iterator is garbage-collected
     sinks.close()
     # 6. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
+    summary["rows"].update(skipped_errors=skipped_errors, changed_redone=changed.num_rows)
     write_json(config.output, plan.SUCCESS, summary, so)
     storage.clear_partial(*storage.filesystem(config.output, so))  # the empty staging folder
     return summary
+
+
+def _save_what_finished(sinks: "_Sinks") -> None:
+    """Keep every finished row of a stopped run: the rerun resumes after them."""
+    try:
+        sinks.close(finished=False)
+    except Exception as exc:  # storage may be what failed; the rows are redone on resume
+        logger.warning("could not save the last finished rows: %s", exc)
 
 
 def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
@@ -152,21 +172,48 @@ def _put(config: JobConfig, block: pa.Table):
     return ray.put(block)
 
 
+def ray_address(address: str | None) -> str | None:
+    """The cluster a job joins (``--address``, else $RAY_ADDRESS), or None for a Ray of its own.
+
+    Ray Client (``ray://``) cannot run Ray Data (its executor runs in the driver and needs the object
+    store), so it is refused before anything starts, with the two ways that work instead."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        host = address.removeprefix("ray://").rsplit(":", 1)[0]
+        raise SetupError(f"--address {address}: Ray Client (ray://) does not work with Ray Data. Submit the job "
+                         f"to the cluster instead: ray job submit --address http://{host}:8265 --working-dir . -- "
+                         "python jobs/run_job.py ... (see README, 'On a Ray cluster'), or run unclip-batch on a "
+                         "node of the cluster with --address auto")
+    return address
+
+
 def start_ray(address: str | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a Ray for this job alone."""
     import ray
 
-    if address or os.environ.get("RAY_ADDRESS"):  # a cluster's settings are its own
+    address = ray_address(address)
+    if address:  # a cluster's settings are its own
         ray.init(address=address, logging_level=logging.WARNING)
-        return
-    # No dashboard: its processes start beside the model actor, ~1.5 s of a 10-row job's first image on
-    # 2 cores, measured side by side (benchmarks/README.md). `ray start --head` + --address keeps one.
-    # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
-    # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
-    # Ray Data, pandas and the stage's libraries again (18 worker processes in a 10,000-row job on 2
-    # cores). Keep one per I/O task slot: 10,000 rows to S3 212 -> 256 images/s, side by side.
-    ray.init(logging_level=logging.WARNING, include_dashboard=False,
-             _system_config={"num_workers_soft_limit": int((os.cpu_count() or 1) / IO_TASK_CPUS) + 2})
+        logger.info("joined the Ray cluster at %s", address)
+    else:
+        # address="local": a new Ray for certain. A bare ray.init() would join a Ray that `ray start` left on
+        # this machine (found in Ray's temp folder) and then refuse our settings.
+        # No dashboard: its processes start beside the model actor, ~1.5 s of a 10-row job's first image on
+        # 2 cores, measured side by side (benchmarks/README.md). `ray start --head` + --address keeps one.
+        # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
+        # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
+        # Ray Data, pandas and the stage's libraries again (18 worker processes in a 10,000-row job on 2
+        # cores). Keep one per I/O task slot: 10,000 rows to S3 212 -> 256 images/s, side by side.
+        ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False,
+                 _system_config={"num_workers_soft_limit": int((os.cpu_count() or 1) / IO_TASK_CPUS) + 2})
+        logger.info("started a Ray for this job alone (--address auto joins a running cluster instead)")
+    if threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM a bare sys.exit(15); make it an interruption the job saves its rows for.
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
@@ -224,6 +271,11 @@ class _Sinks:
         self.clock = self.last_report = time.perf_counter()
         self.last_counts = None
 
+    @property
+    def done(self) -> int:
+        """Rows this run recorded, as output or as error."""
+        return self.succeeded + sum(self.codes.values())
+
     def errors(self, records: list[dict]) -> None:
         self.codes.update(r["code"] for r in records)
         self.failed.add(records)
@@ -235,7 +287,7 @@ class _Sinks:
             if row["code"]:
                 self.partial.pop(row["id"], None)
                 self.recorded.add(row["id"])
-                self.errors([{k: row[k] for k in ("id", "task", "stage", "code", "message", "row")}])
+                self.errors([{k: row[k] for k in ("id", "task", "stage", "code", "message", "row", "input_hash")}])
                 continue
             images = self.partial.setdefault(row["id"], {})
             images[int(row["k"])] = row  # keyed by k: a re-delivered image replaces, never adds
@@ -267,7 +319,7 @@ class _Sinks:
             first = next(iter(images.values()))
             self.errors([{"id": row_id, "task": first["task"], "stage": "write", "code": "write_failed",
                           "message": f"only {len(images)} of {first['num_images']} images arrived",
-                          "row": first["row"]}])
+                          "row": first["row"], "input_hash": first["input_hash"]}])
         self.metadata.flush()
         self.failed.flush()
         self._report(final=True)

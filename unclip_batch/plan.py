@@ -7,10 +7,11 @@ A row is done when its id has metadata or an error record. Rows whose id is itse
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from unclip_batch import storage
 from unclip_batch.errors import SetupError
-from unclip_batch.manifest import FIRST, MANIFEST, MANIFEST_ROW
+from unclip_batch.manifest import FIRST, KNOWN_COLUMNS, MANIFEST, MANIFEST_ROW, ROW, input_hash
 from unclip_batch.predict import call_key
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,20 @@ CALLS_PER_BLOCK = 4
 
 @dataclass(frozen=True)
 class Done:
-    ids: pa.Array  # ids with metadata or a keyed error record
+    ids: pa.Array  # ids with metadata
+    error_ids: pa.Array  # ids with a keyed error record
     positions: pa.Array  # "manifest#row" of errors keyed by position
     succeeded: int
     failed: int
+    # (key, input_hash): the fingerprint each done row had when recorded; key is the id, or the position
+    # for errors keyed by position. Outputs from before fingerprints have none (null).
+    hashes: pa.Table = field(default_factory=lambda: pa.table({"key": pa.array([], pa.string()),
+                                                               "input_hash": pa.array([], pa.string())}))
 
     @classmethod
     def nothing(cls) -> "Done":
-        return cls(pa.array([], pa.string()), pa.array([], pa.string()), 0, 0)
+        empty = pa.array([], pa.string())
+        return cls(empty, empty, empty, 0, 0)
 
 
 def position_keys(manifests, manifest_rows) -> pa.Array:
@@ -49,40 +56,133 @@ def position_keys(manifests, manifest_rows) -> pa.Array:
 
 
 def load_done(output: str, storage_options: dict | None = None) -> Done:
-    metadata = _read_column_sets(output, "metadata", ["id"], storage_options)
-    errors = _read_column_sets(output, "errors", ["id", "code", "manifest", "manifest_row"], storage_options)
-    ids = pc.unique(metadata["id"]) if metadata.num_rows else pa.array([], pa.string())
-    by_position = pc.is_in(errors["code"], value_set=pa.array(POSITION_CODES)) if errors.num_rows else None
-    error_ids = errors.filter(pc.invert(by_position))["id"] if errors.num_rows else pa.array([], pa.string())
-    positioned = errors.filter(by_position) if errors.num_rows else None
-    positions = (position_keys(positioned["manifest"], positioned["manifest_row"]) if positioned is not None
-                 else pa.array([], pa.string()))
-    return Done(ids=pc.unique(pa.concat_arrays([_flat(ids), _flat(error_ids)])), positions=_flat(positions),
-                succeeded=len(ids), failed=errors.num_rows)
+    metadata = _read_column_sets(output, "metadata", ["id", "input_hash"], storage_options)
+    errors = _read_column_sets(output, "errors", ["id", "code", "manifest", "manifest_row", "input_hash"],
+                               storage_options)
+    by_position = pc.fill_null(pc.is_in(errors["code"], value_set=pa.array(POSITION_CODES)), False)
+    keyed, positioned = errors.filter(pc.invert(by_position)), errors.filter(by_position)
+    positions = position_keys(positioned["manifest"], positioned["manifest_row"])
+    hashes = pa.concat_tables([
+        pa.table({"key": metadata["id"], "input_hash": metadata["input_hash"]}),
+        pa.table({"key": keyed["id"], "input_hash": keyed["input_hash"]}),
+        pa.table({"key": positions, "input_hash": positioned["input_hash"]}),
+    ])
+    ids = pc.unique(metadata["id"])
+    return Done(ids=_flat(ids), error_ids=_flat(pc.unique(keyed["id"])), positions=_flat(positions),
+                succeeded=len(ids), failed=errors.num_rows, hashes=hashes)
+
+
+def changed_rows(table: pa.Table, done: Done) -> pa.Table:
+    """Done rows whose manifest row is not what was recorded (same id, other prompt, seed ...): the
+    manifest table's rows, with a ``key`` column naming their records (see ``Done.hashes``)."""
+    succeeded, failed = _done_masks(table, done)
+    done_rows = table.filter(pc.or_(succeeded, failed))
+    if done_rows.num_rows == 0:
+        return done_rows.append_column("key", pa.array([], pa.string()))
+    by_id = pc.and_(done_rows[FIRST], pc.is_in(done_rows["id"], value_set=pa.concat_arrays(
+        [done.ids, done.error_ids])))
+    keys = pc.if_else(pc.fill_null(by_id, False), done_rows["id"],
+                      position_keys(done_rows[MANIFEST], done_rows[MANIFEST_ROW]))
+    known = [c for c in KNOWN_COLUMNS if c in done_rows.column_names]
+    now = pa.array([input_hash(r) for r in done_rows.select(known).to_pylist()], pa.string())
+    done_rows = done_rows.append_column("key", keys).append_column("_hash_now", now)
+    recorded = done.hashes.filter(pc.is_valid(done.hashes["input_hash"])).group_by("key").aggregate(
+        [("input_hash", "min")])  # one hash per key (a row's images share it)
+    joined = done_rows.join(recorded, "key", join_type="inner", use_threads=False)
+    changed = joined.filter(pc.not_equal(joined["_hash_now"], joined["input_hash_min"]))
+    return changed.sort_by(ROW).drop_columns(["_hash_now", "input_hash_min"])
+
+
+def forget(output: str, changed: pa.Table, storage_options: dict | None = None) -> None:
+    """Remove the records and images of changed rows, so that they run again.
+
+    Each shard that holds one of them is rewritten whole under its own name (an atomic replace), so a
+    crash part-way leaves every row either still recorded (and still changed: the next run finds it
+    again) or pending, never half of each."""
+    fs, root = storage.filesystem(output, storage_options)
+    keys = pc.unique(changed["key"])
+    for folder in ("metadata", "errors"):
+        for file in _shard_files(fs, storage.join(root, folder)):
+            shard = pq.read_table(file, filesystem=fs)
+            gone = pc.is_in(_record_keys(shard), value_set=keys)
+            if pc.any(gone).as_py():
+                kept = shard.filter(pc.invert(gone))
+                buffer = io.BytesIO()
+                pq.write_table(kept, buffer)
+                storage.write_whole(fs, file, buffer.getvalue(), root)
+    for row_id in set(changed.filter(pc.equal(changed["key"], changed["id"]))["id"].to_pylist()):
+        folder = storage.join(root, "images", row_id)  # ids are validated: never outside the output
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+    logger.info("%d changed rows forgotten: they run again", changed.num_rows)
+
+
+def _record_keys(shard: pa.Table) -> pa.Array:
+    """The key of each record of a metadata or errors shard (see ``Done.hashes``)."""
+    if "code" not in shard.column_names:
+        return shard["id"]
+    by_position = pc.fill_null(pc.is_in(shard["code"], value_set=pa.array(POSITION_CODES)), False)
+    return pc.if_else(by_position, position_keys(shard["manifest"], shard["manifest_row"]), shard["id"])
+
+
+def _done_masks(table: pa.Table, done: Done) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(rows with output, rows with an error record) of the manifest table."""
+    first = table[FIRST]
+    succeeded = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.ids)), False)
+    failed = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.error_ids)), False)
+    if len(done.positions):
+        failed = pc.or_(failed, pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]),
+                                          value_set=done.positions))
+    return succeeded, failed
 
 
 def pending(table: pa.Table, done: Done) -> pa.Table:
     """Rows of the manifest table not yet done. Vectorised: stays fast at millions of rows."""
-    if len(done.ids) == 0 and len(done.positions) == 0:
+    if len(done.ids) == 0 and len(done.error_ids) == 0 and len(done.positions) == 0:
         return table
-    by_id = pc.and_(table[FIRST], pc.is_in(table["id"], value_set=done.ids))
-    by_position = pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]), value_set=done.positions)
-    return table.filter(pc.invert(pc.or_(pc.fill_null(by_id, False), by_position)))
+    succeeded, failed = _done_masks(table, done)
+    return table.filter(pc.invert(pc.or_(succeeded, failed)))
+
+
+def skipped_errors(table: pa.Table, done: Done) -> int:
+    """Manifest rows a resumed run skips because an earlier run recorded them as errors."""
+    if len(done.error_ids) == 0 and len(done.positions) == 0:
+        return 0
+    return pc.sum(_done_masks(table, done)[1]).as_py() or 0
+
+
+def discard_errors(output: str, storage_options: dict | None = None) -> None:
+    """--retry-errors: forget the error records, so their rows are pending again. Safe at any point: a row
+    whose record is gone is simply redone, and recorded anew if it fails again."""
+    fs, root = storage.filesystem(output, storage_options)
+    path = storage.join(root, "errors")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    logger.info("--retry-errors: rows recorded as errors earlier will be redone")
+
+
+def _shard_files(fs, path: str) -> list[str]:
+    return sorted(fs.glob(storage.join(path, "*.parquet")) if fs.exists(path) else [])
 
 
 def _read_column_sets(output: str, folder: str, columns: list[str], storage_options) -> pa.Table:
+    """The given columns of every shard in a folder as strings; a column a shard lacks is null."""
     fs, root = storage.filesystem(output, storage_options)
-    path = storage.join(root, folder)
-    files = sorted(p for p in (fs.glob(storage.join(path, "*.parquet")) if fs.exists(path) else []))
     tables = []
-    for file in files:
+    for file in _shard_files(fs, storage.join(root, folder)):
         try:
-            tables.append(pq.read_table(file, columns=columns, filesystem=fs))
+            with fs.open(file, "rb") as f:
+                shard = pq.ParquetFile(f)
+                present = [c for c in columns if c in shard.schema_arrow.names]
+                table = shard.read(columns=present)
         except Exception as exc:  # shards are written whole, so this is damage from outside: say so, go on
             logger.warning("ignoring unreadable shard %s: %s", file, exc)
+            continue
+        tables.append(pa.table({c: pc.cast(table[c], pa.string()) if c in present else
+                                pa.nulls(table.num_rows, pa.string()) for c in columns}))
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables(tables)
 
 
 def _flat(array) -> pa.Array:

@@ -31,10 +31,10 @@ METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("k", pa.int32()), ("task", pa.string()), ("image_key", pa.string()),
     ("prompt", pa.string()), ("negative_prompt", pa.string()), ("image", pa.string()), ("mask", pa.string()),
     ("seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
-    ("model", pa.string()), ("parameters", PARAMETERS), ("timings", TIMINGS),
+    ("model", pa.string()), ("parameters", PARAMETERS), ("timings", TIMINGS), ("input_hash", pa.string()),
 ])
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
-                          ("code", pa.string()), ("message", pa.string())])
+                          ("code", pa.string()), ("message", pa.string()), ("input_hash", pa.string())])
 
 
 def image_key(row_id: str, k: int) -> str:
@@ -127,7 +127,7 @@ class ShardWriter:
 def metadata_record(row: dict, model: str) -> dict:
     return {
         **{k: row[k] for k in ("id", "k", "task", "image_key", "prompt", "negative_prompt", "image", "mask",
-                               "seed", "width", "height", "sha256", "row")},
+                               "seed", "width", "height", "sha256", "row", "input_hash")},
         "model": model,
         "parameters": {k: row[k] for k in PARAMETERS.names},
         "timings": {k: row[k] for k in TIMINGS.names},
