@@ -1,6 +1,7 @@
 """Helpers shared by the tests: manifests, source images, reading a job's output."""
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from unclip_batch.config import JobConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Few steps keep the tiny model fast; the code paths are the same as at 50.
 FAST = {"num_inference_steps": 4, "prior_num_inference_steps": 2}
@@ -39,6 +42,7 @@ def box_mask(size=64, box=(32, 32, 60, 60)) -> Image.Image:
 def job(manifests, output, **kwargs) -> JobConfig:
     defaults = {**FAST, **kwargs.pop("defaults", {})}
     kwargs.setdefault("model", "tiny")
+    kwargs.setdefault("device", "cpu")  # pinned: on a GPU machine "auto" would run another path
     return JobConfig(manifests=tuple(str(m) for m in manifests), output=str(output), defaults=defaults, **kwargs)
 
 def read_output(output) -> tuple[pa.Table, pa.Table]:
@@ -95,3 +99,11 @@ def make_sources(folder: Path) -> Path:
     ImageDraw.Draw(rgba).rectangle((0, 0, 31, 63), fill=(0, 0, 0, 0))
     rgba.save(folder / "img" / "hole.png")
     return folder
+
+
+def readme_columns(label: str) -> list[str]:
+    """The output columns the README lists after ``label`` ("Metadata columns:"), in order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(label) + len(label)
+    listed = re.sub(r"\([^)]*\)", "", text[start:text.index("carried-through columns", start)])
+    return [name.strip() for span in re.findall(r"`([^`]*)`", listed) for name in span.split(",") if name.strip()]

@@ -79,7 +79,10 @@ TABLE = [
     ("id with space", {"id": "a b", "prompt": "p"}, "invalid_id"),
     ("id with control character", {"id": "a\x07b", "prompt": "p"}, "invalid_id"),
     ("image missing", {"task": "variation", "image": "img/nope.png"}, "image_unreadable"),
-    ("image unreachable", {"task": "variation", "image": "http://127.0.0.1:9/x.png"}, "image_unreadable"),
+    ("image unreachable", {"task": "variation", "image": "http://127.0.0.1:{closed}/x.png"}, "image_unreadable"),
+    ("dead web link (404)", {"task": "variation", "image": "http://127.0.0.1:{web}/img/nope.png"},
+     "image_unreadable"),
+    ("web image", {"task": "variation", "image": "http://127.0.0.1:{web}/img/ok.png"}, ACCEPTED),
     ("image zero bytes", {"task": "variation", "image": "img/empty.png"}, "image_invalid"),
     ("truncated PNG", {"task": "variation", "image": "img/truncated.png"}, "image_invalid"),
     ("not an image", {"task": "variation", "image": "img/text.png"}, "image_invalid"),
@@ -111,12 +114,34 @@ SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.st
                     ("guidance_scale", pa.float64()), ("case", pa.string())])
 
 
-def test_every_bad_row_gets_its_code_and_the_job_goes_on(ray_local, tmp_path):
+@pytest.fixture
+def ports(tmp_path):
+    """A web server of this test's own over the job folder (404 for what is not there), and a port held
+    bound without listening, so a connection to it is refused for certain (no other process can take it)."""
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "job"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    yield {"web": server.server_address[1], "closed": closed.getsockname()[1]}
+    server.shutdown()
+    closed.close()
+
+
+def test_every_bad_row_gets_its_code_and_the_job_goes_on(ray_local, tmp_path, ports):
     assert len(TABLE) >= 30
     folder = tmp_path / "job"
     _files(folder)
     rows = [{"id": "row-00", "prompt": "a good row first", "case": "good"}]
     rows += [{"id": f"case-{i:02d}", **row, "case": case} for i, (case, row, _) in enumerate(TABLE)]
+    for row in rows:
+        if row.get("image"):
+            row["image"] = row["image"].format(**ports)
     manifest = write_manifest(folder / "m.parquet", [{k: r.get(k) for k in SCHEMA.names} for r in rows], SCHEMA)
     summary = run_job(job([manifest], tmp_path / "out"))
     metadata, errors = read_output(tmp_path / "out")

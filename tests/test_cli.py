@@ -21,7 +21,7 @@ def cli(*args, env=None, timeout=300):
 
 def fast_flags():
     return ["--num-inference-steps", str(FAST["num_inference_steps"]),
-            "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"])]
+            "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"]), "--device", "cpu"]
 
 
 def test_validate_reports_bad_rows(tmp_path):

@@ -50,11 +50,11 @@ def assert_same_result(output: Path, reference: Path) -> None:
     assert not (output / "_partial").exists(), "a half-written file was left behind"
 
 
-def cli_run(manifest, output, env, **popen):
+def cli_run(manifest, output, env, extra=(), **popen):
     flags = ["--num-inference-steps", str(STEPS["num_inference_steps"]),
-             "--prior-num-inference-steps", str(STEPS["prior_num_inference_steps"])]
+             "--prior-num-inference-steps", str(STEPS["prior_num_inference_steps"]), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-m", "unclip_batch.cli", "run", manifest, "--output", str(output),
-                             "--model", "tiny", "--batch-size", "4", "--flush-seconds", "1", "--quiet", *flags],
+                             "--model", "tiny", "--batch-size", "4", "--flush-seconds", "1", "--quiet", *flags, *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -75,7 +75,10 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     finally:
         kill_processes((ray_tmp,))
     assert not (output / "_SUCCESS").exists(), "the job finished before it could be killed"
-    recorded_before = read_output(output)[0].num_rows
+    metadata, errors = read_output(output)
+    assert errors is None
+    recorded_before = len(set(metadata.column("id").to_pylist()))
+    assert 0 < recorded_before < 36
 
     rerun = cli_run(manifest, output, env)
     try:
@@ -85,33 +88,79 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert rerun.returncode == 0, log[-3000:]
     summary = json.loads((output / "_SUCCESS").read_text())
-    assert summary["rows"]["done_before"] > 0 and recorded_before > 0
+    # Exactly the rows recorded before the kill were skipped, and only the rest computed.
+    assert summary["rows"]["done_before"] == recorded_before
+    assert summary["rows"]["succeeded"] == 36 - recorded_before
     assert summary["rows"]["total_succeeded"] == 36
     assert_same_result(output, reference)
+
+
+def test_sigterm_saves_finished_rows_and_says_how_to_resume(workload, tmp_path):
+    """`kill`, `ray job stop` and Kubernetes stop a job with SIGTERM: one clear line, exit 143, rows kept."""
+    manifest, _ = workload
+    output = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    driver = cli_run(manifest, output, env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(output.glob("metadata/*.parquet")):
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        log = driver.communicate(timeout=120)[0].decode()
+    finally:
+        kill_processes((ray_tmp,))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert driver.returncode == 128 + signal.SIGTERM, log[-3000:]
+    saved = len(set(read_output(output)[0].column("id").to_pylist()))
+    assert 0 < saved < 36 and not (output / "_SUCCESS").exists()
+    assert f"interrupted (SIGTERM): {saved} rows saved by this run; rerun the same command to resume" in log
+    assert "Traceback" not in log and "core_worker" not in log.split("interrupted")[-1]
+
+
+def own_actors() -> list[psutil.Process]:
+    """This test session's model actors: processes of the Ray this process started (its children), never
+    another job's on the same machine."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "UnclipPredictor" in " ".join(_cmdline(p))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def test_model_actor_killed_mid_batch(workload, tmp_path):
     manifest, reference = workload
     output = tmp_path / "out"
-    killed = []
+    killed, after = {}, []
 
     def kill_the_actor_once():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if (output / "images").exists() and len(list((output / "images").rglob("*.png"))) >= 6:
-                for p in psutil.process_iter(["name", "cmdline"]):
-                    title = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
-                    if "UnclipPredictor" in title:
-                        p.send_signal(signal.SIGKILL)
-                        killed.append(p.pid)
-                        return
+            images = len(list((output / "images").rglob("*.png"))) if (output / "images").exists() else 0
+            if images >= 6:
+                for actor in own_actors():
+                    killed.update(pid=actor.pid, images=images)
+                    actor.send_signal(signal.SIGKILL)
+                    break
             time.sleep(0.1)
+        while time.monotonic() < deadline and not after:  # the actor that takes over
+            after.extend(p.pid for p in own_actors() if p.pid != killed.get("pid"))
+            time.sleep(0.2)
 
     killer = threading.Thread(target=kill_the_actor_once, daemon=True)
     killer.start()
     summary = run_job(job([manifest], output, defaults=STEPS, batch_size=4))
-    killer.join(timeout=5)
+    killer.join(timeout=30)
     assert killed, "the actor finished before it could be killed"
+    total = len(images_of(reference))
+    assert killed["images"] < total, "the kill came after the last image"
+    assert after, "no model actor took over after the kill"
     assert summary["rows"]["succeeded"] == 36 and summary["rows"]["failed"] == 0
     assert_same_result(output, reference)
 
@@ -130,21 +179,30 @@ def own_s3(tmp_path, workload):
         yield server
 
 
-def kill_s3_after(server, images: int, down_s: float | None):
-    """In the background: once `images` PNGs are stored, kill the server; restart it after down_s."""
+def kill_s3_after(server, images: int, down_s: float | None, metadata: bool = False):
+    """In the background: once `images` PNGs (and, with ``metadata``, a metadata shard) are stored, kill
+    the server; restart it after down_s. The thread's ``times`` records when each happened."""
     fs = server.filesystem()
+    times = {}
+
+    def stored() -> bool:
+        fs.invalidate_cache()  # s3fs caches listings: look again for real
+        enough = len(fs.find("jobs/out/images")) >= images
+        return enough and (not metadata or bool(fs.find("jobs/out/metadata")))
 
     def outage():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(fs.find("jobs/out/images")) < images:
-            fs.invalidate_cache()  # s3fs caches listings: look again for real
+        while time.monotonic() < deadline and not stored():
             time.sleep(0.1)
         server.kill()
+        times["killed"] = time.monotonic()
         if down_s is not None:
             time.sleep(down_s)
             server.start()
+            times["restarted"] = time.monotonic()
 
     thread = threading.Thread(target=outage, daemon=True)
+    thread.times = times
     thread.start()
     return thread
 
@@ -154,33 +212,51 @@ def s3_images(server) -> dict[str, bytes]:
     return {p.split("/images/", 1)[1]: fs.cat(p) for p in sorted(fs.glob("jobs/out/images/*/*.png"))}
 
 
-def test_s3_down_for_a_few_seconds_is_ridden_out(workload, own_s3):
+def test_s3_down_for_a_few_seconds_is_ridden_out(workload, own_s3, caplog, capfd):
     _, reference = workload
     outage = kill_s3_after(own_s3, images=1, down_s=5)
+    started = time.monotonic()
     summary = run_job(job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
                           storage_options=own_s3.storage_options, storage_retry_s=90, flush_every_s=1))
+    ended = time.monotonic()
     outage.join(timeout=60)
-    assert own_s3.process.poll() is None, "the outage never happened"
+    assert started < outage.times.get("killed", ended) < ended, "the outage did not happen while the job ran"
+    assert outage.times.get("restarted", ended) < ended, "the job ended before the server came back"
+    log = caplog.text + "".join(capfd.readouterr())
+    assert "retrying in" in log, "nothing was retried: the outage never touched the job"
     assert (summary["rows"]["succeeded"], summary["rows"]["failed"]) == (36, 0)
     assert s3_images(own_s3) == images_of(reference)
 
 
-def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3):
-    from unclip_batch.errors import StorageUnavailable
-
+def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3, tmp_path):
+    """Through the CLI, as a user meets it: exit 3, one clear message, and every row finished before the
+    outage kept (the rerun skips exactly those and computes the rest)."""
     _, reference = workload
-    config = job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
-                 storage_options=own_s3.storage_options, storage_retry_s=3, flush_every_s=1)
-    # At the first stored image: most of the job's work is still ahead, however fast the machine.
-    kill_s3_after(own_s3, images=1, down_s=None)
-    with pytest.raises(StorageUnavailable, match="rerun the same command to resume"):
-        run_job(config)
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1",
+           "UNCLIP_BATCH_STORAGE_OPTIONS": json.dumps(own_s3.storage_options)}
+    command = ["s3://jobs/in/m.parquet", "s3://jobs/out"]
+    # At the first stored metadata shard: rows are kept, and most of the job's work is still ahead.
+    kill_s3_after(own_s3, images=1, down_s=None, metadata=True)
+    try:
+        stopped = cli_run(*command, env, extra=["--storage-retry-seconds", "3"])
+        log = stopped.communicate(timeout=600)[0].decode()
+    finally:
+        kill_processes((ray_tmp,))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert stopped.returncode == 3, log[-3000:]
+    assert "job stopped: object storage unavailable:" in log and "rerun the same command to resume" in log
+    assert "Traceback" not in log and "UserCodeException" not in log, log[-3000:]
     own_s3.start()
-    # The stopped run's model actor may still hold its CPUs: the rerun must not wait for them (it once
-    # waited forever on 2 CPUs, when each model actor reserved 1).
-    summary = run_job(config)
-    assert summary["rows"]["total_succeeded"] == 36 and summary["rows"]["total_failed"] == 0
     fs = own_s3.filesystem()
+    kept = len(set(pq.read_table("jobs/out/metadata", filesystem=fs).column("id").to_pylist()))
+    assert 0 < kept < 36
+    # The rerun runs in this process, on the session's Ray: the stopped run's actor is gone with its Ray.
+    summary = run_job(job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
+                          storage_options=own_s3.storage_options, flush_every_s=1))
+    assert summary["rows"]["done_before"] == kept and summary["rows"]["succeeded"] == 36 - kept
+    assert summary["rows"]["total_succeeded"] == 36 and summary["rows"]["total_failed"] == 0
+    fs = own_s3.filesystem()  # a new client: s3fs caches listings, and the rerun added shards
     metadata = pq.read_table("jobs/out/metadata", filesystem=fs)
     keys = list(zip(metadata.column("id").to_pylist(), metadata.column("k").to_pylist()))
     assert len(keys) == len(set(keys)) == len(images_of(reference))

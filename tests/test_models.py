@@ -80,10 +80,13 @@ def test_negative_prompts_and_other_sizes(model):
 
 
 def test_variation_uses_the_source(model):
-    source = np.asarray(scene())
-    out = model.variation([source, source], ["", ""], [1, 2], S)
-    steered = model.variation([source, source], ["a black square", "a black square"], [1, 2], S)
-    assert out.shape == (2, 64, 64, 3) and not (out == steered).all()
+    source, other = np.asarray(scene()), np.asarray(scene((30, 160, 60), (240, 220, 40)))
+    # Same seed, same (empty) prompt: only the source differs, and so do the images.
+    out = model.variation([source, other, source, other], [""] * 4, [1] * 4, S)
+    assert out.shape == (4, 64, 64, 3)
+    assert (out[0] == out[2]).all() and np.abs(out[0].astype(int) - out[1]).max() > 10
+    steered = model.variation([source, source], ["a black square", "a black square"], [1, 1], S)
+    assert not (out[0] == steered[0]).all()
 
 
 def test_inpaint_keeps_pixels_outside_the_mask(model):

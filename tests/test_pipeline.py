@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import images_of, job, pixels, read_output, write_manifest
+from helpers import images_of, job, pixels, read_output, readme_columns, write_manifest
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import SetupError
 from unclip_batch.pipeline import run_job
@@ -57,7 +57,7 @@ def mixed_rows(n_good=48):
         {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask2.png", "prompt": "purple"},
         {"task": "inpaint", "image": "img/hole.png", "prompt": "a white circle", "negative_prompt": "dark"},
     ]
-    rows = [{"id": f"good-{i:03d}", "seed": i, **kinds[i % len(kinds)]} for i in range(n_good)]
+    rows = [{"id": f"good-{i:03d}", "seed": i, "tag": f"t{i}", **kinds[i % len(kinds)]} for i in range(n_good)]
     bad = [
         ({"id": "bad/slash", "prompt": "p"}, "invalid_id"),
         ({"id": "good-000", "prompt": "dup"}, "duplicate_id"),
@@ -74,12 +74,27 @@ def mixed_rows(n_good=48):
     return rows, {code: 1 for _, code in bad}
 
 
-def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):
+def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path, monkeypatch):
+    from unclip_batch import storage
+
     rows, expected_codes = mixed_rows()
     manifest = write_manifest(sources / "m.parquet", rows)
     output = tmp_path / "out"
+    written, write_whole = [], storage.write_whole  # the driver's writes, in order
+
+    def spy(fs, path, data, root, *args, **kwargs):
+        write_whole(fs, path, data, root, *args, **kwargs)
+        written.append((path.removeprefix(str(output) + "/"), len(list(output.rglob("*.png")))))
+
+    monkeypatch.setattr(storage, "write_whole", spy)
     summary = run_job(job([manifest], output, batch_size=4))
     metadata, errors = read_output(output)
+    # _SUCCESS last of all: after every metadata and error shard, and with every image already stored.
+    assert written[-1] == ("_SUCCESS", summary["images"]) and [p for p, _ in written].count("_SUCCESS") == 1
+    assert {p.split("/")[0] for p, _ in written[:-1]} == {"_job.json", "metadata", "errors"}
+    # The full schemas the README lists, then the carried-through columns.
+    assert metadata.column_names == readme_columns("Metadata columns:") + ["tag"]
+    assert errors.column_names == readme_columns("Error columns:") + ["tag"]
     assert len(rows) >= 50
     assert summary["errors_by_code"] == expected_codes
     assert metadata.column("id").unique().to_pylist().__len__() + errors.num_rows == len(rows)

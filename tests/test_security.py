@@ -17,7 +17,7 @@ from unclip_batch.pipeline import run_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-HOSTILE_IDS = ["..", ".", "../escape", "../../etc/passwd", "/tmp/abs", "a/../../b", "..\\..\\win", "a\\b",
+HOSTILE_IDS = ["..", ".", "../escape", "../../etc/passwd", "a/../../b", "..\\..\\win", "a\\b",
                "~root", "x\x00y", "line\nbreak", "$(touch pwned)", "a b", "%2e%2e", "images/../..", "",
                "\u2215etc", ".hidden", "a" * 129]
 
@@ -28,16 +28,17 @@ def files_under(folder: Path) -> set[str]:
 
 def test_no_manifest_writes_outside_the_output(ray_local, tmp_path):
     jail = tmp_path / "jail"
-    manifest = write_manifest(jail / "m.parquet", [{"id": i, "prompt": "p"} for i in HOSTILE_IDS]
+    hostile = HOSTILE_IDS + [str(tmp_path / "abs")]  # an absolute path of this test's own, checked below
+    manifest = write_manifest(jail / "m.parquet", [{"id": i, "prompt": "p"} for i in hostile]
                               + [{"id": "a..b", "prompt": "p"}, {"id": "ok", "prompt": "p"}])
     before = files_under(tmp_path)
     summary = run_job(job([manifest], jail / "out"))
     new = files_under(tmp_path) - before
     assert new and all(f.startswith("jail/out/") for f in new), sorted(new)
-    assert summary["errors_by_code"] == {"invalid_id": len(HOSTILE_IDS)}
+    assert summary["errors_by_code"] == {"invalid_id": len(hostile)}
     assert {f for f in new if f.startswith("jail/out/images/")} == {"jail/out/images/a..b/0.png",
                                                                     "jail/out/images/ok/0.png"}
-    assert not Path("/tmp/abs").exists() and not (tmp_path / "escape").exists()
+    assert not (tmp_path / "abs").exists() and not (tmp_path / "escape").exists()
 
 
 def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):

@@ -2,6 +2,9 @@
 what was asked, judged by world.judge (geometry), not by the model's own CLIP."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +130,33 @@ def _upstream(name, needs):
     for need in needs[name]:
         out |= _upstream(need, needs)
     return out
+
+
+FIGURES = ("generate_colour", "generate_shape", "generate_background", "variation_colour", "variation_shape",
+           "inpaint_colour", "inpaint_outside_mad", "clip_zero_shot")
+
+
+def test_readme_shows_the_committed_evaluation():
+    """The README's table is evaluation.json's figures (and the next test checks those are today's)."""
+    figures = json.loads((SHAPES / "evaluation.json").read_text())
+    readme = (SHAPES.parent.parent.parent / "README.md").read_text()
+    pct = {k: f"{100 * figures[k]:.1f}%" for k in FIGURES}
+    for row in (f"{pct['generate_colour']} / {pct['generate_shape']} / {pct['generate_background']}",
+                f"{pct['variation_colour'].replace('100.0%', '100%')} / {pct['variation_shape']}",
+                f"{pct['inpaint_colour']} / {figures['inpaint_outside_mad']:.1f}", pct["clip_zero_shot"]):
+        assert f"| {row} |" in readme, row
+    assert f"{figures['cases_per_task']} held-out cases per task" in readme
+
+
+@pytest.mark.slow
+def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
+    """Re-run `make evaluate` (on CPU, as it always runs): the same figures as evaluation.json."""
+    committed = json.loads((SHAPES / "evaluation.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "unclip_batch.models.evaluate", "--model", "default",
+                             "--json", str(tmp_path / "today.json")], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    today = json.loads((tmp_path / "today.json").read_text())
+    assert today["cases_per_task"] == committed["cases_per_task"] and today["sampling"] == committed["sampling"]
+    assert {k: today[k] for k in FIGURES} == {k: committed[k] for k in FIGURES}
+    assert all(today["passed"].values())

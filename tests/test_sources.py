@@ -50,12 +50,34 @@ def test_rgba_transparent_pixels_are_repainted(tmp_path):
     assert mask_of(out)[:, :32].all() and not mask_of(out)[:, 32:].any()
 
 
-@pytest.mark.parametrize("image", [scene().convert("L"), scene().convert("P"), scene().convert("CMYK"),
-                                   Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))])
-def test_other_modes_are_normalised_to_rgb(tmp_path, image):
-    name = "x.tif" if image.mode == "CMYK" else "x.png"
-    out, = load(row(image=save(tmp_path, name, image)))
-    assert out["code"] == "" and image_of(out).shape == (64, 64, 3)
+def _ramp16() -> Image.Image:
+    """A 16-bit greyscale ramp over the whole range: 0 at the top left, 65535 at the bottom right."""
+    return Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK"])
+def test_other_modes_are_normalised_to_rgb(tmp_path, mode):
+    source = scene()
+    name = "x.tif" if mode == "CMYK" else "x.png"
+    out, = load(row(image=save(tmp_path, name, source.convert(mode))))
+    assert out["code"] == ""
+    pixels, rgb = image_of(out).astype(int), np.asarray(source, dtype=int)
+    if mode == "L":  # grey: three equal channels, the grey value PIL gives
+        grey = np.asarray(source.convert("L"), dtype=int)
+        assert (pixels == grey[..., None]).all()
+    else:  # PIL's own conversion back to RGB, and that is the picture (the palette's colours are near)
+        assert (pixels == np.asarray(source.convert(mode).convert("RGB"), dtype=int)).all()
+        assert np.abs(pixels - rgb).max() <= (60 if mode == "P" else 1)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    out, = load(row(image=save(tmp_path, "x.png", _ramp16())))
+    assert out["code"] == ""
+    pixels = image_of(out).astype(int)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    # The whole 0-255 range, rising along the ramp (clipping would make everything past 255/65535 white).
+    assert (pixels[0, 0, 0], pixels[-1, -1, 0]) == (0, 255)
+    assert 120 <= pixels[32, 0, 0] <= 135 and (np.diff(pixels[:, 0, 0]) >= 0).all()
 
 
 @pytest.mark.parametrize("make, code", [

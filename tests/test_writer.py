@@ -23,7 +23,10 @@ def test_images_are_written_whole_with_checksums(tmp_path):
     for r in out:
         data = (tmp_path / r["image_key"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["sha256"] and "pixels" not in r
-    assert not list(tmp_path.rglob("*.tmp"))
+    # Staged files are renamed into place: nothing is left in the staging folder, and nothing else exists.
+    assert not list((tmp_path / "_partial").iterdir())
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["images/r1/0.png", "images/r2/3.png"]
 
 
 def test_a_storage_failure_stops_the_job_instead_of_recording_rows(tmp_path):
@@ -108,3 +111,10 @@ def test_errors_shard(tmp_path):
 def test_json(tmp_path):
     write_json(str(tmp_path), "_SUCCESS", {"a": 1})
     assert json.loads((tmp_path / "_SUCCESS").read_text()) == {"a": 1}
+
+
+def test_the_readme_lists_the_output_schemas():
+    from helpers import readme_columns
+
+    assert readme_columns("Metadata columns:") == METADATA_SCHEMA.names + ["manifest", "manifest_row"]
+    assert readme_columns("Error columns:") == ERROR_SCHEMA.names + ["manifest", "manifest_row"]

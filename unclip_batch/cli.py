@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run manifests through the model and write images + metadata")
     run.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     run.add_argument("--output", "-o", required=True, help="output folder URL (local path, s3://bucket/prefix ...)")
-    run.add_argument("--address", help="Ray address: auto, ray://HEAD:10001 ... (default: start a local Ray)")
+    run.add_argument("--address", help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
+                     "local Ray for this job alone). Ray Client (ray://) does not work with Ray Data: use "
+                     "`ray job submit` (README, 'On a Ray cluster')")
     run.add_argument("--batch-size", type=int, default=16, help="images per model call, a power of two (default 16)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
     run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor")

@@ -14,9 +14,11 @@ import logging
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -120,6 +122,8 @@ def run_job(config: JobConfig) -> dict:
         raise Interrupted(getattr(exc, "signum", signal.SIGINT), saved=sinks.done) from None
     except Exception as exc:
         _save_what_finished(sinks)
+        if isinstance(exc, SetupError):  # found once Ray told what the cluster has (e.g. no GPU)
+            raise
         outage = _caused_by(exc, StorageUnavailable)
         if outage is not None:
             raise StorageUnavailable(str(outage)) from exc
@@ -142,6 +146,26 @@ def _save_what_finished(sinks: "_Sinks") -> None:
         sinks.close(finished=False)
     except Exception as exc:  # storage may be what failed; the rows are redone on resume
         logger.warning("could not save the last finished rows: %s", exc)
+
+
+class _ExpectedFailures(logging.Filter):
+    """Ray Data logs a failed task's exception, whole traceback and "please open an issue on the Ray
+    project" included, before the driver sees it. A failure the job expects and explains (JobFailed, e.g.
+    a storage outage) reaches the user once, as its own message; Ray Data's log file keeps every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Ray Data logs from inside its `except` block: the exception is the one being handled.
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return record.levelno < logging.ERROR or _caused_by(exc, JobFailed) is None
+
+
+def _quiet_expected_failures() -> None:
+    """Filter Ray Data's console handlers (not its log file) with _ExpectedFailures."""
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(
+                isinstance(f, _ExpectedFailures) for f in handler.filters):
+            handler.addFilter(_ExpectedFailures())
 
 
 def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
@@ -216,6 +240,34 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the model actors run, from the job's settings and the cluster's resources."""
+
+    device: str  # what each actor computes on: cuda or cpu, never auto (it has what Ray gave it)
+    workers: int
+    worker_cpus: float
+    threads: int | None  # torch threads per actor on CPU (None: torch's own choice, with a GPU)
+
+
+def placement(config: JobConfig, resources: dict) -> Placement:
+    """One actor per GPU with --device auto or cuda when the cluster has GPUs; else CPU actors."""
+    gpus = int(resources.get("GPU", 0))
+    if config.device == "cuda" and gpus == 0:
+        raise SetupError("--device cuda, but the Ray cluster has no GPU; use --device auto or cpu")
+    use_gpu = config.device != "cpu" and gpus >= 1
+    workers = config.workers or (gpus if use_gpu else 1)
+    cpus = resources.get("CPU", 1)
+    if use_gpu:
+        return Placement("cuda", workers, config.cpus_per_worker or 1.0, None)
+    # Without a GPU the actors compute on CPUs that the load and write tasks need too: reserve a quarter
+    # of the cluster for the model (its torch still gets all of a node's CPUs as threads). Not more: a job
+    # stopped by a failure can leave its model actor holding its CPUs for a while (seen in our tests:
+    # a rerun in the same process, on 2 CPUs with two 1-CPU actors, waited forever for its I/O tasks).
+    worker_cpus = config.cpus_per_worker or max(0.25, min(1.0, cpus / (4 * workers)))
+    return Placement("cpu", workers, worker_cpus, max(1, int(cpus // workers)))
+
+
 def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     import ray
     from ray.data import ActorPoolStrategy
@@ -225,18 +277,11 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    _quiet_expected_failures()
     resources = ray.cluster_resources()
-    use_gpu = config.device != "cpu" and resources.get("GPU", 0) >= 1
-    workers = config.workers or (int(resources["GPU"]) if use_gpu else 1)
-    cpus = resources.get("CPU", 1)
-    # Without a GPU the actors compute on CPUs that the load and write tasks need too: reserve a quarter
-    # of the cluster for the model (its torch still gets all of a node's CPUs as threads). Not more: a job
-    # stopped by a failure can leave its model actor holding its CPUs for a while (seen in our tests:
-    # a rerun in the same process, on 2 CPUs with two 1-CPU actors, waited forever for its I/O tasks).
-    worker_cpus = config.cpus_per_worker or (1.0 if use_gpu else max(0.25, min(1.0, cpus / (4 * workers))))
-    threads = None if use_gpu else max(1, int(cpus // workers))
-    logger.info("Ray: %s; %d model worker(s), %s", resources, workers,
-                "one GPU each" if use_gpu else f"{threads} CPU threads each")
+    place = placement(config, resources)
+    logger.info("Ray: %s; %d model worker(s) on %s", resources, place.workers,
+                "one GPU each" if place.device == "cuda" else f"CPU, {place.threads} threads each")
     so = config.storage_options
     ds = ray.data.from_arrow_refs(blocks)
     io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
@@ -244,11 +289,11 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
                         batch_format="numpy")
     ds = ds.map_batches(
         UnclipPredictor,
-        fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=config.device,
-                                   dtype=config.dtype, scheduler=config.scheduler, threads=threads,
+        fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=place.device,
+                                   dtype=config.dtype, scheduler=config.scheduler, threads=place.threads,
                                    storage_options=so),
-        compute=ActorPoolStrategy(size=workers), batch_size=None, batch_format="numpy",  # a block: plan.model_blocks
-        num_gpus=1 if use_gpu else 0, num_cpus=worker_cpus,
+        compute=ActorPoolStrategy(size=place.workers), batch_size=None, batch_format="numpy",  # see model_blocks
+        num_gpus=1 if place.device == "cuda" else 0, num_cpus=place.worker_cpus,
     )
     return ds.map_batches(write_images, fn_kwargs={"output": config.output, **io_kwargs}, batch_size=None,
                           num_cpus=IO_TASK_CPUS, batch_format="numpy")

@@ -1,0 +1,51 @@
+"""The driver's sink (pipeline._Sinks) on plain rows, without Ray: each row recorded exactly once."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from helpers import job
+from unclip_batch.pipeline import _Sinks
+
+
+def image_row(row_id, k, n, row=0, code=""):
+    return dict(id=row_id, k=k, num_images=n, row=row, task="generate", image_key=f"images/{row_id}/{k}.png",
+                prompt="p", negative_prompt="", image="", mask="", seed=7 + k, width=8, height=8, sha256="s",
+                num_inference_steps=4, guidance_scale=4.0, prior_num_inference_steps=2, prior_guidance_scale=4.0,
+                load_s=0.0, model_s=0.0, write_s=0.0, input_hash="h", code=code, stage="predict" if code else "",
+                message="boom" if code else "")
+
+
+def test_a_block_delivered_twice_records_each_row_once(tmp_path):
+    lookup = pa.table({"_manifest": ["m"] * 3, "_manifest_row": [0, 1, 2]})
+    sinks = _Sinks(job(["m"], tmp_path), lookup, "tiny", total=3)
+    block = [image_row("a", 0, 2), image_row("a", 1, 2), image_row("b", -1, 1, row=1, code="model_error")]
+    sinks.add(block)
+    sinks.add(block)  # Ray retried the task that made it and delivered its block again
+    # A row whose first image arrives twice before its second: recorded once, with both images.
+    sinks.add([image_row("c", 0, 2, row=2)])
+    sinks.add([image_row("c", 0, 2, row=2), image_row("c", 1, 2, row=2)])
+    sinks.add([image_row("c", 1, 2, row=2)])
+    sinks.close()
+    metadata = pq.read_table(tmp_path / "metadata")
+    assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [
+        ("a", 0), ("a", 1), ("c", 0), ("c", 1)]
+    assert pq.read_table(tmp_path / "errors")["id"].to_pylist() == ["b"]
+    assert (sinks.succeeded, sinks.images, dict(sinks.codes)) == (2, 4, {"model_error": 1})
+
+
+def test_placement_uses_gpus_only_when_there_and_wanted():
+    import pytest
+
+    from unclip_batch.errors import SetupError
+    from unclip_batch.pipeline import Placement, placement
+
+    gpus = {"CPU": 32.0, "GPU": 4.0}
+    assert placement(job(["m"], "o", device="auto"), gpus) == Placement("cuda", 4, 1.0, None)
+    assert placement(job(["m"], "o", device="auto", workers=2), gpus) == Placement("cuda", 2, 1.0, None)
+    assert placement(job(["m"], "o", device="cpu"), gpus).device == "cpu"  # GPUs there, CPU asked for
+    cpus = {"CPU": 2.0}
+    assert placement(job(["m"], "o", device="auto"), cpus) == Placement("cpu", 1, 0.5, 2)
+    assert placement(job(["m"], "o", device="auto", workers=2), cpus) == Placement("cpu", 2, 0.25, 1)
+    assert placement(job(["m"], "o", device="cpu", cpus_per_worker=1.5), {"CPU": 16.0}).worker_cpus == 1.5
+    with pytest.raises(SetupError, match="no GPU"):
+        placement(job(["m"], "o", device="cuda"), cpus)
