@@ -32,9 +32,10 @@ model: setup
 evaluate: setup
 	$(PY) -m unclip_batch.models.evaluate --model default
 
-# The README's picture of the demo job's output (run make demo first).
+# A picture of the demo job's output (run make demo first), under out/ so the tree stays clean; the
+# README's copy is manifests/demo_grid.png: copy it there when the model changes.
 grid: setup
-	$(PY) manifests/grid.py out/demo manifests/demo_grid.png
+	$(PY) manifests/grid.py out/demo out/demo_grid.png
 
 clean:
 	rm -rf out .pytest_cache

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def run_once(manifest: Path, output: Path, model: str) -> dict:
+def run_once(manifest: Path, output: Path, model: str, options: list[str]) -> dict:
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "unclip_batch.cli", "run", str(manifest), "--output",
-                                str(output), "--model", model, "--quiet"],
+                                str(output), "--model", model, "--quiet", *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     first = None
@@ -50,7 +50,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
+    parser.add_argument("--prior-steps", type=int, help="prior steps (default: the model's)")
     args = parser.parse_args()
+    options = [*(["--num-inference-steps", str(args.steps)] if args.steps else []),
+               *(["--prior-num-inference-steps", str(args.prior_steps)] if args.prior_steps else [])]
     from unclip_batch import world
 
     rng = np.random.default_rng(0)
@@ -60,7 +64,7 @@ def main() -> None:
         manifest = Path(tmp) / "m.parquet"
         pq.write_table(pa.table({"id": [f"r{i:03d}" for i in range(args.rows)], "prompt": captions}), manifest)
         for n in range(args.runs):
-            runs.append(run_once(manifest, Path(tmp) / f"out{n}", args.model))
+            runs.append(run_once(manifest, Path(tmp) / f"out{n}", args.model, options))
             print(json.dumps({"run": n, **runs[-1]}), flush=True)
     print(json.dumps({"rows": args.rows, "model": args.model,
                       "first_image_s": statistics.median(r["first_image_s"] for r in runs),

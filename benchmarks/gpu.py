@@ -146,7 +146,7 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
         row = dict(row=i, id=f"r{i:04d}", task="generate", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="",
                    image="", mask="", num_images=1, seed=i, width=size, height=size, num_inference_steps=steps,
                    guidance_scale=4.0, prior_num_inference_steps=prior_steps, prior_guidance_scale=4.0,
-                   code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0)
+                   code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, input_hash="")
         assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
         out.append(row)
     return out

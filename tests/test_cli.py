@@ -129,8 +129,9 @@ def test_run_on_s3_with_aws_environment(s3, tmp_path):
            "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"}
     result = cli("run", "s3://cli-env/demo/demo.parquet", "--output", "s3://cli-env/out", "--quiet",
                  "--model", "tiny", *fast_flags(), env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 4, result.stderr[-3000:]  # complete, but the demo's last row failed
     assert "succeeded              9" in result.stdout and "image_unreadable" in result.stdout
+    assert "(errors: s3://cli-env/out/errors/)" in result.stdout
     summary = json.loads(fs.cat("cli-env/out/_SUCCESS"))
     assert (summary["rows"]["succeeded"], summary["rows"]["failed"], summary["images"]) == (9, 1, 15)
     assert len(fs.glob("cli-env/out/images/*/*.png")) == 15
@@ -149,3 +150,29 @@ def test_pickle_weights_are_refused_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "safetensors only" in result.stderr and "diffusion_pytorch_model.bin" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_run_option_has_help_and_a_line_in_the_readme():
+    import re
+
+    from unclip_batch.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| option | meaning |"):]
+    table = table[:table.index("\n\n")]
+    for action in run._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, action.option_strings or action.dest
+        for option in action.option_strings:
+            if option.startswith("--"):
+                assert re.search(re.escape(option) + r"\b(?!-)", table), f"{option} is not in the README's table"
+    assert "examples:" in run.format_help() and "exit codes:" in run.format_help()
+
+
+def test_version():
+    from unclip_batch import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"unclip-batch {__version__}"

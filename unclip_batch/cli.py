@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 
+from unclip_batch import __version__
 from unclip_batch.config import OVERRIDABLE, SCHEDULERS, JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable
 
@@ -20,11 +21,27 @@ EXIT_ROWS_FAILED = 4  # every row is accounted for, but some are error records (
 EXIT_STOPPED = 5  # the job stopped part-way for another reason (cluster, model actor); finished rows are kept
 
 
+RUN_EXAMPLES = """examples:
+  unclip-batch run manifests/demo.parquet --output out/demo
+  unclip-batch run s3://bucket/manifests/ --output s3://bucket/out/run1 --model kandinsky-community \\
+      --batch-size 16 --storage-options '{"endpoint_url": "http://minio:9000"}'
+  unclip-batch run manifests/demo.parquet --output out/demo --retry-errors   # resume, redoing failed rows
+
+exit codes: 0 all rows done, 2 nothing computed (bad options/manifest/model/output), 3 storage outage,
+4 some rows failed (--allow-failures: 0), 5 stopped by another failure, 130/143 Ctrl-C/SIGTERM;
+rerunning the same command resumes after 3, 5, 130 and 143.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unclip-batch", description="DALL-E 2 style batch image generation, "
                                      "variations and inpainting over Parquet manifests, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run manifests through the model and write images + metadata")
+    parser.add_argument("--version", action="version", version=f"unclip-batch {__version__}")
+    run = sub.add_parser("run", help="run manifests through the model and write images + metadata",
+                         description="Run manifests through the model; write images, metadata and error "
+                                     "records under --output. A rerun on the same output resumes.",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     run.add_argument("--output", "-o", required=True, help="output folder URL (local path, s3://bucket/prefix ...)")
     run.add_argument("--address", help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
@@ -32,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "`ray job submit` (README, 'On a Ray cluster')")
     run.add_argument("--batch-size", type=int, default=16, help="images per model call, a power of two (default 16)")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
-    run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor")
+    run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor (default: 1 with a GPU, "
+                     "else a quarter of the cluster's CPUs)")
     run.add_argument("--overwrite", action="store_true", help="discard earlier results under --output "
                      "(default: resume, skipping rows already done)")
     run.add_argument("--retry-errors", action="store_true", help="redo the rows that earlier runs recorded as "
@@ -42,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-failures", action="store_true", help="exit 0 when the job completes even if some "
                      f"rows failed (default: exit {EXIT_ROWS_FAILED})")
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="where the model runs: auto = one actor per GPU when the cluster has GPUs, else CPU")
+    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                     help="model weights' type: auto = float16 on CUDA, float32 on CPU")
     run.add_argument("--scheduler", default="default", choices=SCHEDULERS,
                      help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
@@ -61,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         run.add_argument(f"--{name}", type=kind, help=text)
     val = sub.add_parser("validate", help="check manifests without loading a model")
-    val.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    val.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
     for p in (run, val):
         p.add_argument("--model", "-m", default="default", help="model spec: default, tiny, a local folder, a Hub "

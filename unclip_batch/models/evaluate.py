@@ -85,61 +85,72 @@ def _chunks(n: int):
 
 
 def evaluate(model, info, n: int = 200, **overrides) -> dict:
-    """Run every task on n cases; return accuracies and timings."""
+    """Run every task on n cases; return accuracies, timings and each case's verdict (``per_case``).
+
+    Case i and its model call are the same whatever n is (cases are drawn one after another, calls are
+    CALL images from case 0), so the first k cases of a run of n reproduce a run of k: a short run can
+    check a committed evaluation case by case."""
     s = sampling(info, **overrides)
-    results, started = {}, time.monotonic()
-    results.update(_eval_generate(model, s, n))
-    results.update(_eval_variation(model, s, n))
-    results.update(_eval_inpaint(model, s, n))
-    results.update(_eval_clip(model, n))
+    per_case, started = {}, time.monotonic()
+    per_case.update(_eval_generate(model, s, n))
+    per_case.update(_eval_variation(model, s, n))
+    per_case.update(_eval_inpaint(model, s, n))
+    per_case.update(_eval_clip(model, n))
+    results = summarise(per_case)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["cases_per_task"] = n
     results["sampling"] = {k: getattr(s, k) for k in Sampling.__dataclass_fields__}
+    results["per_case"] = per_case
     return results
+
+
+def summarise(per_case: dict) -> dict:
+    """The figures from the verdicts: the share of cases right, the mean difference outside the mask."""
+    return {name: (round(float(np.mean(values)), 6) if name.endswith("_mad") else sum(values) / len(values))
+            for name, values in per_case.items()}
 
 
 def _eval_generate(model, s: Sampling, n: int) -> dict:
     cases = generate_cases(n)
-    hits = {"colour": 0, "shape": 0, "background": 0}
+    hits = {"colour": [], "shape": [], "background": []}
     for part in _chunks(n):
         prompts = [p for p, _ in cases[part]]
         seeds = list(range(part.start, part.stop))
         images = model.generate(prompts, [""] * len(prompts), seeds, s)
         for image, (_, named) in zip(images, cases[part]):
             j = world.judge(image)
-            hits["colour"] += j.colour == named["colour"]
-            hits["shape"] += j.shape == named["shape"]
-            hits["background"] += j.background == named["background"]
-    return {f"generate_{k}": v / n for k, v in hits.items()}
+            for key in hits:
+                hits[key].append(int(getattr(j, key) == named[key]))
+    return {f"generate_{k}": v for k, v in hits.items()}
 
 
 def _eval_variation(model, s: Sampling, n: int) -> dict:
     rng = np.random.default_rng(EVAL_SEED + 2)
     scenes = [world.random_scene(rng) for _ in range(n)]
-    hits = {"colour": 0, "shape": 0}
+    hits = {"colour": [], "shape": []}
     for part in _chunks(n):
         sources = [world.render(sc) for sc in scenes[part]]
         images = model.variation(sources, [""] * len(sources), list(range(part.start, part.stop)), s)
         for image, scene in zip(images, scenes[part]):
             j = world.judge(image)
-            hits["colour"] += j.colour == scene.colour
-            hits["shape"] += j.shape == scene.shape
-    return {f"variation_{k}": v / n for k, v in hits.items()}
+            for key in hits:
+                hits[key].append(int(getattr(j, key) == getattr(scene, key)))
+    return {f"variation_{k}": v for k, v in hits.items()}
 
 
 def _eval_inpaint(model, s: Sampling, n: int) -> dict:
     cases = inpaint_cases(n)
-    hits, outside = 0, []
+    hits, outside = [], []
     for part in _chunks(n):
         sources = [world.render(c.source) for c in cases[part]]
         masks = [(world.region_mask(c.source, grow=MASK_GROW) > 0).astype(np.uint8) for c in cases[part]]
         prompts = [world.describe({"colour": c.target.colour, "shape": c.target.shape}) for c in cases[part]]
         images = model.inpaint(sources, masks, prompts, [""] * len(prompts), list(range(part.start, part.stop)), s)
         for image, source, mask, case in zip(images, sources, masks, cases[part]):
-            hits += dominant_inside(image, mask, case.source.background) == case.target.colour
+            hits.append(int(dominant_inside(image, mask, case.source.background) == case.target.colour))
             keep = mask == 0
-            outside.append(np.abs(image[keep].astype(float) - source[keep]).mean() / 255)
-    return {"inpaint_colour": hits / n, "inpaint_outside_mad": float(np.mean(outside))}
+            outside.append(round(float(np.abs(image[keep].astype(float) - source[keep]).mean() / 255), 6))
+    return {"inpaint_colour": hits, "inpaint_outside_mad": outside}
 
 
 def dominant_inside(image: np.ndarray, mask: np.ndarray, background: str) -> str | None:
@@ -166,10 +177,22 @@ def _eval_clip(model, n: int) -> dict:
         text = torch.nn.functional.normalize(prior.text_encoder(ids.to(model.device)).text_embeds.float(), dim=-1)
         rng = np.random.default_rng(EVAL_SEED + 3)
         scenes = [world.random_scene(rng) for _ in range(n)]
-        images = model.image_embeds([world.render(sc) for sc in scenes]).float()
-        picks = (torch.nn.functional.normalize(images, dim=-1) @ text.T).argmax(dim=-1).tolist()
-    right = sum(kinds[p] == (sc.colour, sc.shape) for p, sc in zip(picks, scenes))
-    return {"clip_zero_shot": right / n}
+        picks = []
+        for part in _chunks(n):  # in CALL-sized batches, like the other tasks: prefix-stable
+            images = model.image_embeds([world.render(sc) for sc in scenes[part]]).float()
+            picks += (torch.nn.functional.normalize(images, dim=-1) @ text.T).argmax(dim=-1).tolist()
+    return {"clip_zero_shot": [int(kinds[p] == (sc.colour, sc.shape)) for p, sc in zip(picks, scenes)]}
+
+
+def to_json(results: dict) -> str:
+    """Indented JSON with each per-case list on one line (200 verdicts a line, not 200 lines)."""
+    figures = {k: v for k, v in results.items() if k != "per_case"}
+    text = json.dumps(figures, indent=2)
+    if "per_case" not in results:
+        return text
+    lines = [f"    {json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}"
+             for name, values in results["per_case"].items()]
+    return text[:-2] + ',\n  "per_case": {\n' + ",\n".join(lines) + "\n  }\n}"
 
 
 def passed(results: dict) -> dict:
@@ -208,7 +231,7 @@ def main() -> None:
     results = evaluate(model, info, args.n, **overrides)
     results["scheduler"] = args.scheduler
     results["passed"] = passed(results)
-    text = json.dumps(results, indent=2)
+    text = to_json(results)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
