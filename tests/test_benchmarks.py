@@ -46,7 +46,12 @@ def test_quality_vs_speed_evaluation_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["scheduler"] == "dpm++" and report["sampling"]["num_inference_steps"] == 2
-    assert 0 <= report["generate_colour"] <= 1 and set(report["passed"]) == set(report) & set(report["passed"])
+    from unclip_batch.models.evaluate import TARGETS, passed, summarise
+
+    # Every figure is its cases' verdicts, four each; "passed" compares each with its target.
+    assert set(report["per_case"]) == set(TARGETS) and all(len(v) == 4 for v in report["per_case"].values())
+    assert summarise(report["per_case"]) == {k: report[k] for k in TARGETS}
+    assert report["passed"] == passed(report) and set(report["passed"]) == set(TARGETS)
 
 
 def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):

@@ -52,7 +52,7 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
     try:
         result = subprocess.run(
             [sys.executable, "-m", "unclip_batch.cli", "run", "s3://creds/in/demo.parquet", "--output",
-             "s3://creds/out", "--model", "tiny", "--storage-options", json.dumps(s3.options(key, secret)),
+             "s3://creds/out", "--model", "null", "--storage-options", json.dumps(s3.options(key, secret)),
              "--num-inference-steps", str(FAST["num_inference_steps"]),
              "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"]), "--device", "cpu"],
             capture_output=True, text=True, timeout=600, cwd=REPO, env=env)

@@ -104,7 +104,7 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     images = {name.split("/")[0]: pixels(data) for name, data in images_of(output).items()}
     for colour, shape, background in GENERATE:
         seen = world.judge(images[f"{colour}-{shape}"])
-        assert (seen.colour, seen.background) == (colour, background), (colour, shape, background, seen)
+        assert (seen.colour, seen.shape, seen.background) == (colour, shape, background), seen
     seen = world.judge(images["variation"])
     assert (seen.colour, seen.shape) == ("orange", "square"), seen
     from unclip_batch.models.evaluate import dominant_inside

@@ -169,14 +169,16 @@ def _quiet_expected_failures() -> None:
 
 
 def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
-    """The first exception of ``kind`` in a chain (Ray wraps task errors in RayTaskError)."""
-    seen = set()
+    """The innermost exception of ``kind`` in a chain. Ray wraps a task's error in a RayTaskError that is
+    also an instance of the error's class, whose message is the whole remote traceback: the innermost
+    one is the error as our code raised it."""
+    seen, found = set(), None
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, kind):
-            return exc
+            found = exc
         seen.add(id(exc))
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
+    return found
 
 
 def _rows_table(rows) -> pa.Table:
