@@ -58,6 +58,15 @@ def cli_run(manifest, output, env, extra=(), **popen):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
+def wait_for_first_shard(driver: subprocess.Popen, output: Path) -> None:
+    """Until the running job has recorded its first rows (a metadata shard): the middle of the job."""
+    deadline = time.monotonic() + 300
+    while not list(output.glob("metadata/*.parquet")):
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     manifest, reference = workload
     output = tmp_path / "out"
@@ -65,11 +74,7 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     driver = cli_run(manifest, output, env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list(output.glob("metadata/*.parquet")):
-            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_first_shard(driver, output)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
@@ -103,11 +108,7 @@ def test_sigterm_saves_finished_rows_and_says_how_to_resume(workload, tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     driver = cli_run(manifest, output, env)
     try:
-        deadline = time.monotonic() + 300
-        while not list(output.glob("metadata/*.parquet")):
-            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_first_shard(driver, output)
         driver.send_signal(signal.SIGTERM)
         log = driver.communicate(timeout=120)[0].decode()
     finally:
