@@ -34,10 +34,13 @@ def test_validate_reports_bad_rows(tmp_path):
     assert "row 1 id='bad id'" in result.stdout
 
 
-def test_validate_demo_manifest_is_clean():
+def test_validate_finds_the_demo_rows_missing_source_file():
+    """The demo's last row points at a missing file on purpose: validate says so without running a job."""
     result = cli("validate", "manifests/demo.parquet")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 invalid" in result.stdout
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "10 rows: 9 valid, 1 invalid" in result.stdout and "image_unreadable: 1" in result.stdout
+    assert "row 9 id='broken-source': [image_unreadable] image " in result.stdout
+    assert "manifests/images/does_not_exist.png does not exist" in result.stdout
 
 
 @pytest.mark.parametrize("rows, message", [

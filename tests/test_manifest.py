@@ -117,10 +117,11 @@ def test_limit(tmp_path):
     (lambda p: write_manifest(p, [{"id": "a", "prompt": 3}]), "'prompt' has type int64"),
     (lambda p: write_manifest(p, [{"id": "a", "sha256": "x"}]), "reserved"),
     (lambda p: write_manifest(p, [], pa.schema([("id", pa.string())])), "has no rows"),
+    (lambda p: (p.with_suffix(".csv").write_text("id,prompt\na,p\n"), p.with_suffix(".csv"))[1],
+     r"is text, not Parquet: convert it with `python manifests/build.py .*m.csv .*m.parquet`"),
 ])
 def test_unusable_manifests_fail_as_a_whole(tmp_path, make, message):
-    path = tmp_path / "m.parquet"
-    make(path)
+    path = make(tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=message):
         read_manifests([str(path)])
 

@@ -171,7 +171,8 @@ def _validate(args) -> int:
     size = SizeRule.of(info)
     good, bad, codes = 0, [], Counter()
     for rows, errors in validate(table, info.defaults, size):
-        good += len(rows)
+        errors += missing_local_sources(rows)
+        good += len(rows) - len({e["row"] for e in errors if e["stage"] == "load"})
         codes.update(e["code"] for e in errors)
         bad.extend(errors[: max(0, args.show - len(bad))])
     total_bad = sum(codes.values())
@@ -181,6 +182,21 @@ def _validate(args) -> int:
     for e in bad:
         print(f"  row {e['row']} id={e['id']!r}: [{e['code']}] {e['message']}")
     return EXIT_ROWS_FAILED if total_bad else 0
+
+
+def missing_local_sources(rows) -> list[dict]:
+    """Records for valid rows whose image or mask is a local file that is not there, as the job would
+    record them (image_unreadable); remote sources are left to the job, which retries storage."""
+    records = []
+    for row in rows:
+        for what in ("image", "mask"):
+            url = getattr(row, what)
+            path = url.removeprefix("file://")
+            if url and ("://" not in url or url.startswith("file://")) and not os.path.exists(path):
+                records.append({"id": row.id, "task": row.task, "stage": "load", "code": "image_unreadable",
+                                "message": f"{what} {url} does not exist", "row": row.row})
+                break
+    return records
 
 
 def format_summary(summary: dict) -> str:

@@ -33,6 +33,7 @@ MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the firs
 MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES  # image k uses seed + k, which must still fit an int64
 MAX_STEPS = 1000  # the schedulers' training timesteps
 MAX_GUIDANCE = 100.0
+TEXT_MANIFESTS = (".csv", ".jsonl", ".json")  # what manifests/build.py turns into Parquet
 
 STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
 INT_COLUMNS = ("num_images", "seed", "width", "height", "num_inference_steps", "prior_num_inference_steps")
@@ -153,6 +154,9 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         is_dir = fs.isdir(path)
         if not is_dir and not fs.exists(path):
             raise ManifestError(f"manifest {url} does not exist")
+        if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
+            raise ManifestError(f"manifest {url} is text, not Parquet: convert it with `python manifests/build.py "
+                                f"{url} {url.rsplit('.', 1)[0]}.parquet` (JSON Lines or CSV, one row a line)")
         table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
     except ManifestError:
         raise
