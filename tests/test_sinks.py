@@ -49,3 +49,19 @@ def test_placement_uses_gpus_only_when_there_and_wanted():
     assert placement(job(["m"], "o", device="cpu", cpus_per_worker=1.5), {"CPU": 16.0}).worker_cpus == 1.5
     with pytest.raises(SetupError, match="no GPU"):
         placement(job(["m"], "o", device="cuda"), cpus)
+
+
+def test_progress_says_rows_failures_rate_and_time_left(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from unclip_batch import pipeline
+
+    lookup = pa.table({"_manifest": ["m"] * 4, "_manifest_row": [0, 1, 2, 3]})
+    sinks = _Sinks(job(["m"], tmp_path), lookup, "tiny", total=4)
+    clock = iter([110.0])  # the first two rows arrive 10 s after the sink started
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock, 110.0))
+    sinks.clock = sinks.last_report = 100.0
+    with caplog.at_level(logging.INFO, logger="unclip_batch.pipeline"):
+        sinks.add([image_row("a", 0, 1), image_row("b", -1, 1, row=1, code="model_error")])
+    assert "progress: 2/4 rows done (1 failed), 1 images, 0.10 images/s, about 10s left" in caplog.text
+    assert [pipeline._duration(s) for s in (42, 200, 3900)] == ["42s", "3m20s", "1h05m"]

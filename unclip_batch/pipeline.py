@@ -301,6 +301,14 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
                           num_cpus=IO_TASK_CPUS, batch_format="numpy")
 
 
+def _duration(seconds: float) -> str:
+    """1h05m, 3m20s, 42s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
 class _Sinks:
     """Turns finished image rows into metadata and failed rows into errors, each row exactly once."""
 
@@ -354,9 +362,11 @@ class _Sinks:
             failed = sum(self.codes.values())
             counts = (self.succeeded, failed, self.images)
             if counts != self.last_counts:  # the final report repeats nothing already said
-                logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s",
-                            self.succeeded + failed, self.total, failed, self.images,
-                            self.images / max(now - self.clock, 1e-9))
+                done, elapsed = self.succeeded + failed, max(now - self.clock, 1e-9)
+                left = self.total - done
+                eta = f", about {_duration(left * elapsed / done)} left" if done and left else ""
+                logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s%s", done, self.total,
+                            failed, self.images, self.images / elapsed, eta)
                 self.last_counts = counts
 
     def close(self, finished: bool = True) -> None:
