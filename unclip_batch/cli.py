@@ -12,7 +12,7 @@ from collections import Counter
 
 from unclip_batch import __version__
 from unclip_batch.config import OVERRIDABLE, SCHEDULERS, JobConfig
-from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable
+from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 
 # Exit codes (README, "Exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
 EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options; nothing was computed
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unclip-batch: job stopped: {exc}. The rows finished so far are saved: once the cause is fixed, "
               "the same command resumes after them", file=sys.stderr)
         return EXIT_STOPPED
-    except (Interrupted, KeyboardInterrupt) as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as errors.Interrupted
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"unclip-batch: interrupted ({signal.Signals(signum).name}): {getattr(exc, 'saved', 0)} rows saved "
               "by this run; rerun the same command to resume", file=sys.stderr)

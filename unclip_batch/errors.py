@@ -23,9 +23,9 @@ class StorageUnavailable(JobFailed):
     """Object storage kept failing past the retry window (an outage, not a missing object)."""
 
 
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM: the job saves the rows it finished and stops (not an Exception, like
-    KeyboardInterrupt, so no ``except Exception`` swallows it)."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the job saves the rows it finished and stops. A KeyboardInterrupt, so no
+    ``except Exception`` swallows it and a caller's ``except KeyboardInterrupt`` sees SIGTERM too."""
 
     def __init__(self, signum: int, saved: int = 0):
         super().__init__(signum, saved)

@@ -117,7 +117,7 @@ def run_job(config: JobConfig) -> dict:
                                                                                         batch_format="numpy"))
             for batch in batches:
                 sinks.add(rows_of(batch))
-    except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C or SIGTERM: keep the finished rows, then stop
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted): keep the finished rows, then stop
         _save_what_finished(sinks)
         raise Interrupted(getattr(exc, "signum", signal.SIGINT), saved=sinks.done) from None
     except Exception as exc:
