@@ -91,8 +91,9 @@ def test_model_blocks_end_only_where_a_call_ends():
 def test_rows_changed_under_their_id_are_found_and_forgotten(tmp_path):
     from unclip_batch.manifest import input_hash
 
-    rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}, {"id": "bad id", "prompt": "x"},
-            {"id": "c", "prompt": "green"}]
+    # A carried list column too: the comparison must not need to carry it through a join.
+    rows = [{"id": "a", "prompt": "red", "tags": [1, 2]}, {"id": "b", "prompt": "blue"},
+            {"id": "bad id", "prompt": "x"}, {"id": "c", "prompt": "green"}]
     old = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     h = {r["id"]: input_hash(r) for r in rows}
@@ -113,7 +114,7 @@ def test_rows_changed_under_their_id_are_found_and_forgotten(tmp_path):
     table = read_manifests([write_manifest(tmp_path / "m.parquet", rows)])
     done = plan.load_done(str(out))
     changed = plan.changed_rows(table, done)
-    assert changed["key"].to_pylist() == ["a", "b", f"{old}#2"]
+    assert changed["key"].to_pylist() == ["a", "b", f"{old}#2"] and changed["tags"][0].as_py() == [1, 2]
     assert plan.pending(table, done)["id"].to_pylist() == []
     plan.forget(str(out), changed)
     assert not (out / "images" / "a").exists()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from unclip_batch import storage
 from unclip_batch.errors import SetupError
-from unclip_batch.manifest import FIRST, KNOWN_COLUMNS, MANIFEST, MANIFEST_ROW, ROW, input_hash
+from unclip_batch.manifest import FIRST, KNOWN_COLUMNS, MANIFEST, MANIFEST_ROW, input_hash
 from unclip_batch.predict import call_key
 
 logger = logging.getLogger(__name__)
@@ -85,12 +85,14 @@ def changed_rows(table: pa.Table, done: Done) -> pa.Table:
                       position_keys(done_rows[MANIFEST], done_rows[MANIFEST_ROW]))
     known = [c for c in KNOWN_COLUMNS if c in done_rows.column_names]
     now = pa.array([input_hash(r) for r in done_rows.select(known).to_pylist()], pa.string())
-    done_rows = done_rows.append_column("key", keys).append_column("_hash_now", now)
+    # The join sees only keys, hashes and positions: carried columns may be of types joins cannot carry.
+    probe = pa.table({"key": keys, "now": now, "at": pa.array(range(done_rows.num_rows), pa.int64())})
     recorded = done.hashes.filter(pc.is_valid(done.hashes["input_hash"])).group_by("key").aggregate(
         [("input_hash", "min")])  # one hash per key (a row's images share it)
-    joined = done_rows.join(recorded, "key", join_type="inner", use_threads=False)
-    changed = joined.filter(pc.not_equal(joined["_hash_now"], joined["input_hash_min"]))
-    return changed.sort_by(ROW).drop_columns(["_hash_now", "input_hash_min"])
+    joined = probe.join(recorded, "key", join_type="inner", use_threads=False)
+    changed = joined.filter(pc.not_equal(joined["now"], joined["input_hash_min"]))
+    changed = changed.take(pc.sort_indices(changed["at"]))  # manifest order
+    return done_rows.take(changed["at"]).append_column("key", changed["key"])
 
 
 def forget(output: str, changed: pa.Table, storage_options: dict | None = None) -> None:
