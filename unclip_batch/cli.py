@@ -97,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(manifests=tuple(args.manifests), output=output_location(args.output), model=args.model,
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
-                     limit=args.limit, retry_errors=args.retry_errors, redo_changed=args.redo_changed, defaults=defaults, device=args.device, dtype=args.dtype,
+                     limit=args.limit, retry_errors=args.retry_errors, redo_changed=args.redo_changed,
+                     defaults=defaults, device=args.device, dtype=args.dtype,
                      scheduler=args.scheduler, flush_every_s=args.flush_seconds,
                      storage_retry_s=args.storage_retry_seconds)
 
@@ -187,12 +188,14 @@ def _validate(args) -> int:
 def missing_local_sources(rows) -> list[dict]:
     """Records for valid rows whose image or mask is a local file that is not there, as the job would
     record them (image_unreadable); remote sources are left to the job, which retries storage."""
+    from unclip_batch import storage
+
     records = []
     for row in rows:
         for what in ("image", "mask"):
             url = getattr(row, what)
-            path = url.removeprefix("file://")
-            if url and ("://" not in url or url.startswith("file://")) and not os.path.exists(path):
+            path = storage.local_path(url) if url else None
+            if path is not None and not os.path.exists(path):
                 records.append({"id": row.id, "task": row.task, "stage": "load", "code": "image_unreadable",
                                 "message": f"{what} {url} does not exist", "row": row.row})
                 break

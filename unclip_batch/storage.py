@@ -46,6 +46,13 @@ def resolve(value: str, folder: str) -> str:
     return join(folder, value)
 
 
+def local_path(url: str) -> str | None:
+    """The local path a URL names (a plain path or file://), or None for a remote URL."""
+    if "://" not in url:
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
 def is_web(url: str) -> bool:
     """Web URLs are data (a dead link is the row's problem); every other remote store is infrastructure."""
     return url.startswith(("http://", "https://"))

@@ -82,9 +82,9 @@ class ModelSpec:
 
     def local_location(self, storage_options: dict | None = None) -> str:
         """The location with object-storage URLs replaced by this node's cached copy."""
-        if "://" not in self.location or self.location.startswith("file://"):
-            return self.location.removeprefix("file://")
-        return sync_to_cache(self.location, storage_options or {})
+        from unclip_batch.storage import local_path
+
+        return local_path(self.location) or sync_to_cache(self.location, storage_options or {})
 
     def describe(self, storage_options: dict | None = None) -> ModelInfo:
         return self.module().describe(self.local_location(storage_options))
@@ -96,14 +96,15 @@ _HUB_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # a Hub user 
 def describe_model(model: str, storage_options: dict | None = None) -> tuple[ModelSpec, ModelInfo]:
     """The spec and what rows may ask of it, or a SetupError saying what is wrong with ``--model``."""
     from unclip_batch.errors import SetupError
+    from unclip_batch.storage import local_path
 
     try:
         spec = ModelSpec.parse(model)
     except ValueError as exc:
         raise SetupError(str(exc)) from exc
-    local = "://" not in spec.location or spec.location.startswith("file://")
-    path = Path(spec.location.removeprefix("file://")).expanduser()
-    if local and spec.family != "null" and not path.is_dir():
+    local = local_path(spec.location)
+    path = Path(local or ".").expanduser()
+    if local is not None and spec.family != "null" and not path.is_dir():
         known = ", ".join(ALIASES)
         if not _HUB_NAMESPACE.match(spec.location):
             raise SetupError(f"model {model!r} not found: not a folder ({path.absolute()} does not exist), not a "
