@@ -182,7 +182,9 @@ def own_s3(tmp_path, workload):
 
 def kill_s3_after(server, images: int, down_s: float | None, metadata: bool = False):
     """In the background: once `images` PNGs (and, with ``metadata``, a metadata shard) are stored, kill
-    the server; restart it after down_s. The thread's ``times`` records when each happened."""
+    the server; restart it after down_s. The thread's ``times`` records when each happened: "restarted" is
+    when the new process was launched (the server cannot answer before it), not when start() saw it answer,
+    which on a loaded machine can be many seconds after the job's own retries already got through."""
     fs = server.filesystem()
     times = {}
 
@@ -199,8 +201,8 @@ def kill_s3_after(server, images: int, down_s: float | None, metadata: bool = Fa
         times["killed"] = time.monotonic()
         if down_s is not None:
             time.sleep(down_s)
-            server.start()
             times["restarted"] = time.monotonic()
+            server.start()
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.times = times
