@@ -27,10 +27,10 @@ test-fast: setup
 
 # Retrain the embedded model from nothing (about 85-90 minutes on 2 CPU cores) and measure the committed one.
 model: setup
-	$(PY) -m unclip_batch.models.shapes out/shapes  # resumes an interrupted run; --model out/shapes to use it
+	$(PY) -m unclip_lab.train out/shapes  # resumes an interrupted run; --model out/shapes to use it
 
 evaluate: setup
-	$(PY) -m unclip_batch.models.evaluate --model default
+	$(PY) -m unclip_lab.evaluate --model default
 
 # A picture of the demo job's output (run make demo first), under out/ so the tree stays clean; the
 # README's copy is manifests/demo_grid.png: copy it there when the model changes.

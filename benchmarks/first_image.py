@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
+
 
 def run_once(manifest: Path, output: Path, model: str, options: list[str]) -> dict:
     started = time.perf_counter()
@@ -55,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     options = [*(["--num-inference-steps", str(args.steps)] if args.steps else []),
                *(["--prior-num-inference-steps", str(args.prior_steps)] if args.prior_steps else [])]
-    from unclip_batch import world
+    from unclip_lab import world
 
     rng = np.random.default_rng(0)
     captions = [world.caption(world.random_scene(rng), rng)[0] for _ in range(args.rows)]

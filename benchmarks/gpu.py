@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import multiprocessing
+import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,9 +37,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unclip_batch.models.kandinsky22 import DECODER, PRIOR
-from unclip_batch.models.tiny import (build_tokenizer, decoder_ddpm_scheduler, prior_scheduler, write_decoder_index,
-                                      write_prior_index)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
+
+from unclip_batch.models.kandinsky22 import DECODER, PRIOR  # noqa: E402
+from unclip_lab import layout  # noqa: E402
 
 PROMPTS = ["a red fox in the snow, photograph", "an oil painting of a lighthouse at dusk",
            "a bowl of ramen, studio lighting", "a robot reading a newspaper in a cafe"]
@@ -48,65 +50,48 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
     """Random weights in kandinsky-2-2-prior / -decoder's layout and sizes (``small``: a CPU-sized stand-in
     with the same structure, for the smoke test)."""
     import torch
-    from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
 
     if (root / "built.json").exists():
         return
     started = time.perf_counter()
     torch.manual_seed(0)
     embed = 64 if small else 1280
-    text_cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2) if small else \
-        dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32)  # bigG text
-    vision_cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2) if small \
-        else dict(hidden_size=1664, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=48)  # bigG
+    text_cfg = dict(width=64, intermediate=128, heads=2, layers=2) if small else \
+        dict(width=1280, intermediate=5120, heads=20, layers=32)  # bigG text
+    vision_cfg = dict(width=64, intermediate=128, heads=2, layers=2) if small \
+        else dict(width=1664, intermediate=8192, heads=16, layers=48)  # bigG
     prior_dir, decoder_dir = root / PRIOR, root / DECODER
-    tokenizer = build_tokenizer(prior_dir / "tokenizer")
+    tokenizer = layout.tokenizer(prior_dir / "tokenizer")
     tokenizer.save_pretrained(prior_dir / "tokenizer")
     dt = getattr(torch, dtype)
     with torch.device(device):
-        text = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, projection_dim=embed,
-            hidden_act="gelu", **text_cfg))
+        text = layout.clip_text(tokenizer, projection=embed, hidden_act="gelu", **text_cfg)
         text.to(dt).save_pretrained(prior_dir / "text_encoder")
         del text
-        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            image_size=224, patch_size=14, projection_dim=embed, hidden_act="gelu", **vision_cfg))
+        vision = layout.clip_vision(image_size=224, patch_size=14, projection=embed, hidden_act="gelu", **vision_cfg)
         vision.to(dt).save_pretrained(prior_dir / "image_encoder")
         del vision
-        prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=embed) \
-            if small else PriorTransformer(num_attention_heads=32, attention_head_dim=64, num_layers=20,
-                                           embedding_dim=1280, num_embeddings=77, additional_embeddings=4)
-        prior.clip_std.data.fill_(1.0)
+        prior = layout.prior(heads=2, head_dim=32, layers=2, embedding_dim=embed) if small else \
+            layout.prior(heads=32, head_dim=64, layers=20, embedding_dim=1280, num_embeddings=77,
+                         additional_embeddings=4)
         prior.to(dt).save_pretrained(prior_dir / "prior")
         del prior
-        widths = (32, 64) if small else (384, 768, 1152, 1536)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=8, addition_embed_type="image", encoder_hid_dim=embed,
-            encoder_hid_dim_type="image_proj", cross_attention_dim=128 if small else 768,
-            attention_head_dim=32 if small else 64, block_out_channels=widths, layers_per_block=1 if small else 3,
-            down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (len(widths) - 1),
-            up_block_types=("SimpleCrossAttnUpBlock2D",) * (len(widths) - 1) + ("ResnetUpsampleBlock2D",),
-            mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_time_scale_shift="scale_shift",
-            class_embed_type=None, norm_num_groups=32, addition_embed_type_num_heads=64)
+        unet = layout.unet(in_channels=4, sample_size=64, embed_dim=embed, widths=(32, 64) if small else
+                           (384, 768, 1152, 1536), layers_per_block=1 if small else 3,
+                           cross_attention_dim=128 if small else 768, attention_head_dim=32 if small else 64,
+                           norm_num_groups=32, addition_embed_type_num_heads=64)
         unet.to(dt).save_pretrained(decoder_dir / "unet")
         del unet
-        movq = VQModel(
-            block_out_channels=[32, 32, 32, 32] if small else [128, 256, 256, 512], in_channels=3, out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-            up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3, latent_channels=4,
-            layers_per_block=1 if small else 2, norm_num_groups=32, norm_type="spatial", num_vq_embeddings=16384,
-            vq_embed_dim=4, scaling_factor=0.18215)
+        movq = layout.movq(widths=[32, 32, 32, 32] if small else [128, 256, 256, 512],
+                           layers_per_block=1 if small else 2, norm_num_groups=32, num_vq_embeddings=16384,
+                           scaling_factor=0.18215)
         movq.to(dt).save_pretrained(decoder_dir / "movq")
         del movq
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        prior_dir / "image_processor")
-    prior_scheduler().save_pretrained(prior_dir / "scheduler")
-    write_prior_index(prior_dir)
-    decoder_ddpm_scheduler().save_pretrained(decoder_dir / "scheduler")
-    write_decoder_index(decoder_dir, "KandinskyV22Pipeline")
+    layout.image_processor(224).save_pretrained(prior_dir / "image_processor")
+    layout.prior_scheduler().save_pretrained(prior_dir / "scheduler")
+    layout.write_prior_index(prior_dir)
+    layout.decoder_ddpm_scheduler().save_pretrained(decoder_dir / "scheduler")
+    layout.write_decoder_index(decoder_dir, "KandinskyV22Pipeline")
     (root / "built.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
 
 

@@ -32,11 +32,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
+
 
 def build_rows(n: int, folder: Path) -> list[dict]:
     """A mixed manifest over the shapes world: half generate, a quarter variation, a quarter inpaint;
     every third row asks for 2 images."""
-    from unclip_batch import world
+    from unclip_lab import world
 
     rng = np.random.default_rng(0)
     rows = []

@@ -3,12 +3,14 @@
     python manifests/make_images.py
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from unclip_batch import world
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
+from unclip_lab import world  # noqa: E402
 
 HERE = Path(__file__).parent / "images"
 

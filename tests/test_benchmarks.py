@@ -40,13 +40,13 @@ def test_scale_benchmark_runs():
 
 
 def test_quality_vs_speed_evaluation_runs():
-    result = subprocess.run([sys.executable, "-m", "unclip_batch.models.evaluate", "--model", "tiny", "--n", "4",
+    result = subprocess.run([sys.executable, "-m", "unclip_lab.evaluate", "--model", "tiny", "--n", "4",
                              "--steps", "2", "--prior-steps", "2", "--scheduler", "dpm++"], cwd=REPO,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["scheduler"] == "dpm++" and report["sampling"]["num_inference_steps"] == 2
-    from unclip_batch.models.evaluate import TARGETS, passed, summarise
+    from unclip_lab.evaluate import TARGETS, passed, summarise
 
     # Every figure is its cases' verdicts, four each; "passed" compares each with its target.
     assert set(report["per_case"]) == set(TARGETS) and all(len(v) == 4 for v in report["per_case"].values())

@@ -31,7 +31,7 @@ def test_tiny_checkpoint_has_the_public_layout():
 
 
 def test_committed_weights_are_what_the_builder_makes(tmp_path):
-    from unclip_batch.models.tiny import build
+    from unclip_lab.tiny import build
 
     build(tmp_path)
     for committed in (WEIGHTS / "tiny").rglob("*.safetensors"):

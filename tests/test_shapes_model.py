@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import images_of, job, pixels, read_output, write_manifest
-from unclip_batch import world
+from unclip_lab import world
 from unclip_batch.models import WEIGHTS, ModelSpec
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, describe
 
@@ -27,7 +27,7 @@ def test_shapes_checkpoint_is_the_default_and_has_the_public_layout():
     info = describe(str(SHAPES))
     assert (info.default_size, info.size_multiple) == (64, 8)
     card = (SHAPES / "README.md").read_text()
-    assert "clip_zero_shot" in card and "python -m unclip_batch.models.shapes" in card
+    assert "clip_zero_shot" in card and "python -m unclip_lab.train" in card
 
 
 def test_tokenizer_knows_every_world_word_as_one_token():
@@ -42,7 +42,7 @@ def test_tokenizer_knows_every_world_word_as_one_token():
 
 
 def test_tokenizer_builder_is_deterministic(tmp_path):
-    from unclip_batch.models.shapes import build_tokenizer
+    from unclip_lab.train import build_tokenizer
 
     first, second = build_tokenizer(tmp_path / "a"), build_tokenizer(tmp_path / "b")
     assert (tmp_path / "a" / "merges.txt").read_text() == (tmp_path / "b" / "merges.txt").read_text()
@@ -56,7 +56,7 @@ def test_tokenizer_builder_is_deterministic(tmp_path):
 def test_recipe_changes_are_typed_and_checked():
     from dataclasses import replace
 
-    from unclip_batch.models.shapes import Recipe, _parse_changes
+    from unclip_lab.train import Recipe, _parse_changes
 
     changes = _parse_changes(["movq_channels=32,64,64", "refine_steps=10", "clip_lr=0.5"])
     assert changes == {"movq_channels": (32, 64, 64), "refine_steps": 10, "clip_lr": 0.5}
@@ -69,7 +69,7 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     """A resumed run must not mix stages trained under two recipes into one checkpoint."""
     from dataclasses import asdict
 
-    from unclip_batch.models.shapes import Recipe, train
+    from unclip_lab.train import Recipe, train
 
     (tmp_path / "training.json").write_text(json.dumps({"recipe": asdict(Recipe(refine_steps=1)), "stages": {}}))
     with pytest.raises(SystemExit, match="another recipe"):
@@ -107,7 +107,7 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
         assert (seen.colour, seen.shape, seen.background) == (colour, shape, background), seen
     seen = world.judge(images["variation"])
     assert (seen.colour, seen.shape) == ("orange", "square"), seen
-    from unclip_batch.models.evaluate import dominant_inside
+    from unclip_lab.evaluate import dominant_inside
 
     inside = dominant_inside(images["inpaint"], world.region_mask(source, grow=6), "blue")
     assert inside == "white"
@@ -116,7 +116,7 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
 
 
 def test_every_stage_starts_after_the_stages_it_reads():
-    from unclip_batch.models.shapes import NEEDS, ON_DATASET, STAGES
+    from unclip_lab.train import NEEDS, ON_DATASET, STAGES
 
     assert set(NEEDS) == set(STAGES) and len(STAGES) == len(set(STAGES))
     for name in STAGES:
@@ -149,7 +149,7 @@ def test_readme_shows_the_committed_evaluation():
 
 
 def test_the_committed_figures_are_its_verdicts():
-    from unclip_batch.models.evaluate import passed, summarise
+    from unclip_lab.evaluate import passed, summarise
 
     committed = json.loads((SHAPES / "evaluation.json").read_text())
     verdicts = committed["per_case"]
@@ -167,7 +167,7 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
     """Re-run `make evaluate` (on CPU, as it always runs) on the first cases: each one's verdict is the
     committed one (case i is the same model call whatever the run's length; see evaluate.evaluate)."""
     committed = json.loads((SHAPES / "evaluation.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "unclip_batch.models.evaluate", "--model", "default",
+    result = subprocess.run([sys.executable, "-m", "unclip_lab.evaluate", "--model", "default",
                              "--n", str(CHECKED_CASES), "--json", str(tmp_path / "today.json")],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from unclip_batch import world
+from unclip_lab import world
 
 
 def test_samples_are_seeded_and_captions_name_what_the_picture_shows():

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {
-    # The embedded model, trained here on the shapes world (python -m unclip_batch.models.shapes).
+    # The embedded model, trained here on the shapes world (python -m unclip_lab.train).
     "default": ("kandinsky22", WEIGHTS / "shapes"),
     "shapes": ("kandinsky22", WEIGHTS / "shapes"),
     # Random weights, same layout: fast structural tests.

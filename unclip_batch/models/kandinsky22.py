@@ -201,7 +201,7 @@ class Kandinsky22:
             extra = None
             if source is not None:
                 source_latents = movq.encode(source)["latents"]
-                keep = _latent_keep_mask(torch, repaint, source_latents.shape[-2:])
+                keep = latent_keep_mask(torch, repaint, source_latents.shape[-2:])
                 extra = torch.cat([source_latents * keep, keep], dim=1)
                 extra = torch.cat([extra] * 2) if guided else extra
             for i, t in enumerate(timesteps):
@@ -252,7 +252,7 @@ def _guide(torch, out, channels: int, guidance_scale: float | None, variance_typ
     return noise_pred
 
 
-def _latent_keep_mask(torch, repaint, size):
+def latent_keep_mask(torch, repaint, size):
     """Pixel repaint mask -> latent keep mask, growing the repaint area by one latent pixel.
 
     Same result as diffusers' ``prepare_mask`` (a Python loop over every latent pixel), as one max-pool.

@@ -13,8 +13,8 @@ Every part is a real diffusers / transformers class, trained here from nothing, 
 7. polish: the decoder UNet trained further from where stage 5 stopped (a second, gentler cosine);
    inpaint2, beside it: the inpaint UNet further, always conditioned on another picture of the kind.
 
-    python -m unclip_batch.models.shapes OUT                             # ~86 min on two CPU cores
-    python -m unclip_batch.models.shapes OUT --device cuda --workers 3   # ~9 min on one H100
+    python -m unclip_lab.train OUT                             # ~86 min on two CPU cores
+    python -m unclip_lab.train OUT --device cuda --workers 3   # ~9 min on one H100
 
 Each stage saves its components into the output folder when it ends, so an interrupted run resumes
 at the first unfinished stage. ``--scale 0.02`` runs every stage for 2% of its steps (a smoke run).
@@ -33,17 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip_batch import world
-from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR
-from unclip_batch.models.tiny import (bytes_to_unicode, decoder_ddpm_scheduler, prior_scheduler, write_decoder_index,
-                                      write_prior_index)
+from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, latent_keep_mask
+from unclip_lab import layout, world
+from unclip_lab.layout import OPENAI_CLIP_MEAN as CLIP_MEAN
+from unclip_lab.layout import OPENAI_CLIP_STD as CLIP_STD
+from unclip_lab.card import write_card
+from unclip_lab.evaluate import TARGETS
+from unclip_lab.layout import TEXT_LENGTH
 
 logger = logging.getLogger(__name__)
 
 EMBED_DIM = 64  # CLIP projection = prior width = decoder conditioning width
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics, as CLIPImageProcessor uses
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEXT_LENGTH = 77  # the prior attends over all 77 positions, so training pads to the same length
 
 
 @dataclass(frozen=True)
@@ -122,17 +122,7 @@ def learn_merges(words: list[str]) -> list[str]:
 def build_tokenizer(folder: Path):
     """A CLIP BPE tokenizer whose merges make every world word one token; any other text still
     tokenizes, byte by byte."""
-    from transformers import CLIPTokenizer
-
-    merges = learn_merges(world.vocabulary())
-    chars = bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(tokens))}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TEXT_LENGTH,
-                              pad_token="<|endoftext|>")
+    tokenizer = layout.tokenizer(folder, learn_merges(world.vocabulary()))
     for word in world.vocabulary():
         assert len(tokenizer(word).input_ids) == 3, f"{word!r} is not one token"
     tokenizer.save_pretrained(folder)
@@ -186,15 +176,9 @@ class _Progress:
 
 # -- stage 2: CLIP --------------------------------------------------------------------------------
 def clip_models(tokenizer):
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
-
-    shared = dict(hidden_size=EMBED_DIM, projection_dim=EMBED_DIM, intermediate_size=4 * EMBED_DIM,
-                  num_attention_heads=4, num_hidden_layers=3)
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=TEXT_LENGTH, **shared))
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=world.SIZE, patch_size=8, **shared))
+    shared = dict(width=EMBED_DIM, projection=EMBED_DIM, intermediate=4 * EMBED_DIM, heads=4, layers=3)
+    text = layout.clip_text(tokenizer, **shared)
+    vision = layout.clip_vision(image_size=world.SIZE, patch_size=8, **shared)
     return text, vision
 
 
@@ -229,10 +213,8 @@ def train_clip(tokenizer, recipe: Recipe, folder: Path, device: str = "cpu") -> 
         progress(i, loss.item())
     text.cpu().save_pretrained(folder / "text_encoder")
     vision.cpu().save_pretrained(folder / "image_encoder")
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(size={"shortest_edge": world.SIZE}, crop_size={"height": world.SIZE, "width": world.SIZE},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(folder / "image_processor")
+    layout.image_processor(world.SIZE, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(
+        folder / "image_processor")
     return progress.summary()
 
 
@@ -243,16 +225,7 @@ def _soft_ce(logits, target):
 
 # -- stage 3: MoVQ --------------------------------------------------------------------------------
 def movq_model(recipe: Recipe):
-    from diffusers import VQModel
-
-    # SpatialNorm in the MoVQ decoder hard-codes 32 groups, so its widths are multiples of 32.
-    return VQModel(
-        block_out_channels=list(recipe.movq_channels), in_channels=3, out_channels=3, latent_channels=4,
-        layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-        norm_num_groups=32, norm_type="spatial", num_vq_embeddings=256, vq_embed_dim=4,
-    )
+    return layout.movq(widths=recipe.movq_channels, layers_per_block=1, norm_num_groups=32, num_vq_embeddings=256)
 
 
 def train_movq(recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
@@ -334,10 +307,9 @@ def encode_dataset(recipe: Recipe, vision, movq, device: str = "cpu") -> Data:
 # -- stage 4: prior -------------------------------------------------------------------------------
 def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
     import torch
-    from diffusers import PriorTransformer
 
-    scheduler = prior_scheduler()
-    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=32, embedding_dim=EMBED_DIM, num_layers=3)
+    scheduler = layout.prior_scheduler()
+    prior = layout.prior(heads=2, head_dim=32, embedding_dim=EMBED_DIM, layers=3)
     prior, text = prior.to(device), text.to(device)
     mean, std = data.embeds.mean(0), data.embeds.std(0)
     prior.clip_mean.data.copy_(mean[None])
@@ -371,17 +343,9 @@ def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path, devic
 
 # -- stages 5 and 6: decoder and inpaint UNets ----------------------------------------------------
 def unet_model(in_channels: int):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=world.SIZE // 4, in_channels=in_channels, out_channels=8,  # 8 = latent + (unused) variance
-        addition_embed_type="image", encoder_hid_dim=EMBED_DIM, encoder_hid_dim_type="image_proj",
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=2,
-        cross_attention_dim=128, attention_head_dim=32, resnet_time_scale_shift="scale_shift",
-        class_embed_type=None, norm_num_groups=32,
-    )
+    # 8 outputs = latent + variance, which this model leaves unused (it predicts v, see decoder_scheduler)
+    return layout.unet(in_channels=in_channels, sample_size=world.SIZE // 4, embed_dim=EMBED_DIM, widths=(32, 64),
+                       layers_per_block=2, cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32)
 
 
 def decoder_scheduler():
@@ -389,7 +353,7 @@ def decoder_scheduler():
     # that predicts noise is least accurate where an error costs most (at high noise a noise error is
     # magnified ~15x into the image), and its samples drifted to twice the latents' spread (first
     # recipe: colour right in 22% of generations). v stays well-posed at every noise level.
-    return decoder_ddpm_scheduler(prediction_type="v_prediction")
+    return layout.decoder_ddpm_scheduler(prediction_type="v_prediction")
 
 
 def _conditions(torch, data: Data, pick, rng, recipe: Recipe, other: float = 0.0, kinds: dict | None = None):
@@ -428,8 +392,6 @@ def _masks(data: Data, pick, rng) -> np.ndarray:
 def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = "") -> tuple[object, dict]:
     import torch
 
-    from unclip_batch.models.kandinsky22 import _latent_keep_mask
-
     steps, batch, lr = ((recipe.inpaint_steps, recipe.inpaint_batch, recipe.inpaint_lr) if inpaint
                         else (recipe.decoder_steps, recipe.decoder_batch, recipe.decoder_lr))
     if stage == "polish":
@@ -455,7 +417,7 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
         a = alphas[t][:, None, None, None]
         sample = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if inpaint:  # exactly what Kandinsky22.decode feeds the inpaint UNet
-            keep = _latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)).to(device), x0.shape[-2:])
+            keep = latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)).to(device), x0.shape[-2:])
             sample = torch.cat([sample, x0 * keep, keep], dim=1)
         out = unet(sample=sample, timestep=t, encoder_hidden_states=None,
                    added_cond_kwargs={"image_embeds": cond}).sample
@@ -543,7 +505,7 @@ def choose_sampling(out: Path) -> None:
     for name, pipeline in ((DECODER, "KandinskyV22Pipeline"), (INPAINT, "KandinskyV22InpaintPipeline")):
         DPMSolverMultistepScheduler.from_config(decoder_scheduler().config, algorithm_type="dpmsolver++",
                                                 solver_order=2).save_pretrained(out / name / "scheduler")
-        write_decoder_index(out / name, pipeline, scheduler="DPMSolverMultistepScheduler")
+        layout.write_decoder_index(out / name, pipeline, scheduler="DPMSolverMultistepScheduler")
     (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
 
 
@@ -577,7 +539,7 @@ def run_stage(name: str, out: Path, recipe: Recipe, threads: int, device: str = 
     if name == "prior":
         text = CLIPTextModelWithProjection.from_pretrained(prior_dir / "text_encoder").eval()
         summary = train_prior(tokenizer, text, data, recipe, prior_dir, device)
-        write_prior_index(prior_dir)
+        layout.write_prior_index(prior_dir)
         return summary
     if name == "decoder":
         unet, summary = train_unet(unet_model(4), data, recipe, inpaint=False)
@@ -618,78 +580,7 @@ def _save_decoder(folder: Path, unet, pipeline: str) -> None:
     """The UNet, scheduler and index; the MoVQ is copied in once the refine stage is done."""
     unet.save_pretrained(folder / "unet")
     decoder_scheduler().save_pretrained(folder / "scheduler")
-    write_decoder_index(folder, pipeline)
-
-
-# -- model card -----------------------------------------------------------------------------------
-CARD_HEAD = """---
-license: apache-2.0
-library_name: diffusers
-tags: [unclip, kandinsky, shapes-world, text-to-image]
----
-# unclip-batch shapes: a small unCLIP that draws the shapes world
-
-The embedded default model of unclip-batch: CLIP text and image encoders, a diffusion prior and a MoVQ
-latent decoder with a 9-channel inpainting twin, trained from nothing on procedurally drawn pictures
-and saved in exactly the folder layout of `kandinsky-community/kandinsky-2-2-prior`, `-decoder` and
-`-decoder-inpaint`, so the same loading and sampling code runs it and the real Kandinsky 2.2.
-
-**Data.** `unclip_batch.world`: one filled shape on a plain background, 64x64 px: 8 colours (red,
-green, blue, yellow, orange, purple, white, black), 3 shapes (circle, square, triangle), 2 sizes, 9
-positions, 9 background colours (the 8 and gray, never the shape's own colour), +-2 px jitter.
-Captions always name colour and shape; size, position and background each half the time
-("a small green triangle at the top left", "a picture of a red circle on a white background").
-
-**Differences from Kandinsky 2.2's own checkpoints.** Same classes, folders and file names; the
-decoder scheduler predicts `v_prediction` instead of `epsilon` (a small noise-predicting UNet let its
-samples drift to twice the latents' spread: colour right in 22% of generations, 94-100% after the
-switch), and `unclip_batch.json` holds the sampling defaults chosen by measurement.
-
-**Recipe.** Reproduce with `python -m unclip_batch.models.shapes OUT` (seeded; two CPU cores by
-default, `--device cuda` on a GPU; the docstring of `unclip_batch/models/shapes.py` describes each
-stage). The same seed on another device gives other weights of the same quality (its random streams
-differ), not the same bytes. Stages, where they ran and what they took:
-"""
-
-
-def write_card(folder: Path) -> None:
-    """The model card, from training.json (recipe, stage times) and evaluation.json (metrics)."""
-    training = json.loads((folder / "training.json").read_text())
-    devices = training.get("devices", {})
-    lines = [CARD_HEAD, "| stage | device | steps | seconds | final loss |", "| --- | --- | --- | --- | --- |"]
-    for stage, summary in training["stages"].items():
-        lines.append(f"| {stage} | {devices.get(stage, 'cpu')} | {summary['steps']} | {summary['seconds']} | "
-                     f"{summary['final_loss']} |")
-    total = sum(s["seconds"] for s in training["stages"].values())
-    lines += ["", f"Stage time summed: {total / 60:.0f} min (stages run side by side once the stages they read "
-              "are saved: `NEEDS` in shapes.py). Recipe: `" + json.dumps(training["recipe"]) + "`"]
-    if training.get("note"):
-        lines += ["", training["note"]]
-    lines += ["", "**Parameters.**", ""]
-    lines += [f"- {name}: {count / 1e6:.2f} M" for name, count in _parameter_counts(folder).items()]
-    evaluation = folder / "evaluation.json"
-    if evaluation.exists():
-        from unclip_batch.models.evaluate import TARGETS
-
-        results = json.loads(evaluation.read_text())
-        lines += ["", "**Evaluation** (`python -m unclip_batch.models.evaluate`, judged by geometry, not by "
-                  f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
-                  f"`{json.dumps(results['sampling'])}`):", "", "| metric | value | target |", "| --- | --- | --- |"]
-        for key, target in TARGETS.items():
-            op = "<=" if key.endswith("_mad") else ">="
-            lines.append(f"| {key} | {results[key]:.3f} | {op} {target:.3f} |")
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def _parameter_counts(folder: Path) -> dict:
-    from safetensors import safe_open
-
-    counts = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            counts[str(path.parent.relative_to(folder))] = sum(
-                np.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return counts
+    layout.write_decoder_index(folder, pipeline)
 
 
 def _parse_changes(changes: list[str]) -> dict:
@@ -719,7 +610,7 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     recipe = replace(Recipe(seed=args.seed), **_parse_changes(args.changes)).scaled(args.scale)
     train(args.output, recipe, workers=args.workers, device=args.device)
-    write_card(args.output)
+    write_card(args.output, TARGETS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluate a model on the shapes world, judged by ``world.judge`` (geometry, not the model's CLIP).
 
-    python -m unclip_batch.models.evaluate                 # the default model, 200 cases per task
-    python -m unclip_batch.models.evaluate --n 40 --json out.json
+    python -m unclip_lab.evaluate                 # the default model, 200 cases per task
+    python -m unclip_lab.evaluate --n 40 --json out.json
 
 Cases come from a seed the training never uses (training draws from seeds below 10^9; these from
 ``EVAL_SEED``), through the same ``Kandinsky22`` code the batch job runs. Targets (issue 3):
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unclip_batch import world
+from unclip_lab import world
 from unclip_batch.models import ModelSpec, Sampling
 
 logger = logging.getLogger(__name__)
@@ -239,11 +239,11 @@ def main() -> None:
     if args.card:
         from pathlib import Path
 
-        from unclip_batch.models.shapes import write_card
+        from unclip_lab.card import write_card
 
         folder = Path(ModelSpec.parse(args.model).local_location())
         (folder / "evaluation.json").write_text(text + "\n")
-        write_card(folder)
+        write_card(folder, TARGETS)
 
 
 if __name__ == "__main__":
