@@ -54,7 +54,8 @@ def main() -> None:
     from ray.data import DataContext
 
     from unclip_batch.config import JobConfig
-    from unclip_batch.pipeline import run_job, start_ray
+    from unclip_batch.job import run_job
+    from unclip_batch.pipeline import start_ray
 
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from unclip_batch.config import JobConfig
-from unclip_batch.pipeline import run_job
+from unclip_batch.job import run_job
 
 
 def main(manifest: str, output: str, steps: str, prior_steps: str) -> None:

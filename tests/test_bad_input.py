@@ -10,7 +10,7 @@ from PIL import Image
 
 from helpers import box_mask, job, png_bytes, read_output, scene, write_manifest
 from unclip_batch.errors import CODES
-from unclip_batch.pipeline import run_job
+from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
 ACCEPTED = "accepted"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import images_of, job, kill_processes, make_sources, read_output, write_manifest
-from unclip_batch.pipeline import run_job
+from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import box_mask, scene
-from unclip_batch.models import WEIGHTS, ModelSpec, Sampling
+from unclip_batch.models import WEIGHTS, ModelSpec
+from unclip_batch.sampling import Sampling
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, Kandinsky22, describe
 
 TINY = str(WEIGHTS / "tiny")

@@ -1,241 +1,33 @@
-"""End to end through Ray Data on the tiny checkpoint: every row accounted for, images reproducible."""
+"""The Ray wiring (pipeline.py) apart from Ray itself: where the model actors go, which addresses it joins."""
 
-import dataclasses
-import json
-import time
-
-import numpy as np
 import pytest
 
-from helpers import images_of, job, pixels, read_output, readme_columns, write_manifest
-from unclip_batch.config import JobConfig
+from helpers import job
 from unclip_batch.errors import SetupError
-from unclip_batch.pipeline import run_job
-
-pytestmark = pytest.mark.slow
 
 
-def summary_of(output):
-    return json.loads((output / "_SUCCESS").read_text())
+def test_placement_uses_gpus_only_when_there_and_wanted():
+    from unclip_batch.pipeline import Placement, placement
+
+    gpus = {"CPU": 32.0, "GPU": 4.0}
+    assert placement(job(["m"], "o", device="auto"), gpus) == Placement("cuda", 4, 1.0, None)
+    assert placement(job(["m"], "o", device="auto", workers=2), gpus) == Placement("cuda", 2, 1.0, None)
+    assert placement(job(["m"], "o", device="cpu"), gpus).device == "cpu"  # GPUs there, CPU asked for
+    cpus = {"CPU": 2.0}
+    assert placement(job(["m"], "o", device="auto"), cpus) == Placement("cpu", 1, 0.5, 2)
+    assert placement(job(["m"], "o", device="auto", workers=2), cpus) == Placement("cpu", 2, 0.25, 1)
+    assert placement(job(["m"], "o", device="cpu", cpus_per_worker=1.5), {"CPU": 16.0}).worker_cpus == 1.5
+    with pytest.raises(SetupError, match="no GPU"):
+        placement(job(["m"], "o", device="cuda"), cpus)
 
 
-@pytest.mark.parametrize("task, extra", [
-    ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
-    ("variation", {"image": "img/scene.png"}),
-    ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
-    ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
-    ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
-])
-def test_each_task(ray_local, sources, tmp_path, task, extra):
-    manifest = write_manifest(sources / "m.parquet", [{"id": "row-1", "task": task, "num_images": 2,
-                                                       "note": "kept", **extra}])
-    output = tmp_path / "out"
-    summary = run_job(job([manifest], output))
-    metadata, errors = read_output(output)
-    assert errors is None and summary["rows"]["succeeded"] == 1 and summary["images"] == 2
-    assert sorted(images_of(output)) == ["row-1/0.png", "row-1/1.png"]
-    assert metadata.column("task").to_pylist() == [task, task]
-    assert metadata.column("note").to_pylist() == ["kept", "kept"]
-    first, second = (pixels(d) for d in images_of(output).values())
-    assert first.shape == (64, 64, 3) and not (first == second).all()
-    if task == "inpaint":
-        from PIL import Image
+def test_a_ray_client_address_is_refused_and_others_pass(monkeypatch):
+    from unclip_batch.pipeline import ray_address
 
-        source = np.asarray(Image.open(sources / extra["image"]).convert("RGB"), np.int16)
-        keep = (np.asarray(Image.open(sources / extra["mask"])) == 0) if "mask" in extra else (
-            np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
-        assert (first[keep] == source[keep]).all()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) is None and ray_address("auto") == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert ray_address(None) == "10.0.0.1:6379"
+    with pytest.raises(SetupError, match="ray job submit --address http://head:8265"):
+        ray_address("ray://head:10001")
 
-
-def mixed_rows(n_good=48):
-    """Rows of every task and several sizes, with bad rows of each kind in between."""
-    kinds = [
-        {"task": "generate", "prompt": "a red circle"},
-        {"task": "generate", "prompt": "a blue square", "width": 32, "height": 32, "num_images": 2},
-        {"task": "variation", "image": "img/scene.png"},
-        {"task": "variation", "image": "img/scene2.png", "prompt": "a black square"},
-        {"task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"},
-        {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask2.png", "prompt": "purple"},
-        {"task": "inpaint", "image": "img/hole.png", "prompt": "a white circle", "negative_prompt": "dark"},
-    ]
-    rows = [{"id": f"good-{i:03d}", "seed": i, "tag": f"t{i}", **kinds[i % len(kinds)]} for i in range(n_good)]
-    bad = [
-        ({"id": "bad/slash", "prompt": "p"}, "invalid_id"),
-        ({"id": "good-000", "prompt": "dup"}, "duplicate_id"),
-        ({"id": "bad-task", "task": "upscale", "prompt": "p"}, "unknown_task"),
-        ({"id": "bad-prompt", "task": "generate"}, "missing_prompt"),
-        ({"id": "bad-n", "prompt": "p", "num_images": 17}, "invalid_num_images"),
-        ({"id": "bad-size", "prompt": "p", "width": 30}, "unsupported_size"),
-        ({"id": "bad-missing", "task": "variation", "image": "img/nope.png"}, "image_unreadable"),
-        ({"id": "bad-notimage", "task": "variation", "image": "m.parquet"}, "image_invalid"),
-        ({"id": "bad-mask", "task": "inpaint", "image": "img/scene.png", "prompt": "p"}, "missing_mask"),
-    ]
-    for i, (row, _) in enumerate(bad):
-        rows.insert(5 * i + 3, row)
-    return rows, {code: 1 for _, code in bad}
-
-
-def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path, monkeypatch):
-    from unclip_batch import storage
-
-    rows, expected_codes = mixed_rows()
-    manifest = write_manifest(sources / "m.parquet", rows)
-    output = tmp_path / "out"
-    written, write_whole = [], storage.write_whole  # the driver's writes, in order
-
-    def spy(fs, path, data, root, *args, **kwargs):
-        write_whole(fs, path, data, root, *args, **kwargs)
-        written.append((path.removeprefix(str(output) + "/"), len(list(output.rglob("*.png")))))
-
-    monkeypatch.setattr(storage, "write_whole", spy)
-    summary = run_job(job([manifest], output, batch_size=4))
-    metadata, errors = read_output(output)
-    # _SUCCESS last of all: after every metadata and error shard, and with every image already stored.
-    assert written[-1] == ("_SUCCESS", summary["images"]) and [p for p, _ in written].count("_SUCCESS") == 1
-    assert {p.split("/")[0] for p, _ in written[:-1]} == {"_job.json", "metadata", "errors"}
-    # The full schemas the README lists, then the carried-through columns.
-    assert metadata.column_names == readme_columns("Metadata columns:") + ["tag"]
-    assert errors.column_names == readme_columns("Error columns:") + ["tag"]
-    assert len(rows) >= 50
-    assert summary["errors_by_code"] == expected_codes
-    assert metadata.column("id").unique().to_pylist().__len__() + errors.num_rows == len(rows)
-    assert summary["rows"]["succeeded"] + summary["rows"]["failed"] == len(rows)
-    expected_images = sum(r.get("num_images", 1) for r in rows if r["id"].startswith("good-")
-                          and r.get("prompt") != "dup")
-    assert metadata.num_rows == summary["images"] == expected_images == len(images_of(output))
-    assert sorted(errors.column("manifest_row").to_pylist()) == sorted(
-        i for i, r in enumerate(rows) if not r["id"].startswith("good-") or r.get("prompt") == "dup")
-    # The manifest and a rerun agree: nothing is left to do, nothing is written twice.
-    again = run_job(job([manifest], output, batch_size=4))
-    assert again["rows"]["done_before"] == len(rows) and again["images"] == 0
-    assert (again["rows"]["total_succeeded"], again["rows"]["total_failed"]) == (
-        summary["rows"]["succeeded"], summary["rows"]["failed"])
-    metadata2, errors2 = read_output(output)
-    assert (metadata2.num_rows, errors2.num_rows) == (metadata.num_rows, errors.num_rows)
-
-
-def test_two_workers_start_two_model_actors(ray_local, sources, tmp_path):
-    """--workers 2: two actors share the rows, every row once. (On CPU each actor then gets half the torch
-    threads, which changes the arithmetic: the images differ from a one-worker run's. Seen here; the README
-    says so. On a GPU each actor has a device of its own; not measured.)"""
-    import threading
-
-    import psutil
-
-    rows, _ = mixed_rows(n_good=14)
-    manifest = write_manifest(sources / "m.parquet", rows)
-    run_job(job([manifest], tmp_path / "a", batch_size=4))
-
-    def model_actors() -> set[int]:  # of this process's own Ray (its children), never another job's
-        found = set()
-        for p in psutil.Process().children(recursive=True):
-            try:
-                if "UnclipPredictor" in " ".join(p.cmdline()):
-                    found.add(p.pid)
-            except psutil.Error:
-                pass
-        return found
-
-    earlier, actors, done = model_actors(), set(), threading.Event()  # "a"'s actor may not be gone yet
-
-    def watch():
-        while not done.is_set():
-            actors.update(model_actors() - earlier)
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        run_job(job([manifest], tmp_path / "b", batch_size=4, workers=2))
-    finally:
-        done.set()
-        watcher.join()
-    assert len(actors) >= 2, actors
-    a, b = images_of(tmp_path / "a"), images_of(tmp_path / "b")
-    assert a and sorted(a) == sorted(b)
-    metadata, _ = read_output(tmp_path / "b")
-    assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == sorted(
-        (key.split("/")[0], int(key.split("/")[1][:-4])) for key in b)
-
-
-PROBES = [
-    {"id": "probe-g", "task": "generate", "prompt": "a red circle", "num_images": 2},
-    {"id": "probe-v", "task": "variation", "image": "img/scene.png", "num_images": 2},
-    {"id": "probe-i", "task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "blue",
-     "num_images": 2},
-]
-
-
-def test_batch_invariance(ray_local, sources, tmp_path):
-    """A row gives the same images alone as in a batch with other sources, masks and prompts. Alone: each
-    probe is the only row of its task, so its calls hold its own images and padding only."""
-    others, _ = mixed_rows(n_good=14)
-    others = [r for r in others if r["id"].startswith("good-") and r.get("prompt") != "dup"]
-    alone = write_manifest(sources / "alone.parquet", PROBES)
-    crowd = write_manifest(sources / "crowd.parquet", others[:4] + PROBES[:1] + others[4:9] + PROBES[1:] + others[9:])
-    run_job(job([alone], tmp_path / "alone", batch_size=4))
-    run_job(job([crowd], tmp_path / "crowd", batch_size=4))
-    for probe in PROBES:
-        for k in (0, 1):
-            a = pixels((tmp_path / "alone" / "images" / probe["id"] / f"{k}.png").read_bytes())
-            b = pixels((tmp_path / "crowd" / "images" / probe["id"] / f"{k}.png").read_bytes())
-            assert np.abs(a - b).max() <= 2, probe  # the issue's bar; padded calls make it exact
-            assert (a == b).all(), probe
-
-
-def test_resume_runs_only_what_is_left(ray_local, sources, tmp_path):
-    rows = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(6)]
-    manifest = write_manifest(sources / "m.parquet", rows)
-    output = tmp_path / "out"
-    first = run_job(job([manifest], output, limit=4))
-    assert first["rows"]["succeeded"] == 4
-    before = {k: (output / "images" / k).stat().st_mtime_ns for k in images_of(output)}
-    second = run_job(job([manifest], output))
-    assert (second["rows"]["done_before"], second["rows"]["succeeded"], second["images"]) == (4, 2, 2)
-    assert all((output / "images" / k).stat().st_mtime_ns == t for k, t in before.items())
-    metadata, _ = read_output(output)
-    assert sorted(metadata.column("id").to_pylist()) == [f"r{i}" for i in range(6)]
-    # Overwrite starts again from nothing.
-    third = run_job(job([manifest], output, overwrite=True))
-    assert (third["rows"]["done_before"], third["images"]) == (0, 6)
-    assert read_output(output)[0].num_rows == 6
-
-
-def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_path):
-    manifest = write_manifest(sources / "m.parquet", [{"id": "a", "prompt": "p"}])
-    run_job(job([manifest], tmp_path / "out"))
-    with pytest.raises(SetupError, match="another job .*guidance_scale.*7.0 here"):
-        run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
-    with pytest.raises(SetupError, match=f"another job .*batch_size {JobConfig.batch_size} there, 2 here"):
-        run_job(job([manifest], tmp_path / "out", batch_size=2))
-    with pytest.raises(SetupError, match="another job .*model 'tiny' there, 'null' here"):
-        run_job(dataclasses.replace(job([manifest], tmp_path / "out"), model="null"))
-
-
-def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_local, sources, tmp_path):
-    rows = [{"id": "a", "prompt": "a red circle"}, {"id": "b", "prompt": "a blue square"},
-            {"id": "c", "task": "variation", "image": "img/missing.png"}]
-    manifest = write_manifest(sources / "m.parquet", rows)
-    output = tmp_path / "out"
-    first = run_job(job([manifest], output))
-    assert (first["rows"]["succeeded"], first["rows"]["failed"]) == (2, 1)
-    before = images_of(output)
-    # Same id, another prompt and two images: refused before any compute, naming the row.
-    rows[0].update(prompt="a green triangle", num_images=2)
-    write_manifest(sources / "m.parquet", rows)
-    with pytest.raises(SetupError, match=r"1 manifest rows changed .*first: a\).*--redo-changed"):
-        run_job(job([manifest], output))
-    assert images_of(output) == before
-    redone = run_job(job([manifest], output, redo_changed=True))
-    assert (redone["rows"]["done_before"], redone["rows"]["succeeded"], redone["images"]) == (2, 1, 2)
-    assert redone["rows"]["changed_redone"] == 1 and redone["rows"]["skipped_errors"] == 1
-    after = images_of(output)
-    assert sorted(after) == ["a/0.png", "a/1.png", "b/0.png"] and after["b/0.png"] == before["b/0.png"]
-    assert after["a/0.png"] != before["a/0.png"]
-    metadata, errors = read_output(output)
-    assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [("a", 0), ("a", 1), ("b", 0)]
-    # --retry-errors redoes exactly the row recorded as an error (it fails again, recorded once).
-    retried = run_job(job([manifest], output, retry_errors=True))
-    assert (retried["rows"]["done_before"], retried["rows"]["succeeded"], retried["rows"]["failed"]) == (2, 0, 1)
-    metadata, errors = read_output(output)
-    assert errors["id"].to_pylist() == ["c"] and metadata.num_rows == 3

@@ -61,7 +61,7 @@ def test_model_blocks_end_only_where_a_call_ends():
     from collections import Counter
     from types import SimpleNamespace
 
-    from unclip_batch.predict import call_key
+    from unclip_batch.sampling import call_key
 
     random.seed(0)
     batch = 16

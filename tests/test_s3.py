@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import box_mask, job, png_bytes, scene
-from unclip_batch.pipeline import run_job
+from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
 

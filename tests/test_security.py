@@ -13,7 +13,7 @@ import pytest
 
 from helpers import FAST, job, kill_processes, write_manifest
 from unclip_batch.errors import ManifestError, SetupError
-from unclip_batch.pipeline import run_job
+from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

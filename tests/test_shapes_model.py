@@ -97,7 +97,7 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
                  "prompt": "a white circle", "seed": 1})
     manifest = write_manifest(folder / "m.parquet", rows)
     output = tmp_path / "out"
-    from unclip_batch.pipeline import run_job
+    from unclip_batch.job import run_job
 
     summary = run_job(job([manifest], output, model="default", defaults=MODEL_DEFAULTS))
     assert summary["rows"]["succeeded"] == len(rows)

@@ -11,7 +11,8 @@ import sys
 from collections import Counter
 
 from unclip_batch import __version__
-from unclip_batch.config import OVERRIDABLE, SCHEDULERS, JobConfig
+from unclip_batch import sampling
+from unclip_batch.config import DEVICES, DTYPES, SCHEDULERS, JobConfig, default
 from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 
 # Exit codes (README, "Exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
                      "local Ray for this job alone). Ray Client (ray://) does not work with Ray Data: use "
                      "`ray job submit` (README, 'On a Ray cluster')")
-    run.add_argument("--batch-size", type=int, default=16, help="images per model call, a power of two (default 16)")
+    run.add_argument("--batch-size", type=int, default=default("batch_size"),
+                     help=f"images per model call, a power of two (default {default('batch_size')})")
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
     run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor (default: 1 with a GPU, "
                      "else a quarter of the cluster's CPUs)")
@@ -60,31 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-failures", action="store_true", help="exit 0 when the job completes even if some "
                      f"rows failed (default: exit {EXIT_ROWS_FAILED})")
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    run.add_argument("--device", default=default("device"), choices=DEVICES,
                      help="where the model runs: auto = one actor per GPU when the cluster has GPUs, else CPU")
-    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+    run.add_argument("--dtype", default=default("dtype"), choices=DTYPES,
                      help="model weights' type: auto = float16 on CUDA, float32 on CPU")
-    run.add_argument("--scheduler", default="default", choices=SCHEDULERS,
+    run.add_argument("--scheduler", default=default("scheduler"), choices=SCHEDULERS,
                      help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
-    run.add_argument("--flush-seconds", type=float, default=30.0, help="write metadata/error shards at least "
-                     "this often: the most work a killed run loses (default 30)")
-    run.add_argument("--storage-retry-seconds", type=float, default=60.0, help="retry object-storage failures "
-                     "this long before stopping the job (default 60)")
-    for name, kind, text in (
-        ("width", int, "width for rows without one (default: the model's)"),
-        ("height", int, "height for rows without one (default: the model's)"),
-        ("num-inference-steps", int, "decoder steps for rows without their own"),
-        ("guidance-scale", float, "decoder guidance for rows without their own"),
-        ("prior-num-inference-steps", int, "prior steps for rows without their own"),
-        ("prior-guidance-scale", float, "prior guidance for rows without their own"),
-    ):
-        run.add_argument(f"--{name}", type=kind, help=text)
+    run.add_argument("--flush-seconds", type=float, default=default("flush_every_s"), help="write metadata/error "
+                     f"shards at least this often: the most work a killed run loses (default {default('flush_every_s'):g})")
+    run.add_argument("--storage-retry-seconds", type=float, default=default("storage_retry_s"), help="retry "
+                     f"object-storage failures this long before stopping the job (default {default('storage_retry_s'):g})")
+    for setting in sampling.SETTINGS:
+        run.add_argument(f"--{setting.name.replace('_', '-')}", type=sampling.KINDS[setting.name],
+                         help=setting.metadata["help"])
     val = sub.add_parser("validate", help="check manifests without loading a model")
     val.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
     for p in (run, val):
-        p.add_argument("--model", "-m", default="default", help="model spec: default, tiny, a local folder, a Hub "
+        p.add_argument("--model", "-m", default=default("model"), help="model spec: default, tiny, a local folder, a Hub "
                        "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)")
         p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                        help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
@@ -93,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    defaults = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
+    defaults = {name: getattr(args, name) for name in sampling.NAMES if getattr(args, name) is not None}
     return JobConfig(manifests=tuple(args.manifests), output=output_location(args.output), model=args.model,
                      storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
@@ -131,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args)
         config = config_from_args(args)
+        from unclip_batch import pipeline
+        from unclip_batch.job import run_job
+
         if args.quiet:
-            _quiet_ray()
-        from unclip_batch.pipeline import run_job
+            pipeline.quiet_progress_bars()
 
         summary = run_job(config)
-    except (SetupError, ValueError) as exc:
+    except SetupError as exc:  # a ConfigError too; any other ValueError is a bug, not the user's
         print(f"unclip-batch: error: {exc}", file=sys.stderr)
         return EXIT_SETUP
     except StorageUnavailable as exc:
@@ -155,12 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if summary["rows"]["failed"] and not args.allow_failures:
         return EXIT_ROWS_FAILED
     return 0
-
-
-def _quiet_ray() -> None:
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
 
 
 def _validate(args) -> int:

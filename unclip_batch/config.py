@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Row fields a job-level option may set for rows that leave them empty (diffusers' argument names).
-OVERRIDABLE = ("width", "height", "num_inference_steps", "guidance_scale", "prior_num_inference_steps",
-               "prior_guidance_scale")
+from unclip_batch import sampling, storage
+from unclip_batch.errors import ConfigError
+
 # Decoder samplers a job may ask for: the checkpoint's own, or one the model family swaps in.
 SCHEDULERS = ("default", "ddpm", "ddim", "dpm++")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -27,36 +29,41 @@ class JobConfig:
     limit: int | None = None  # run only the first N manifest rows
     retry_errors: bool = False  # redo rows that earlier runs recorded as errors (default: skip them)
     redo_changed: bool = False  # redo rows changed under the same id since recorded (default: refuse the job)
-    defaults: dict = field(default_factory=dict)  # OVERRIDABLE fields for rows that leave them empty
+    defaults: dict = field(default_factory=dict)  # sampling settings for rows that leave them empty
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     scheduler: str = "default"  # decoder sampler: the checkpoint's own, or ddpm | ddim | dpm++
     flush_every_s: float = 30.0  # metadata/errors shard cadence: the most work a killed driver loses
-    storage_retry_s: float = 60.0  # how long object-storage failures are retried before the job stops
+    storage_retry_s: float = storage.RETRY_FOR_S  # how long object-storage failures are retried before the job stops
 
     def __post_init__(self):
         if not self.manifests:
-            raise ValueError("at least one manifest is needed")
+            raise ConfigError("at least one manifest is needed")
         if not self.output:
-            raise ValueError("--output is required")
+            raise ConfigError("--output is required")
         if self.batch_size < 1 or self.batch_size & (self.batch_size - 1):
-            raise ValueError(f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "
+            raise ConfigError(f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "
                              "model calls are padded to exactly that many images, which keeps every image's "
                              "bytes independent of what it is batched with")
         if self.workers is not None and self.workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ConfigError("workers must be at least 1")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ValueError("cpus_per_worker must be positive")
+            raise ConfigError("cpus_per_worker must be positive")
         if self.limit is not None and self.limit < 0:
-            raise ValueError("limit must not be negative")
-        unknown = set(self.defaults) - set(OVERRIDABLE)
+            raise ConfigError("limit must not be negative")
+        unknown = set(self.defaults) - set(sampling.NAMES)
         if unknown:
-            raise ValueError(f"unknown default(s): {', '.join(sorted(unknown))}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+            raise ConfigError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}")
         if self.flush_every_s <= 0 or self.storage_retry_s < 0:
-            raise ValueError("flush_every_s must be positive and storage_retry_s not negative")
+            raise ConfigError("flush_every_s must be positive and storage_retry_s not negative")
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError("dtype must be auto, float32, float16 or bfloat16")
+            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+
+
+def default(name: str):
+    """A JobConfig field's default: the CLI shows and uses these, never its own copies."""
+    return JobConfig.__dataclass_fields__[name].default

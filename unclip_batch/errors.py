@@ -11,6 +11,10 @@ class SetupError(Exception):
     """A problem with the job as a whole (manifest, output, model, storage): raised before any compute."""
 
 
+class ConfigError(SetupError, ValueError):
+    """The job's options contradict each other or are out of range (JobConfig's checks)."""
+
+
 class ManifestError(SetupError):
     """The manifest cannot be used at all: unreadable, no ``id`` column, a column of the wrong type."""
 
@@ -30,6 +34,19 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, saved: int = 0):
         super().__init__(signum, saved)
         self.signum, self.saved = signum, saved
+
+
+def caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    """The innermost exception of ``kind`` in a chain. Ray wraps a task's error in a RayTaskError that is
+    also an instance of the error's class, whose message is the whole remote traceback: the innermost
+    one is the error as our code raised it."""
+    seen, found = set(), None
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            found = exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return found
 
 
 class RowError(ValueError):

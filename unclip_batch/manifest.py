@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from unclip_batch import storage
+from unclip_batch import sampling, storage
 from unclip_batch.errors import ManifestError, RowError
+from unclip_batch.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,12 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_NUM_IMAGES = 16  # OpenAI's Images API allows up to 10; a GPU batch of 16 fits every model we serve
 MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the first 77 tokens anyway
 MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES  # image k uses seed + k, which must still fit an int64
-MAX_STEPS = 1000  # the schedulers' training timesteps
-MAX_GUIDANCE = 100.0
 TEXT_MANIFESTS = (".csv", ".jsonl", ".json")  # what manifests/build.py turns into Parquet
 
 STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
-INT_COLUMNS = ("num_images", "seed", "width", "height", "num_inference_steps", "prior_num_inference_steps")
-FLOAT_COLUMNS = ("guidance_scale", "prior_guidance_scale")
+# Every sampling setting is a column of its own name (sampling.py declares them).
+INT_COLUMNS = ("num_images", "seed") + tuple(n for n in sampling.NAMES if sampling.KINDS[n] is int)
+FLOAT_COLUMNS = tuple(n for n in sampling.NAMES if sampling.KINDS[n] is float)
 KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
 # Columns the output adds to every metadata/error row; a manifest column may not shadow them.
 RESERVED_COLUMNS = ("k", "image_key", "sha256", "model", "parameters", "timings", "stage", "code", "message",
@@ -48,8 +48,9 @@ BOOKKEEPING = (ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST)
 
 
 @dataclass(frozen=True)
-class Row:
-    """One valid, normalised manifest row: every default filled in, every value checked."""
+class Row(Sampling):
+    """One valid, normalised manifest row: every default filled in, every value checked. Its sampling
+    settings are Sampling's fields (checked there); these are the rest."""
 
     row: int  # position across all manifests of the job
     id: str
@@ -60,12 +61,6 @@ class Row:
     mask: str  # mask URL ("" = none)
     num_images: int
     seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    prior_num_inference_steps: int
-    prior_guidance_scale: float
     input_hash: str = ""  # of the row as written (see input_hash): a resume spots a row changed under its id
 
     def __post_init__(self):
@@ -86,13 +81,7 @@ class Row:
             raise RowError("invalid_num_images", f"num_images is {self.num_images}; use 1-{MAX_NUM_IMAGES}")
         if not 0 <= self.seed <= MAX_SEED:
             raise RowError("invalid_seed", f"seed is {self.seed}; use 0-{MAX_SEED}, or leave it empty")
-        # The prior's UnCLIPScheduler divides by (steps - 1): one step is a ZeroDivisionError, not a sample.
-        for name, least in (("num_inference_steps", 1), ("prior_num_inference_steps", 2)):
-            if not least <= getattr(self, name) <= MAX_STEPS:
-                raise RowError("invalid_steps", f"{name} is {getattr(self, name)}; use {least}-{MAX_STEPS}")
-        for name in ("guidance_scale", "prior_guidance_scale"):
-            if not 0 <= getattr(self, name) <= MAX_GUIDANCE:
-                raise RowError("invalid_guidance", f"{name} is {getattr(self, name)}; use 0-{MAX_GUIDANCE:g}")
+        super().__post_init__()
 
 
 ROW_FIELDS = tuple(f.name for f in fields(Row))
@@ -112,11 +101,12 @@ def _check_text(name: str, text: str) -> None:
 
 
 def input_hash(record: dict) -> str:
-    """A fingerprint of a manifest row as written: every known column (a column left out is the same as
-    one left empty), numbers compared as values (5 and 5.0 agree). Recorded with the row's output, so a
-    rerun can tell a row changed under the same id from one already done."""
-    values = [_canonical(record.get(name)) for name in KNOWN_COLUMNS]
-    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    """A fingerprint of a manifest row as written: every known column that has a value (a column left out
+    is the same as one left empty, so a column added in a later version changes no earlier row's hash),
+    numbers compared as values (5 and 5.0 agree). Recorded with the row's output, so a rerun can tell a
+    row changed under the same id from one already done."""
+    values = {name: _canonical(record.get(name)) for name in sorted(KNOWN_COLUMNS)}
+    text = json.dumps({k: v for k, v in values.items() if v is not None}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -291,7 +281,7 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
     for name in INT_COLUMNS + FLOAT_COLUMNS:
         values[name] = _number(name, record.get(name), integer=name in INT_COLUMNS)
         if values[name] is None:
-            values[name] = defaults.get(name)
+            values[name] = defaults.get(name, sampling.DEFAULTS.get(name))
     values["seed"] = default_seed(row_id) if values["seed"] is None else values["seed"]
     values["num_images"] = 1 if values["num_images"] is None else values["num_images"]
     for name in ("width", "height"):

@@ -7,6 +7,7 @@ A row is done when its id has metadata or an error record. Rows whose id is itse
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from unclip_batch import storage
 from unclip_batch.errors import SetupError
 from unclip_batch.manifest import FIRST, KNOWN_COLUMNS, MANIFEST, MANIFEST_ROW, input_hash
-from unclip_batch.predict import call_key
+from unclip_batch.sampling import call_key
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,22 @@ def _read_column_sets(output: str, folder: str, columns: list[str], storage_opti
 
 def _flat(array) -> pa.Array:
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def job_record(model: str, defaults: dict, batch_size: int, scheduler: str) -> dict:
+    """What makes two runs one job: the model, the sampling defaults, the batch size (model calls have
+    exactly batch_size images, and the call shape decides the last bits of every pixel, see predict.py)
+    and the sampler. Its fingerprint is compared on resume (check_job_record)."""
+    from unclip_batch import __version__
+
+    record = {"model": model, "defaults": defaults, "batch_size": batch_size, "scheduler": scheduler,
+              "unclip_batch": __version__}
+    settings = [model, defaults, batch_size]
+    if scheduler != "default":  # jobs from before the option keep their fingerprint
+        settings.append(scheduler)
+    settings = json.dumps(settings, sort_keys=True)
+    record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return record
 
 
 def check_job_record(output: str, record: dict, storage_options: dict | None = None) -> bool:

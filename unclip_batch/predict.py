@@ -21,7 +21,8 @@ from collections import defaultdict
 import numpy as np
 
 from unclip_batch.batches import image_of, mark_error, mask_of, rows_of, to_batch
-from unclip_batch.models import ModelSpec, Sampling
+from unclip_batch.models import ModelSpec
+from unclip_batch.sampling import Sampling, call_key
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class UnclipPredictor:
 
     def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
         first = call[0][0]
-        sampling = Sampling(**{f: first[f] for f in Sampling.__dataclass_fields__})
+        sampling = Sampling.of(first)
         seeds = [int(row["seed"]) + k for row, k in call]
         prompts = [row["prompt"] for row, _ in call]
         negatives = [row["negative_prompt"] for row, _ in call]
@@ -121,14 +122,6 @@ class UnclipPredictor:
         torch = sys.modules.get("torch")
         if torch and torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def call_key(row: dict) -> tuple:
-    """Rows that can share one model call: same task, size and sampling settings, and the same
-    prompt kinds (a negative prompt, or a prompt steering a variation, changes the call's shape)."""
-    return (row["task"], row["width"], row["height"], row["num_inference_steps"], row["guidance_scale"],
-            row["prior_num_inference_steps"], row["prior_guidance_scale"], bool(row["negative_prompt"]),
-            row["task"] == "variation" and bool(row["prompt"]))
 
 
 def _without_inputs(row: dict) -> dict:

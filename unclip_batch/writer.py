@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from unclip_batch import storage
+from unclip_batch import sampling, storage
 from unclip_batch.batches import image_of, mark_error, rows_of, to_batch
 
 logger = logging.getLogger(__name__)
 
-PARAMETERS = pa.struct([("num_inference_steps", pa.int32()), ("guidance_scale", pa.float64()),
-                        ("prior_num_inference_steps", pa.int32()), ("prior_guidance_scale", pa.float64())])
+ARROW = {int: pa.int32(), float: pa.float64()}
+PARAMETERS = pa.struct([(name, ARROW[sampling.KINDS[name]]) for name in sampling.PARAMETERS])
 TIMINGS = pa.struct([("load_s", pa.float64()), ("model_s", pa.float64()), ("write_s", pa.float64())])
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("k", pa.int32()), ("task", pa.string()), ("image_key", pa.string()),

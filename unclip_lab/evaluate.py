@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from unclip_lab import world
-from unclip_batch.models import ModelSpec, Sampling
+from unclip_batch.models import ModelSpec
+from unclip_batch.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def inpaint_cases(n: int, seed: int = EVAL_SEED + 1) -> list[InpaintCase]:
 def sampling(info, **overrides) -> Sampling:
     values = dict(info.defaults, width=world.SIZE, height=world.SIZE)
     values.update(overrides)
-    return Sampling(**{k: values[k] for k in Sampling.__dataclass_fields__})
+    return Sampling.of(values)
 
 
 def _chunks(n: int):

@@ -49,18 +49,6 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Settings shared by every image of one model call (diffusers' argument names)."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    prior_num_inference_steps: int
-    prior_guidance_scale: float
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     spec: str  # as the user wrote it: recorded in metadata and compared on resume
     family: str

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unclip_batch.models import ModelInfo, Sampling
+from unclip_batch import sampling
+from unclip_batch.models import ModelInfo
+from unclip_batch.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,6 @@ SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 SETTINGS_FILE = "unclip_batch.json"
-DEFAULTS = {  # the values diffusers' Kandinsky 2.2 docs use
-    "num_inference_steps": 50,
-    "guidance_scale": 4.0,
-    "prior_num_inference_steps": 25,
-    "prior_guidance_scale": 4.0,
-}
 
 
 def _read_config(location: str, component: str, subfolder: str) -> dict:
@@ -83,7 +79,7 @@ def describe(location: str) -> ModelInfo:
     sample_size = unet.get("sample_size")
     default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
     return ModelInfo(family=FAMILY, location=location, default_size=default_size, size_multiple=multiple,
-                     max_size=MAX_SIZE, defaults={**DEFAULTS, **_checkpoint_defaults(location)})
+                     max_size=MAX_SIZE, defaults={**sampling.DEFAULTS, **_checkpoint_defaults(location)})
 
 
 def _checkpoint_defaults(location: str) -> dict:
@@ -93,9 +89,9 @@ def _checkpoint_defaults(location: str) -> dict:
     if not path.is_file():
         return {}
     defaults = json.loads(path.read_text()).get("defaults", {})
-    unknown = set(defaults) - set(DEFAULTS)
+    unknown = set(defaults) - set(sampling.NAMES)
     if unknown:
-        raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; known: {', '.join(sampling.NAMES)}")
     return defaults
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from unclip_batch.models import ModelInfo, Sampling
-from unclip_batch.models.kandinsky22 import DEFAULTS
+from unclip_batch import sampling
+from unclip_batch.models import ModelInfo
+from unclip_batch.sampling import Sampling
 
 FAMILY = "null"
 
 
 def describe(location: str) -> ModelInfo:
     return ModelInfo(family=FAMILY, location=location, default_size=64, size_multiple=8, max_size=1024,
-                     defaults=dict(DEFAULTS))
+                     defaults=dict(sampling.DEFAULTS))
 
 
 class NullModel:

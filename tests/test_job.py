@@ -1,10 +1,10 @@
-"""The driver's sink (pipeline._Sinks) on plain rows, without Ray: each row recorded exactly once."""
+"""The driver's sink (job.Sinks) on plain rows, without Ray: each row recorded exactly once."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import job
-from unclip_batch.pipeline import _Sinks
+from unclip_batch.job import Sinks
 
 
 def image_row(row_id, k, n, row=0, code=""):
@@ -17,7 +17,7 @@ def image_row(row_id, k, n, row=0, code=""):
 
 def test_a_block_delivered_twice_records_each_row_once(tmp_path):
     lookup = pa.table({"_manifest": ["m"] * 3, "_manifest_row": [0, 1, 2]})
-    sinks = _Sinks(job(["m"], tmp_path), lookup, "tiny", total=3)
+    sinks = Sinks(job(["m"], tmp_path), lookup, "tiny", total=3)
     block = [image_row("a", 0, 2), image_row("a", 1, 2), image_row("b", -1, 1, row=1, code="model_error")]
     sinks.add(block)
     sinks.add(block)  # Ray retried the task that made it and delivered its block again
@@ -33,35 +33,17 @@ def test_a_block_delivered_twice_records_each_row_once(tmp_path):
     assert (sinks.succeeded, sinks.images, dict(sinks.codes)) == (2, 4, {"model_error": 1})
 
 
-def test_placement_uses_gpus_only_when_there_and_wanted():
-    import pytest
-
-    from unclip_batch.errors import SetupError
-    from unclip_batch.pipeline import Placement, placement
-
-    gpus = {"CPU": 32.0, "GPU": 4.0}
-    assert placement(job(["m"], "o", device="auto"), gpus) == Placement("cuda", 4, 1.0, None)
-    assert placement(job(["m"], "o", device="auto", workers=2), gpus) == Placement("cuda", 2, 1.0, None)
-    assert placement(job(["m"], "o", device="cpu"), gpus).device == "cpu"  # GPUs there, CPU asked for
-    cpus = {"CPU": 2.0}
-    assert placement(job(["m"], "o", device="auto"), cpus) == Placement("cpu", 1, 0.5, 2)
-    assert placement(job(["m"], "o", device="auto", workers=2), cpus) == Placement("cpu", 2, 0.25, 1)
-    assert placement(job(["m"], "o", device="cpu", cpus_per_worker=1.5), {"CPU": 16.0}).worker_cpus == 1.5
-    with pytest.raises(SetupError, match="no GPU"):
-        placement(job(["m"], "o", device="cuda"), cpus)
-
-
 def test_progress_says_rows_failures_rate_and_time_left(tmp_path, caplog, monkeypatch):
     import logging
 
-    from unclip_batch import pipeline
+    from unclip_batch import job as job_module
 
     lookup = pa.table({"_manifest": ["m"] * 4, "_manifest_row": [0, 1, 2, 3]})
-    sinks = _Sinks(job(["m"], tmp_path), lookup, "tiny", total=4)
+    sinks = Sinks(job(["m"], tmp_path), lookup, "tiny", total=4)
     clock = iter([110.0])  # the first two rows arrive 10 s after the sink started
-    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock, 110.0))
+    monkeypatch.setattr(job_module.time, "perf_counter", lambda: next(clock, 110.0))
     sinks.clock = sinks.last_report = 100.0
-    with caplog.at_level(logging.INFO, logger="unclip_batch.pipeline"):
+    with caplog.at_level(logging.INFO, logger="unclip_batch.job"):
         sinks.add([image_row("a", 0, 1), image_row("b", -1, 1, row=1, code="model_error")])
     assert "progress: 2/4 rows done (1 failed), 1 images, 0.10 images/s, about 10s left" in caplog.text
-    assert [pipeline._duration(s) for s in (42, 200, 3900)] == ["42s", "3m20s", "1h05m"]
+    assert [job_module._duration(s) for s in (42, 200, 3900)] == ["42s", "3m20s", "1h05m"]
