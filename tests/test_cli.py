@@ -180,3 +180,19 @@ def test_version():
 
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"unclip-batch {__version__}"
+
+
+def test_bad_options_are_setup_errors_and_a_bug_is_not_blamed_on_them(tmp_path, monkeypatch, capsys):
+    from unclip_batch import cli as cli_module
+    from unclip_batch import job
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    assert cli_module.main(["run", manifest, "-o", str(tmp_path / "out"), "--batch-size", "3"]) == 2
+    assert "batch_size must be a power of two" in capsys.readouterr().err
+
+    def buggy(config):
+        raise ValueError("a bug inside the job")
+
+    monkeypatch.setattr(job, "run_job", buggy)  # a ValueError that is no option's fault: a traceback, not exit 2
+    with pytest.raises(ValueError, match="a bug inside the job"):
+        cli_module.main(["run", manifest, "-o", str(tmp_path / "out")])
