@@ -37,8 +37,7 @@ def prompts() -> list[str]:
 
 def manifest(rows: int) -> bytes:
     texts = prompts()
-    table = pa.table({"id": [f"p{i:07d}" for i in range(rows)],
-                      "prompt": [texts[i % len(texts)] for i in range(rows)]})
+    table = pa.table({"id": [f"p{i:07d}" for i in range(rows)], "prompt": [texts[i % len(texts)] for i in range(rows)]})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -75,18 +74,30 @@ def main() -> None:
             start = time.perf_counter()
             start_ray()  # as the job would; timed apart: a cluster (--address) has it started already
             ray_s = time.perf_counter() - start
-            summary = run_job(JobConfig(manifests=(source,), output=output, model="null",
-                                        batch_size=args.batch_size, storage_options=options))
+            summary = run_job(
+                JobConfig(
+                    manifests=(source,),
+                    output=output,
+                    model="null",
+                    batch_size=args.batch_size,
+                    storage_options=options,
+                )
+            )
             wall = time.perf_counter() - start
         finally:
             if server:
                 server.stop()
-    result = {"rows": args.rows, "storage": "local" if args.local else "s3 (SeaweedFS)", "wall_s": round(wall, 1),
-              "ray_start_s": round(ray_s, 1), "images": summary["images"],
-              "images_per_s": round(summary["images"] / wall, 1),
-              "images_per_s_ray_started": round(summary["images"] / (wall - ray_s), 1),
-              "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              "cpus": os.cpu_count()}
+    result = {
+        "rows": args.rows,
+        "storage": "local" if args.local else "s3 (SeaweedFS)",
+        "wall_s": round(wall, 1),
+        "ray_start_s": round(ray_s, 1),
+        "images": summary["images"],
+        "images_per_s": round(summary["images"] / wall, 1),
+        "images_per_s_ray_started": round(summary["images"] / (wall - ray_s), 1),
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "cpus": os.cpu_count(),
+    }
     print(json.dumps(result))
 
 

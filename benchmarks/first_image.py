@@ -29,10 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, t
 
 def run_once(manifest: Path, output: Path, model: str, options: list[str]) -> dict:
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "unclip_batch.cli", "run", str(manifest), "--output",
-                                str(output), "--model", model, "--quiet", *options],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unclip_batch.cli",
+            "run",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            model,
+            "--quiet",
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     first = None
     while process.poll() is None:
         if first is None and next((output / "images").glob("*/*.png"), None) is not None:
@@ -43,8 +58,11 @@ def run_once(manifest: Path, output: Path, model: str, options: list[str]) -> di
         raise SystemExit(f"unclip-batch run failed:\n{err[-3000:]}")
     wall = time.perf_counter() - started
     summary = json.loads((output / "_SUCCESS").read_text())
-    return {"first_image_s": round(first if first is not None else wall, 2), "wall_s": round(wall, 2),
-            "images": summary["images"]}
+    return {
+        "first_image_s": round(first if first is not None else wall, 2),
+        "wall_s": round(wall, 2),
+        "images": summary["images"],
+    }
 
 
 def main() -> None:
@@ -55,8 +73,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
     parser.add_argument("--prior-steps", type=int, help="prior steps (default: the model's)")
     args = parser.parse_args()
-    options = [*(["--num-inference-steps", str(args.steps)] if args.steps else []),
-               *(["--prior-num-inference-steps", str(args.prior_steps)] if args.prior_steps else [])]
+    options = [
+        *(["--num-inference-steps", str(args.steps)] if args.steps else []),
+        *(["--prior-num-inference-steps", str(args.prior_steps)] if args.prior_steps else []),
+    ]
     from unclip_lab import world
 
     rng = np.random.default_rng(0)
@@ -68,9 +88,16 @@ def main() -> None:
         for n in range(args.runs):
             runs.append(run_once(manifest, Path(tmp) / f"out{n}", args.model, options))
             print(json.dumps({"run": n, **runs[-1]}), flush=True)
-    print(json.dumps({"rows": args.rows, "model": args.model,
-                      "first_image_s": statistics.median(r["first_image_s"] for r in runs),
-                      "wall_s": statistics.median(r["wall_s"] for r in runs)}))
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "model": args.model,
+                "first_image_s": statistics.median(r["first_image_s"] for r in runs),
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

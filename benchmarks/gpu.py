@@ -42,8 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, t
 from unclip_batch.models.kandinsky22 import DECODER, PRIOR  # noqa: E402
 from unclip_lab import layout  # noqa: E402
 
-PROMPTS = ["a red fox in the snow, photograph", "an oil painting of a lighthouse at dusk",
-           "a bowl of ramen, studio lighting", "a robot reading a newspaper in a cafe"]
+PROMPTS = [
+    "a red fox in the snow, photograph",
+    "an oil painting of a lighthouse at dusk",
+    "a bowl of ramen, studio lighting",
+    "a robot reading a newspaper in a cafe",
+]
 
 
 def build(root: Path, dtype: str, device: str, small: bool) -> None:
@@ -56,10 +60,16 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
     embed = 64 if small else 1280
-    text_cfg = dict(width=64, intermediate=128, heads=2, layers=2) if small else \
-        dict(width=1280, intermediate=5120, heads=20, layers=32)  # bigG text
-    vision_cfg = dict(width=64, intermediate=128, heads=2, layers=2) if small \
-        else dict(width=1664, intermediate=8192, heads=16, layers=48)  # bigG
+    text_cfg = (
+        dict(width=64, intermediate=128, heads=2, layers=2)
+        if small
+        else dict(width=1280, intermediate=5120, heads=20, layers=32)
+    )  # bigG text
+    vision_cfg = (
+        dict(width=64, intermediate=128, heads=2, layers=2)
+        if small
+        else dict(width=1664, intermediate=8192, heads=16, layers=48)
+    )  # bigG
     prior_dir, decoder_dir = root / PRIOR, root / DECODER
     tokenizer = layout.tokenizer(prior_dir / "tokenizer")
     tokenizer.save_pretrained(prior_dir / "tokenizer")
@@ -71,20 +81,35 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
         vision = layout.clip_vision(image_size=224, patch_size=14, projection=embed, hidden_act="gelu", **vision_cfg)
         vision.to(dt).save_pretrained(prior_dir / "image_encoder")
         del vision
-        prior = layout.prior(heads=2, head_dim=32, layers=2, embedding_dim=embed) if small else \
-            layout.prior(heads=32, head_dim=64, layers=20, embedding_dim=1280, num_embeddings=77,
-                         additional_embeddings=4)
+        prior = (
+            layout.prior(heads=2, head_dim=32, layers=2, embedding_dim=embed)
+            if small
+            else layout.prior(
+                heads=32, head_dim=64, layers=20, embedding_dim=1280, num_embeddings=77, additional_embeddings=4
+            )
+        )
         prior.to(dt).save_pretrained(prior_dir / "prior")
         del prior
-        unet = layout.unet(in_channels=4, sample_size=64, embed_dim=embed, widths=(32, 64) if small else
-                           (384, 768, 1152, 1536), layers_per_block=1 if small else 3,
-                           cross_attention_dim=128 if small else 768, attention_head_dim=32 if small else 64,
-                           norm_num_groups=32, addition_embed_type_num_heads=64)
+        unet = layout.unet(
+            in_channels=4,
+            sample_size=64,
+            embed_dim=embed,
+            widths=(32, 64) if small else (384, 768, 1152, 1536),
+            layers_per_block=1 if small else 3,
+            cross_attention_dim=128 if small else 768,
+            attention_head_dim=32 if small else 64,
+            norm_num_groups=32,
+            addition_embed_type_num_heads=64,
+        )
         unet.to(dt).save_pretrained(decoder_dir / "unet")
         del unet
-        movq = layout.movq(widths=[32, 32, 32, 32] if small else [128, 256, 256, 512],
-                           layers_per_block=1 if small else 2, norm_num_groups=32, num_vq_embeddings=16384,
-                           scaling_factor=0.18215)
+        movq = layout.movq(
+            widths=[32, 32, 32, 32] if small else [128, 256, 256, 512],
+            layers_per_block=1 if small else 2,
+            norm_num_groups=32,
+            num_vq_embeddings=16384,
+            scaling_factor=0.18215,
+        )
         movq.to(dt).save_pretrained(decoder_dir / "movq")
         del movq
     layout.image_processor(224).save_pretrained(prior_dir / "image_processor")
@@ -128,10 +153,30 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
 
     out = []
     for i in range(n):
-        row = dict(row=i, id=f"r{i:04d}", task="generate", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="",
-                   image="", mask="", num_images=1, seed=i, width=size, height=size, num_inference_steps=steps,
-                   guidance_scale=4.0, prior_num_inference_steps=prior_steps, prior_guidance_scale=4.0,
-                   code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, input_hash="")
+        row = dict(
+            row=i,
+            id=f"r{i:04d}",
+            task="generate",
+            prompt=PROMPTS[i % len(PROMPTS)],
+            negative_prompt="",
+            image="",
+            mask="",
+            num_images=1,
+            seed=i,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            prior_num_inference_steps=prior_steps,
+            prior_guidance_scale=4.0,
+            code="",
+            message="",
+            stage="",
+            pixels=b"",
+            repaint=b"",
+            load_s=0.0,
+            input_hash="",
+        )
         assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
         out.append(row)
     return out
@@ -157,9 +202,14 @@ def naive(root: Path, out: Path, n: int, args) -> dict:
     def one(i: int) -> None:
         generator = torch.Generator(args.device).manual_seed(i)
         embeds = prior(PROMPTS[i % len(PROMPTS)], num_inference_steps=args.prior_steps, generator=generator)
-        image = decoder(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
-                        height=args.size, width=args.size, num_inference_steps=args.steps,
-                        generator=generator).images[0]
+        image = decoder(
+            image_embeds=embeds.image_embeds,
+            negative_image_embeds=embeds.negative_image_embeds,
+            height=args.size,
+            width=args.size,
+            num_inference_steps=args.steps,
+            generator=generator,
+        ).images[0]
         image.save(out / f"naive-{i}.png")
 
     one(0)  # warm-up: kernels chosen, memory pooled
@@ -169,8 +219,13 @@ def naive(root: Path, out: Path, n: int, args) -> dict:
         for i in range(n):
             one(i)
         wall = time.perf_counter() - started
-    return {"side": "naive", "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3),
-            "gpu_busy": busy.fraction}
+    return {
+        "side": "naive",
+        "images": n,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(n / wall, 3),
+        "gpu_busy": busy.fraction,
+    }
 
 
 def write(path: Path, pixels: bytes, size: int) -> None:
@@ -196,6 +251,7 @@ def profile(predictor, batch_rows: list[dict], device: str) -> dict:
                 out = fn(*a, **kw)
                 synchronize(device)
             return out
+
         return run
 
     model.text_embeds = phased("prior", model.text_embeds)
@@ -209,8 +265,11 @@ def profile(predictor, batch_rows: list[dict], device: str) -> dict:
     events = prof.events()
     # GPU-side events: kernels and copies; not the GPU copies of our phase annotations (they span whole
     # phases) nor the profiler's "Command Buffer Full" markers (the CPU waiting on a full launch queue).
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
-                     and not e.name.startswith("phase:") and e.name != "Command Buffer Full")
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("phase:") and e.name != "Command Buffer Full"
+    )
 
     def busy(start: float, end: float) -> float:  # union of kernel time inside [start, end]
         total, reach = 0.0, start
@@ -241,8 +300,9 @@ def ours(root: Path, out: Path, n: int, batch: int, args, compiled: tuple[str, .
     from unclip_batch.batches import rows_of, to_batch
     from unclip_batch.predict import UnclipPredictor
 
-    predictor = UnclipPredictor(model=str(root), tasks=("generate",), batch_size=batch, device=args.device,
-                                dtype=args.dtype)
+    predictor = UnclipPredictor(
+        model=str(root), tasks=("generate",), batch_size=batch, device=args.device, dtype=args.dtype
+    )
     model = predictor.model
     if args.channels_last:
         model.decoder.unet.to(memory_format=torch.channels_last)
@@ -268,14 +328,20 @@ def ours(root: Path, out: Path, n: int, batch: int, args, compiled: tuple[str, .
     with Busy() as busy:
         started = time.perf_counter()
         for start in range(batch, len(all_rows), batch):
-            pending += [submit(row) for row in rows_of(predictor(to_batch(all_rows[start:start + batch])))]
+            pending += [submit(row) for row in rows_of(predictor(to_batch(all_rows[start : start + batch])))]
         for f in pending:
             f.result()
         wall = time.perf_counter() - started
     pool.shutdown()
-    result = {"side": "ours" + (f" compiled {'+'.join(compiled)}" if compiled else ""), "images": n,
-              "batch": batch, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 3),
-              "gpu_busy": busy.fraction, "warm_up_s": round(warm_s, 1)}
+    result = {
+        "side": "ours" + (f" compiled {'+'.join(compiled)}" if compiled else ""),
+        "images": n,
+        "batch": batch,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(n / wall, 3),
+        "gpu_busy": busy.fraction,
+        "warm_up_s": round(warm_s, 1),
+    }
     if args.profile:
         result["profile"] = profile(predictor, all_rows[:batch], args.device)
     return result
@@ -291,14 +357,25 @@ def main() -> None:
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--rows", type=int, default=32, help="rows (= images) timed on our side")
     parser.add_argument("--naive-rows", type=int, default=8, help="rows timed in the naive loop")
-    parser.add_argument("--batch", type=int, nargs="+", default=[16],
-                        help="images per model call on our side (one run each; compiled runs use the first)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="images per model call on our side (one run each; compiled runs use the first)",
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd UNet")
-    parser.add_argument("--compile-prior", action="store_true",
-                        help="also time ours with the UNet, the prior and its text encoder compiled")
-    parser.add_argument("--profile", action="store_true",
-                        help="after each of our runs, one call under torch.profiler: wall and GPU busy per phase")
+    parser.add_argument(
+        "--compile-prior",
+        action="store_true",
+        help="also time ours with the UNet, the prior and its text encoder compiled",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each of our runs, one call under torch.profiler: wall and GPU busy per phase",
+    )
     parser.add_argument("--small", action="store_true", help="a CPU-sized stand-in checkpoint (smoke runs)")
     parser.add_argument("--out", type=Path, help="PNG folder (default: ROOT/images)")
     args = parser.parse_args()
@@ -309,10 +386,17 @@ def main() -> None:
     build(args.root, args.dtype, args.device, args.small)
     out = args.out or args.root / "images"
     out.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "dtype": args.dtype, "size": args.size, "steps": args.steps, "prior_steps": args.prior_steps,
-            "build": json.loads((args.root / "built.json").read_text())}
+    info = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "dtype": args.dtype,
+        "size": args.size,
+        "steps": args.steps,
+        "prior_steps": args.prior_steps,
+        "build": json.loads((args.root / "built.json").read_text()),
+    }
     print(json.dumps(info), flush=True)
     results = [naive(args.root, out, args.naive_rows, args)]
     print(json.dumps(results[-1]), flush=True)

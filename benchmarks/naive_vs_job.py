@@ -44,9 +44,15 @@ def build_rows(n: int, folder: Path) -> list[dict]:
     rows = []
     for i in range(n):
         scene = world.random_scene(rng)
-        row = {"id": f"r{i:05d}", "task": "generate", "seed": i, "num_images": 2 if i % 3 == 0 else 1,
-               "prompt": world.describe({"colour": scene.colour, "shape": scene.shape, "background": scene.background}),
-               "image": None, "mask": None}
+        row = {
+            "id": f"r{i:05d}",
+            "task": "generate",
+            "seed": i,
+            "num_images": 2 if i % 3 == 0 else 1,
+            "prompt": world.describe({"colour": scene.colour, "shape": scene.shape, "background": scene.background}),
+            "image": None,
+            "mask": None,
+        }
         if i % 4 in (1, 3):
             Image.fromarray(world.render(scene)).save(folder / f"{row['id']}.png")
             row["image"] = f"{row['id']}.png"
@@ -64,14 +70,22 @@ def naive(manifest: Path, out: Path, model: str, steps: int, prior_steps: int) -
     """The naive loop as its own script, timed from outside like the job's command."""
     started = time.perf_counter()
     options = {"manifest": str(manifest), "out": str(out), "model": model, "steps": steps, "prior_steps": prior_steps}
-    result = subprocess.run([sys.executable, __file__, "--naive-loop", json.dumps(options)], capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--naive-loop", json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"the naive loop failed:\n{result.stderr[-3000:]}")
     inside = json.loads(result.stdout.splitlines()[-1])
-    return {"images": inside["images"], "wall_s": round(wall, 2), "load_s": inside["load_s"],
-            "loop_s": inside["loop_s"]}
+    return {
+        "images": inside["images"],
+        "wall_s": round(wall, 2),
+        "load_s": inside["load_s"],
+        "loop_s": inside["loop_s"],
+    }
 
 
 def naive_loop(manifest: str, out: str, model: str, steps: int, prior_steps: int) -> dict:
@@ -94,17 +108,24 @@ def naive_loop(manifest: str, out: str, model: str, steps: int, prior_steps: int
     images = 0
     for row in rows:
         n, generator = row["num_images"], torch.Generator().manual_seed(row["seed"])
-        call = {"height": 64, "width": 64, "num_inference_steps": steps, "generator": generator,
-                "num_images_per_prompt": n}
+        call = {
+            "height": 64,
+            "width": 64,
+            "num_inference_steps": steps,
+            "generator": generator,
+            "num_images_per_prompt": n,
+        }
         if row["task"] == "variation":
-            embeds = prior.interpolate([Image.open(folder / row["image"])], [1.0], num_inference_steps=prior_steps,
-                                       generator=generator)
+            embeds = prior.interpolate(
+                [Image.open(folder / row["image"])], [1.0], num_inference_steps=prior_steps, generator=generator
+            )
         else:
             embeds = prior(row["prompt"], num_inference_steps=prior_steps, generator=generator)
         call.update(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds)
         if row["task"] == "inpaint":
-            out_images = inpainter(image=Image.open(folder / row["image"]),
-                                   mask_image=Image.open(folder / row["mask"]), **call).images
+            out_images = inpainter(
+                image=Image.open(folder / row["image"]), mask_image=Image.open(folder / row["mask"]), **call
+            ).images
         else:
             out_images = decoder(**call).images
         for k, image in enumerate(out_images):
@@ -114,14 +135,34 @@ def naive_loop(manifest: str, out: str, model: str, steps: int, prior_steps: int
     return {"images": images, "loop_s": round(done - loaded, 2), "load_s": round(loaded - started, 2)}
 
 
-def job(manifest: Path, out: Path, model: str, steps: int, prior_steps: int, scheduler: str,
-        batch_size: int | None) -> dict:
+def job(
+    manifest: Path, out: Path, model: str, steps: int, prior_steps: int, scheduler: str, batch_size: int | None
+) -> dict:
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "unclip_batch.cli", "run", str(manifest), "--output", str(out), "--model", model,
-         "--num-inference-steps", str(steps), "--prior-num-inference-steps", str(prior_steps), "--quiet",
-         "--scheduler", scheduler, *(["--batch-size", str(batch_size)] if batch_size else [])],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "unclip_batch.cli",
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--model",
+            model,
+            "--num-inference-steps",
+            str(steps),
+            "--prior-num-inference-steps",
+            str(prior_steps),
+            "--quiet",
+            "--scheduler",
+            scheduler,
+            *(["--batch-size", str(batch_size)] if batch_size else []),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"unclip-batch run failed:\n{result.stderr[-3000:]}")
@@ -131,8 +172,12 @@ def job(manifest: Path, out: Path, model: str, steps: int, prior_steps: int, sch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=96,
-                        help="manifest rows (every third asks for 2 images); the job's ~15 s start is spread over them")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=96,
+        help="manifest rows (every third asks for 2 images); the job's ~15 s start is spread over them",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--model", default="default")
     parser.add_argument("--steps", type=int, default=50, help="decoder steps (both sides)")
@@ -158,15 +203,34 @@ def main() -> None:
             out.mkdir()
             naive_runs.append(naive(manifest, out, args.model, args.naive_steps or args.steps, args.prior_steps))
             print(json.dumps({"run": run, "naive": naive_runs[-1]}), flush=True)
-            job_runs.append(job(manifest, Path(tmp) / f"job{run}", args.model, args.steps, args.prior_steps,
-                                args.scheduler, args.batch_size))
+            job_runs.append(
+                job(
+                    manifest,
+                    Path(tmp) / f"job{run}",
+                    args.model,
+                    args.steps,
+                    args.prior_steps,
+                    args.scheduler,
+                    args.batch_size,
+                )
+            )
             print(json.dumps({"run": run, "job": job_runs[-1]}), flush=True)
     naive_rate = statistics.median(r["images"] / r["wall_s"] for r in naive_runs)
     job_rate = statistics.median(r["images"] / r["wall_s"] for r in job_runs)
-    print(json.dumps({"rows": args.rows, "images": job_runs[0]["images"], "steps": args.steps,
-                      "naive_steps": args.naive_steps or args.steps, "scheduler": args.scheduler,
-                      "naive_images_per_s": round(naive_rate, 3), "job_images_per_s": round(job_rate, 3),
-                      "ratio": round(job_rate / naive_rate, 2)}))
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "images": job_runs[0]["images"],
+                "steps": args.steps,
+                "naive_steps": args.naive_steps or args.steps,
+                "scheduler": args.scheduler,
+                "naive_images_per_s": round(naive_rate, 3),
+                "job_images_per_s": round(job_rate, 3),
+                "ratio": round(job_rate / naive_rate, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,23 +70,38 @@ class PeakMemory:
         driver = max((v for (pid, n), v in self.peaks.items() if n == "driver"), default=0)
         workers = sorted((v, n) for (pid, n), v in self.peaks.items() if "ray::" in n or "default_worker" in n)
         private = sorted((v, n) for n, v in self.private.items() if n != "driver")
-        return {"driver_peak_mb": round(driver / 2**20),
-                "driver_peak_private_mb": round(self.private.get("driver", 0) / 2**20),
-                "worker_peak_mb": round(workers[-1][0] / 2**20) if workers else 0,
-                "worker_peak_name": workers[-1][1].strip() if workers else None,
-                "worker_peak_private_mb": round(private[-1][0] / 2**20) if private else 0,
-                "worker_peak_private_name": private[-1][1].strip() if private else None,
-                "workers_seen": len(workers)}
+        return {
+            "driver_peak_mb": round(driver / 2**20),
+            "driver_peak_private_mb": round(self.private.get("driver", 0) / 2**20),
+            "worker_peak_mb": round(workers[-1][0] / 2**20) if workers else 0,
+            "worker_peak_name": workers[-1][1].strip() if workers else None,
+            "worker_peak_private_mb": round(private[-1][0] / 2**20) if private else 0,
+            "worker_peak_private_name": private[-1][1].strip() if private else None,
+            "workers_seen": len(workers),
+        }
 
 
 def run(manifest: Path, output: Path, limit: int | None = None, first_key: Path | None = None) -> dict:
-    command = [sys.executable, "-m", "unclip_batch.cli", "run", str(manifest), "--output", str(output),
-               "--model", "null", "--batch-size", "64", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "unclip_batch.cli",
+        "run",
+        str(manifest),
+        "--output",
+        str(output),
+        "--model",
+        "null",
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
     if limit is not None:
         command += ["--limit", str(limit)]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     first = None
     with PeakMemory(process.pid) as memory:
         while process.poll() is None:
@@ -97,9 +112,13 @@ def run(manifest: Path, output: Path, limit: int | None = None, first_key: Path 
     if process.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
     summary = json.loads((output / "_SUCCESS").read_text())
-    return {"wall_s": round(time.perf_counter() - started, 1), "job_s": summary["wall_s"],
-            "images": summary["images"], **memory.report(),
-            **({"first_new_image_s": round(first, 1) if first else None} if first_key else {})}
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "job_s": summary["wall_s"],
+        "images": summary["images"],
+        **memory.report(),
+        **({"first_new_image_s": round(first, 1) if first else None} if first_key else {}),
+    }
 
 
 def main() -> None:
@@ -111,8 +130,12 @@ def main() -> None:
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "m.parquet"
-            pq.write_table(pa.table({"id": [f"p{i:07d}" for i in range(rows)],
-                                     "prompt": [texts[i % len(texts)] for i in range(rows)]}), manifest)
+            pq.write_table(
+                pa.table(
+                    {"id": [f"p{i:07d}" for i in range(rows)], "prompt": [texts[i % len(texts)] for i in range(rows)]}
+                ),
+                manifest,
+            )
             output = Path(tmp) / "out"
             result = {"rows": rows}
             if args.resume_from:

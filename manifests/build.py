@@ -1,6 +1,6 @@
 """Build a Parquet manifest from a JSON Lines (or CSV) source, keeping columns as they are.
 
-    python manifests/build.py manifests/demo.jsonl manifests/demo.parquet
+python manifests/build.py manifests/demo.jsonl manifests/demo.parquet
 """
 
 import sys

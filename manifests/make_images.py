@@ -1,6 +1,6 @@
 """Draw the demo's source images and masks from the shapes world (run once; the PNGs are committed).
 
-    python manifests/make_images.py
+python manifests/make_images.py
 """
 
 import sys
@@ -32,6 +32,7 @@ def main() -> None:
     hole = np.dstack([world.render(triangle), np.full((world.SIZE, world.SIZE), 255, np.uint8)])
     hole[world.region_mask(triangle, grow=6) > 0, 3] = 0
     Image.fromarray(hole, "RGBA").save(HERE / "triangle_transparent.png")
+
 
 if __name__ == "__main__":
     main()

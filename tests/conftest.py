@@ -7,7 +7,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
-
 from helpers import make_sources
 
 

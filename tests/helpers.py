@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Few steps keep the tiny model fast; the code paths are the same as at 50.
 FAST = {"num_inference_steps": 4, "prior_num_inference_steps": 2}
 
+
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if schema is None:  # from_pylist reads the keys of the first row only
@@ -24,26 +25,31 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
 
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
 
 def scene(color=(220, 30, 30), background=(40, 70, 200), size=64) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=color)
     return image
 
+
 def box_mask(size=64, box=(32, 32, 60, 60)) -> Image.Image:
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).rectangle(box, fill=255)
     return mask
+
 
 def job(manifests, output, **kwargs) -> JobConfig:
     defaults = {**FAST, **kwargs.pop("defaults", {})}
     kwargs.setdefault("model", "tiny")
     kwargs.setdefault("device", "cpu")  # pinned: on a GPU machine "auto" would run another path
     return JobConfig(manifests=tuple(str(m) for m in manifests), output=str(output), defaults=defaults, **kwargs)
+
 
 def read_output(output) -> tuple[pa.Table, pa.Table]:
 
@@ -58,21 +64,25 @@ def read_output(output) -> tuple[pa.Table, pa.Table]:
 
     return read("metadata"), read("errors")
 
+
 def images_of(output: Path) -> dict[str, bytes]:
     root = Path(output) / "images"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
+
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
-
 
 
 def kill_processes(marks: tuple[str, ...]) -> None:
     """SIGKILL every process whose command line holds one of ``marks``, with all its children."""
     import psutil
 
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+    roots = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and any(m in " ".join(p.info["cmdline"]) for m in marks)
+    ]
     victims = {}
     for root in roots:
         try:
@@ -105,5 +115,5 @@ def readme_columns(label: str) -> list[str]:
     """The output columns the README lists after ``label`` ("Metadata columns:"), in order."""
     text = (REPO / "README.md").read_text()
     start = text.index(label) + len(label)
-    listed = re.sub(r"\([^)]*\)", "", text[start:text.index("carried-through columns", start)])
+    listed = re.sub(r"\([^)]*\)", "", text[start : text.index("carried-through columns", start)])
     return [name.strip() for span in re.findall(r"`([^`]*)`", listed) for name in span.split(",") if name.strip()]

@@ -39,8 +39,14 @@ def main(manifest: str, output: str, steps: str, prior_steps: str) -> None:
             time.sleep(0.2)
 
     threading.Thread(target=kill_the_model_node, daemon=True).start()
-    config = JobConfig(manifests=(manifest,), output=output, model="tiny", batch_size=4, device="cpu",
-                       defaults={"num_inference_steps": int(steps), "prior_num_inference_steps": int(prior_steps)})
+    config = JobConfig(
+        manifests=(manifest,),
+        output=output,
+        model="tiny",
+        batch_size=4,
+        device="cpu",
+        defaults={"num_inference_steps": int(steps), "prior_num_inference_steps": int(prior_steps)},
+    )
     summary = run_job(config)
     report = Path(output).parent / "node_kill_report.json"  # stdout carries Ray's worker logs too
     report.write_text(json.dumps({"killed": killed, "summary": summary}))

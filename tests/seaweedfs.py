@@ -48,10 +48,13 @@ class SeaweedFS:
 
     def options(self, key: str, secret: str) -> dict:
         """s3fs storage options for this server with the given credentials."""
-        return {"key": key, "secret": secret,
-                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"}}
+        return {
+            "key": key,
+            "secret": secret,
+            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
+        }
 
-    def start(self) -> "SeaweedFS":
+    def start(self) -> SeaweedFS:
         # Next to this Python first: the venv's bin is not always on PATH (make runs .venv/bin/python).
         beside = Path(sys.executable).parent / "weed"
         weed = str(beside) if beside.exists() else shutil.which("weed")
@@ -65,12 +68,28 @@ class SeaweedFS:
             extra.append(f"-s3.config={config}")
         self.log = open(self.folder / "weed.log", "ab")
         self.process = subprocess.Popen(
-            [weed, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={self.master}", f"-volume.port={self.volume}", "-filer", f"-filer.port={self.filer}",
-             "-s3", f"-s3.port={self.s3}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
-             # Iceberg and Lance listeners have fixed default ports: off, so several servers can run at once.
-             "-s3.port.iceberg=0", "-s3.port.lance=0", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                weed,
+                "server",
+                f"-dir={self.folder}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={self.master}",
+                f"-volume.port={self.volume}",
+                "-filer",
+                f"-filer.port={self.filer}",
+                "-s3",
+                f"-s3.port={self.s3}",
+                "-master.volumeSizeLimitMB=64",
+                "-volume.max=100",
+                # Iceberg and Lance listeners have fixed default ports: off, so several servers can run at once.
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                *extra,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -114,7 +133,7 @@ class SeaweedFS:
         if getattr(self, "log", None):
             self.log.close()
 
-    def __enter__(self) -> "SeaweedFS":
+    def __enter__(self) -> SeaweedFS:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,9 +6,9 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import box_mask, job, png_bytes, read_output, scene, write_manifest
 from PIL import Image
 
-from helpers import box_mask, job, png_bytes, read_output, scene, write_manifest
 from unclip_batch.errors import CODES
 from unclip_batch.job import run_job
 
@@ -80,8 +80,7 @@ TABLE = [
     ("id with control character", {"id": "a\x07b", "prompt": "p"}, "invalid_id"),
     ("image missing", {"task": "variation", "image": "img/nope.png"}, "image_unreadable"),
     ("image unreachable", {"task": "variation", "image": "http://127.0.0.1:{closed}/x.png"}, "image_unreadable"),
-    ("dead web link (404)", {"task": "variation", "image": "http://127.0.0.1:{web}/img/nope.png"},
-     "image_unreadable"),
+    ("dead web link (404)", {"task": "variation", "image": "http://127.0.0.1:{web}/img/nope.png"}, "image_unreadable"),
     ("web image", {"task": "variation", "image": "http://127.0.0.1:{web}/img/ok.png"}, ACCEPTED),
     ("image zero bytes", {"task": "variation", "image": "img/empty.png"}, "image_invalid"),
     ("truncated PNG", {"task": "variation", "image": "img/truncated.png"}, "image_invalid"),
@@ -95,23 +94,46 @@ TABLE = [
     ("RGBA image for a variation", {"task": "variation", "image": "img/rgba.png"}, ACCEPTED),
     ("opaque RGBA and no mask", {"task": "inpaint", "image": "img/rgba.png", "prompt": "p"}, "mask_empty"),
     ("RGB inpaint without mask", {"task": "inpaint", "image": "img/ok.png", "prompt": "p"}, "missing_mask"),
-    ("mask of another size", {"task": "inpaint", "image": "img/ok.png", "mask": "img/mask_small.png",
-                              "prompt": "p"}, "mask_size_mismatch"),
-    ("mask all black", {"task": "inpaint", "image": "img/ok.png", "mask": "img/mask_black.png", "prompt": "p"},
-     "mask_empty"),
-    ("mask all white repaints everything", {"task": "inpaint", "image": "img/ok.png",
-                                            "mask": "img/mask_white.png", "prompt": "p"}, ACCEPTED),
-    ("mask not an image", {"task": "inpaint", "image": "img/ok.png", "mask": "img/text.png", "prompt": "p"},
-     "image_invalid"),
-    ("mask for a variation", {"task": "variation", "image": "img/ok.png", "mask": "img/mask.png"},
-     "unexpected_image"),
+    (
+        "mask of another size",
+        {"task": "inpaint", "image": "img/ok.png", "mask": "img/mask_small.png", "prompt": "p"},
+        "mask_size_mismatch",
+    ),
+    (
+        "mask all black",
+        {"task": "inpaint", "image": "img/ok.png", "mask": "img/mask_black.png", "prompt": "p"},
+        "mask_empty",
+    ),
+    (
+        "mask all white repaints everything",
+        {"task": "inpaint", "image": "img/ok.png", "mask": "img/mask_white.png", "prompt": "p"},
+        ACCEPTED,
+    ),
+    (
+        "mask not an image",
+        {"task": "inpaint", "image": "img/ok.png", "mask": "img/text.png", "prompt": "p"},
+        "image_invalid",
+    ),
+    ("mask for a variation", {"task": "variation", "image": "img/ok.png", "mask": "img/mask.png"}, "unexpected_image"),
 ]
-SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
-                    ("negative_prompt", pa.string()), ("image", pa.string()), ("mask", pa.string()),
-                    # float columns, as pandas writes them when a value is missing: NaN must be handled
-                    ("num_images", pa.float64()), ("seed", pa.float64()), ("width", pa.float64()),
-                    ("height", pa.float64()), ("num_inference_steps", pa.float64()),
-                    ("guidance_scale", pa.float64()), ("case", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("image", pa.string()),
+        ("mask", pa.string()),
+        # float columns, as pandas writes them when a value is missing: NaN must be handled
+        ("num_images", pa.float64()),
+        ("seed", pa.float64()),
+        ("width", pa.float64()),
+        ("height", pa.float64()),
+        ("num_inference_steps", pa.float64()),
+        ("guidance_scale", pa.float64()),
+        ("case", pa.string()),
+    ]
+)
 
 
 @pytest.fixture

@@ -13,23 +13,48 @@ pytestmark = pytest.mark.slow
 
 
 def test_ceiling_benchmark_runs():
-    result = subprocess.run([sys.executable, "benchmarks/ceiling.py", "--rows", "40", "--local"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "benchmarks/ceiling.py", "--rows", "40", "--local"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["rows"] == report["images"] == 40 and report["images_per_s"] > 0
 
 
 def _last_json(args: list[str]) -> dict:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_naive_vs_job_benchmark_runs():
-    report = _last_json(["benchmarks/naive_vs_job.py", "--rows", "4", "--runs", "1", "--model", "tiny",
-                         "--steps", "2", "--prior-steps", "2"])
+    report = _last_json(
+        [
+            "benchmarks/naive_vs_job.py",
+            "--rows",
+            "4",
+            "--runs",
+            "1",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+        ]
+    )
     assert report["images"] == 6 and report["naive_images_per_s"] > 0 and report["job_images_per_s"] > 0
 
 
@@ -40,9 +65,28 @@ def test_scale_benchmark_runs():
 
 
 def test_quality_vs_speed_evaluation_runs():
-    result = subprocess.run([sys.executable, "-m", "unclip_lab.evaluate", "--model", "tiny", "--n", "4",
-                             "--steps", "2", "--prior-steps", "2", "--scheduler", "dpm++"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unclip_lab.evaluate",
+            "--model",
+            "tiny",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+            "--scheduler",
+            "dpm++",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["scheduler"] == "dpm++" and report["sampling"]["num_inference_steps"] == 2
@@ -57,15 +101,49 @@ def test_quality_vs_speed_evaluation_runs():
 def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
     """The GPU benchmark's code path (checkpoint build, naive loop, our predictor, writer pool) on a
     small stand-in of Kandinsky 2.2's structure; the real figures come from a lent GPU."""
-    report = _last_json(["benchmarks/gpu.py", "--root", str(tmp_path / "k22"), "--small", "--device", "cpu",
-                         "--dtype", "float32", "--size", "64", "--steps", "2", "--prior-steps", "2", "--rows", "4",
-                         "--naive-rows", "1", "--batch", "2"])
+    report = _last_json(
+        [
+            "benchmarks/gpu.py",
+            "--root",
+            str(tmp_path / "k22"),
+            "--small",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+            "--rows",
+            "4",
+            "--naive-rows",
+            "1",
+            "--batch",
+            "2",
+        ]
+    )
     assert [r["side"] for r in report["results"]] == ["naive", "ours"]
     assert report["results"][1]["images"] == 4 and report["ratios"]["ours x2"] > 0
     assert len(list((tmp_path / "k22" / "images").glob("ours-*.png"))) == 6  # 4 timed + 2 warm-up
 
 
 def test_first_image_benchmark_runs():
-    report = _last_json(["benchmarks/first_image.py", "--rows", "2", "--runs", "1", "--model", "tiny",
-                         "--steps", "2", "--prior-steps", "2"])
+    report = _last_json(
+        [
+            "benchmarks/first_image.py",
+            "--rows",
+            "2",
+            "--runs",
+            "1",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--prior-steps",
+            "2",
+        ]
+    )
     assert 0 < report["first_image_s"] <= report["wall_s"]

@@ -8,25 +8,38 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import FAST, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "unclip_batch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "unclip_batch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def fast_flags():
-    return ["--num-inference-steps", str(FAST["num_inference_steps"]),
-            "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"]), "--device", "cpu"]
+    return [
+        "--num-inference-steps",
+        str(FAST["num_inference_steps"]),
+        "--prior-num-inference-steps",
+        str(FAST["prior_num_inference_steps"]),
+        "--device",
+        "cpu",
+    ]
 
 
 def test_validate_reports_bad_rows(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", [
-        {"id": "ok", "prompt": "p"}, {"id": "bad id", "prompt": "p"}, {"id": "n", "prompt": "p", "num_images": 0}])
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [{"id": "ok", "prompt": "p"}, {"id": "bad id", "prompt": "p"}, {"id": "n", "prompt": "p", "num_images": 0}],
+    )
     result = cli("validate", manifest)
     assert result.returncode == 4  # EXIT_ROWS_FAILED, as a run whose rows failed
     assert "3 rows: 1 valid, 2 invalid" in result.stdout
@@ -43,10 +56,13 @@ def test_validate_finds_the_demo_rows_missing_source_file():
     assert "manifests/images/does_not_exist.png does not exist" in result.stdout
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "no id"}], "no 'id' column"),
-    ([{"id": "a", "num_images": "many"}], "'num_images' has type string"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "no id"}], "no 'id' column"),
+        ([{"id": "a", "num_images": "many"}], "'num_images' has type string"),
+    ],
+)
 def test_bad_manifest_fails_fast_without_a_model(tmp_path, rows, message):
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     start = time.monotonic()
@@ -56,12 +72,19 @@ def test_bad_manifest_fails_fast_without_a_model(tmp_path, rows, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command, model, says", [
-    ("run", "{tmp}/nothing", "not a folder ({tmp}/nothing does not exist), not a known alias (default, shapes"),
-    ("run", "./defualt", "not a folder"),
-    ("validate", "does-not-exist", "not a folder, not a known alias (default, shapes, tiny, null), and not loadable from the "
-                                   "Hugging Face Hub as a namespace (HF_HUB_OFFLINE is set"),
-])
+@pytest.mark.parametrize(
+    "command, model, says",
+    [
+        ("run", "{tmp}/nothing", "not a folder ({tmp}/nothing does not exist), not a known alias (default, shapes"),
+        ("run", "./defualt", "not a folder"),
+        (
+            "validate",
+            "does-not-exist",
+            "not a folder, not a known alias (default, shapes, tiny, null), and not loadable from the "
+            "Hugging Face Hub as a namespace (HF_HUB_OFFLINE is set",
+        ),
+    ],
+)
 def test_unknown_model_fails_fast_saying_what_was_tried(tmp_path, command, model, says):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
     output = ["--output", str(tmp_path / "out")] if command == "run" else []
@@ -74,8 +97,9 @@ def test_unknown_model_fails_fast_saying_what_was_tried(tmp_path, command, model
 def test_ray_client_address_is_refused_before_any_work(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
     start = time.monotonic()
-    result = cli("run", manifest, "--output", str(tmp_path / "out"), "--model", "tiny",
-                 "--address", "ray://head.example:10001")
+    result = cli(
+        "run", manifest, "--output", str(tmp_path / "out"), "--model", "tiny", "--address", "ray://head.example:10001"
+    )
     assert result.returncode == 2, result.stderr
     assert "Ray Client (ray://) does not work with Ray Data" in result.stderr
     assert "ray job submit --address http://head.example:8265" in result.stderr
@@ -116,8 +140,10 @@ def test_validate_suggests_the_column_a_near_miss_meant(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompts": "a red circle"}])
     result = cli("validate", manifest)
     assert result.returncode == 4
-    assert "column 'prompts' is not a manifest column and is carried through as it is; did you mean 'prompt'?" \
+    assert (
+        "column 'prompts' is not a manifest column and is carried through as it is; did you mean 'prompt'?"
         in result.stderr
+    )
     assert "missing_prompt: 1" in result.stdout
 
 
@@ -128,11 +154,26 @@ def test_run_on_s3_with_aws_environment(s3, tmp_path):
     fs.mkdir("cli-env")
     fs.put(str(REPO / "manifests" / "demo.parquet"), "cli-env/demo/demo.parquet")
     fs.put(str(REPO / "manifests" / "images") + "/", "cli-env/demo/images/", recursive=True)
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": s3.endpoint_url,
-           "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+    }
     # The null model: this is about storage, credentials and the summary, not pixels.
-    result = cli("run", "s3://cli-env/demo/demo.parquet", "--output", "s3://cli-env/out", "--quiet",
-                 "--model", "null", *fast_flags(), env=env, timeout=600)
+    result = cli(
+        "run",
+        "s3://cli-env/demo/demo.parquet",
+        "--output",
+        "s3://cli-env/out",
+        "--quiet",
+        "--model",
+        "null",
+        *fast_flags(),
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 4, result.stderr[-3000:]  # complete, but the demo's last row failed
     assert "succeeded              9" in result.stdout and "image_unreadable" in result.stdout
     assert "(errors: s3://cli-env/out/errors/)" in result.stdout
@@ -163,8 +204,8 @@ def test_every_run_option_has_help_and_a_line_in_the_readme():
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| option | meaning |"):]
-    table = table[:table.index("\n\n")]
+    table = readme[readme.index("| option | meaning |") :]
+    table = table[: table.index("\n\n")]
     for action in run._actions:
         if action.dest in ("help",):
             continue

@@ -14,14 +14,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import FAST, images_of, kill_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
-STEPS = ["--num-inference-steps", str(FAST["num_inference_steps"]),
-         "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"]), "--device", "cpu"]
+STEPS = [
+    "--num-inference-steps",
+    str(FAST["num_inference_steps"]),
+    "--prior-num-inference-steps",
+    str(FAST["prior_num_inference_steps"]),
+    "--device",
+    "cpu",
+]
 
 
 def free_port() -> int:
@@ -39,26 +44,45 @@ def cluster():
     # Token authentication, as Ray 2.60 clusters have by default: clients present the cluster's token.
     # Only subprocesses get it: Ray caches auth settings per process, and this one runs a local Ray too.
     # The venv's bin goes first on PATH, as a cluster image has its own python first.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for attempt in range(3):  # a port found free may be taken before Ray binds it: try other ports
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for _attempt in range(3):  # a port found free may be taken before Ray binds it: try other ports
         # Every listening port Ray would otherwise take at a fixed default (6379, 8265, 10001 ...) is ours.
         port, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
         started = subprocess.run(
-            [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-             f"--temp-dir={ray_temp}", "--disable-usage-stats"],
-            timeout=180, env=env, capture_output=True, text=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--ray-client-server-port={client}",
+                f"--temp-dir={ray_temp}",
+                "--disable-usage-stats",
+            ],
+            timeout=180,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if started.returncode == 0:
             break
         kill_processes((temp,))
     else:
         pytest.fail(f"ray start failed three times: {started.stderr[-2000:]}")
     try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-               "temp": temp}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "temp": temp}
     finally:  # this cluster's processes only (all name its temp dir): `ray stop` would stop every Ray here
         kill_processes((temp,))
         shutil.rmtree(temp, ignore_errors=True)
@@ -68,11 +92,34 @@ def test_job_submission_cli_address_and_a_ray_of_its_own(cluster, tmp_path):
     output = tmp_path / "submitted"
     # As the README says: ship this repository as the working dir, run the jobs/ entry point.
     submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"excludes": ["tests", "out"], "env_vars": {"HF_HUB_OFFLINE": "1"}}),
-         "--", "python", "jobs/run_job.py", "manifests/demo.parquet", "--output", str(output), "--model", "tiny",
-         "--quiet", "--allow-failures", *STEPS],
-        capture_output=True, text=True, timeout=400, cwd=REPO, env=cluster["env"])
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster["dashboard"],
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps({"excludes": ["tests", "out"], "env_vars": {"HF_HUB_OFFLINE": "1"}}),
+            "--",
+            "python",
+            "jobs/run_job.py",
+            "manifests/demo.parquet",
+            "--output",
+            str(output),
+            "--model",
+            "tiny",
+            "--quiet",
+            "--allow-failures",
+            *STEPS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=cluster["env"],
+    )
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0 and re.search(r"Job '\S+' succeeded", logs), logs[-3000:]
     assert "succeeded              9" in logs
@@ -85,26 +132,66 @@ def test_job_submission_cli_address_and_a_ray_of_its_own(cluster, tmp_path):
 
     cli_output = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "unclip_batch.cli", "run", "manifests/demo.parquet", "--output", str(cli_output),
-         "--address", cluster["address"], "--model", "tiny", "--quiet", "--allow-failures", *STEPS],
-        capture_output=True, text=True, timeout=400, cwd=REPO, env=cluster["env"])
+        [
+            sys.executable,
+            "-m",
+            "unclip_batch.cli",
+            "run",
+            "manifests/demo.parquet",
+            "--output",
+            str(cli_output),
+            "--address",
+            cluster["address"],
+            "--model",
+            "tiny",
+            "--quiet",
+            "--allow-failures",
+            *STEPS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=cluster["env"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((cli_output / "_SUCCESS").read_text())["images"] == 15
     # Both runs made the same images: the cluster changes where, not what.
     for png in (output / "images").rglob("*.png"):
         assert png.read_bytes() == (cli_output / png.relative_to(output)).read_bytes()
 
-
     # A plain run beside the running cluster (where a bare ray.init() finds it, in Ray's temp folder):
     # without --address the job still gets a Ray of its own, as the README promises.
     env = {**cluster["env"], "RAY_TMPDIR": cluster["temp"]}
-    found = subprocess.run([sys.executable, "-c", "import ray._private.utils as u; print(u.read_ray_address())"],
-                           capture_output=True, text=True, env=env, timeout=60)
+    found = subprocess.run(
+        [sys.executable, "-c", "import ray._private.utils as u; print(u.read_ray_address())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert cluster["address"].split(":")[1] in found.stdout, found.stdout + found.stderr  # there to be joined
     own = tmp_path / "own"
     result = subprocess.run(
-        [sys.executable, "-m", "unclip_batch.cli", "run", "manifests/demo.parquet", "--output", str(own),
-         "--model", "null", "--quiet", "--allow-failures", *STEPS],  # about Ray, not pixels: no model cost
-        capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+        [
+            sys.executable,
+            "-m",
+            "unclip_batch.cli",
+            "run",
+            "manifests/demo.parquet",
+            "--output",
+            str(own),
+            "--model",
+            "null",
+            "--quiet",
+            "--allow-failures",
+            *STEPS,
+        ],  # about Ray, not pixels: no model cost
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(images_of(own)) == 15

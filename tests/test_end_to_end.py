@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import images_of, job, pixels, read_output, readme_columns, write_manifest
+
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import SetupError
 from unclip_batch.job import run_job
@@ -19,16 +19,20 @@ def summary_of(output):
     return json.loads((output / "_SUCCESS").read_text())
 
 
-@pytest.mark.parametrize("task, extra", [
-    ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
-    ("variation", {"image": "img/scene.png"}),
-    ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
-    ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
-    ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
-])
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
+        ("variation", {"image": "img/scene.png"}),
+        ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
+        ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
+        ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
+    ],
+)
 def test_each_task(ray_local, sources, tmp_path, task, extra):
-    manifest = write_manifest(sources / "m.parquet", [{"id": "row-1", "task": task, "num_images": 2,
-                                                       "note": "kept", **extra}])
+    manifest = write_manifest(
+        sources / "m.parquet", [{"id": "row-1", "task": task, "num_images": 2, "note": "kept", **extra}]
+    )
     output = tmp_path / "out"
     summary = run_job(job([manifest], output))
     metadata, errors = read_output(output)
@@ -42,8 +46,11 @@ def test_each_task(ray_local, sources, tmp_path, task, extra):
         from PIL import Image
 
         source = np.asarray(Image.open(sources / extra["image"]).convert("RGB"), np.int16)
-        keep = (np.asarray(Image.open(sources / extra["mask"])) == 0) if "mask" in extra else (
-            np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
+        keep = (
+            (np.asarray(Image.open(sources / extra["mask"])) == 0)
+            if "mask" in extra
+            else (np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
+        )
         assert (first[keep] == source[keep]).all()
 
 
@@ -100,16 +107,20 @@ def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path, mon
     assert summary["errors_by_code"] == expected_codes
     assert metadata.column("id").unique().to_pylist().__len__() + errors.num_rows == len(rows)
     assert summary["rows"]["succeeded"] + summary["rows"]["failed"] == len(rows)
-    expected_images = sum(r.get("num_images", 1) for r in rows if r["id"].startswith("good-")
-                          and r.get("prompt") != "dup")
+    expected_images = sum(
+        r.get("num_images", 1) for r in rows if r["id"].startswith("good-") and r.get("prompt") != "dup"
+    )
     assert metadata.num_rows == summary["images"] == expected_images == len(images_of(output))
     assert sorted(errors.column("manifest_row").to_pylist()) == sorted(
-        i for i, r in enumerate(rows) if not r["id"].startswith("good-") or r.get("prompt") == "dup")
+        i for i, r in enumerate(rows) if not r["id"].startswith("good-") or r.get("prompt") == "dup"
+    )
     # The manifest and a rerun agree: nothing is left to do, nothing is written twice.
     again = run_job(job([manifest], output, batch_size=4))
     assert again["rows"]["done_before"] == len(rows) and again["images"] == 0
     assert (again["rows"]["total_succeeded"], again["rows"]["total_failed"]) == (
-        summary["rows"]["succeeded"], summary["rows"]["failed"])
+        summary["rows"]["succeeded"],
+        summary["rows"]["failed"],
+    )
     metadata2, errors2 = read_output(output)
     assert (metadata2.num_rows, errors2.num_rows) == (metadata.num_rows, errors.num_rows)
 
@@ -155,14 +166,21 @@ def test_two_workers_start_two_model_actors(ray_local, sources, tmp_path):
     assert a and sorted(a) == sorted(b)
     metadata, _ = read_output(tmp_path / "b")
     assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == sorted(
-        (key.split("/")[0], int(key.split("/")[1][:-4])) for key in b)
+        (key.split("/")[0], int(key.split("/")[1][:-4])) for key in b
+    )
 
 
 PROBES = [
     {"id": "probe-g", "task": "generate", "prompt": "a red circle", "num_images": 2},
     {"id": "probe-v", "task": "variation", "image": "img/scene.png", "num_images": 2},
-    {"id": "probe-i", "task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "blue",
-     "num_images": 2},
+    {
+        "id": "probe-i",
+        "task": "inpaint",
+        "image": "img/scene.png",
+        "mask": "img/mask.png",
+        "prompt": "blue",
+        "num_images": 2,
+    },
 ]
 
 
@@ -213,8 +231,11 @@ def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_p
 
 
 def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_local, sources, tmp_path):
-    rows = [{"id": "a", "prompt": "a red circle"}, {"id": "b", "prompt": "a blue square"},
-            {"id": "c", "task": "variation", "image": "img/missing.png"}]
+    rows = [
+        {"id": "a", "prompt": "a red circle"},
+        {"id": "b", "prompt": "a blue square"},
+        {"id": "c", "task": "variation", "image": "img/missing.png"},
+    ]
     manifest = write_manifest(sources / "m.parquet", rows)
     output = tmp_path / "out"
     first = run_job(job([manifest], output))

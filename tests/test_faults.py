@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import images_of, job, kill_processes, make_sources, read_output, write_manifest
+
 from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
@@ -29,9 +29,11 @@ STEPS = {"num_inference_steps": 6, "prior_num_inference_steps": 3}
 def workload(tmp_path_factory, ray_local):
     """A 36-row mixed manifest and the output of one uninterrupted run of it."""
     folder = make_sources(tmp_path_factory.mktemp("faults"))
-    kinds = [{"task": "generate", "prompt": "a red circle", "num_images": 2},
-             {"task": "variation", "image": "img/scene.png"},
-             {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask.png", "prompt": "blue"}]
+    kinds = [
+        {"task": "generate", "prompt": "a red circle", "num_images": 2},
+        {"task": "variation", "image": "img/scene.png"},
+        {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask.png", "prompt": "blue"},
+    ]
     rows = [{"id": f"row-{i:02d}", "seed": i, **kinds[i % 3]} for i in range(36)]
     manifest = write_manifest(folder / "m.parquet", rows)
     reference = folder / "reference"
@@ -51,11 +53,39 @@ def assert_same_result(output: Path, reference: Path) -> None:
 
 
 def cli_run(manifest, output, env, extra=(), **popen):
-    flags = ["--num-inference-steps", str(STEPS["num_inference_steps"]),
-             "--prior-num-inference-steps", str(STEPS["prior_num_inference_steps"]), "--device", "cpu"]
-    return subprocess.Popen([sys.executable, "-m", "unclip_batch.cli", "run", manifest, "--output", str(output),
-                             "--model", "tiny", "--batch-size", "4", "--flush-seconds", "1", "--quiet", *flags, *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    flags = [
+        "--num-inference-steps",
+        str(STEPS["num_inference_steps"]),
+        "--prior-num-inference-steps",
+        str(STEPS["prior_num_inference_steps"]),
+        "--device",
+        "cpu",
+    ]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unclip_batch.cli",
+            "run",
+            manifest,
+            "--output",
+            str(output),
+            "--model",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--flush-seconds",
+            "1",
+            "--quiet",
+            *flags,
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def wait_for_first_shard(driver: subprocess.Popen, output: Path) -> None:
@@ -124,8 +154,7 @@ def test_sigterm_saves_finished_rows_and_says_how_to_resume(workload, tmp_path):
 def own_actors() -> list[psutil.Process]:
     """This test session's model actors: processes of the Ray this process started (its children), never
     another job's on the same machine."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "UnclipPredictor" in " ".join(_cmdline(p))]
+    return [p for p in psutil.Process().children(recursive=True) if "UnclipPredictor" in " ".join(_cmdline(p))]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -219,8 +248,17 @@ def test_s3_down_for_a_few_seconds_is_ridden_out(workload, own_s3, caplog, capfd
     _, reference = workload
     outage = kill_s3_after(own_s3, images=1, down_s=5)
     started = time.monotonic()
-    summary = run_job(job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
-                          storage_options=own_s3.storage_options, storage_retry_s=90, flush_every_s=1))
+    summary = run_job(
+        job(
+            ["s3://jobs/in/m.parquet"],
+            "s3://jobs/out",
+            defaults=STEPS,
+            batch_size=4,
+            storage_options=own_s3.storage_options,
+            storage_retry_s=90,
+            flush_every_s=1,
+        )
+    )
     ended = time.monotonic()
     outage.join(timeout=60)
     assert started < outage.times.get("killed", ended) < ended, "the outage did not happen while the job ran"
@@ -236,8 +274,12 @@ def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3, tm
     outage kept (the rerun skips exactly those and computes the rest)."""
     _, reference = workload
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1",
-           "UNCLIP_BATCH_STORAGE_OPTIONS": json.dumps(own_s3.storage_options)}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": ray_tmp,
+        "HF_HUB_OFFLINE": "1",
+        "UNCLIP_BATCH_STORAGE_OPTIONS": json.dumps(own_s3.storage_options),
+    }
     command = ["s3://jobs/in/m.parquet", "s3://jobs/out"]
     # At the first stored metadata shard: rows are kept, and most of the job's work is still ahead.
     kill_s3_after(own_s3, images=1, down_s=None, metadata=True)
@@ -250,15 +292,23 @@ def test_s3_down_for_good_stops_the_job_which_resumes_later(workload, own_s3, tm
     assert stopped.returncode == 3, log[-3000:]
     assert "job stopped: object storage unavailable:" in log and "rerun the same command to resume" in log
     assert "Traceback" not in log and "UserCodeException" not in log, log[-3000:]
-    message = log[log.index("job stopped: object storage unavailable:"):]
+    message = log[log.index("job stopped: object storage unavailable:") :]
     assert "ray::" not in message and "Debug source" not in message, message  # ours, one line
     own_s3.start()
     fs = own_s3.filesystem()
     kept = len(set(pq.read_table("jobs/out/metadata", filesystem=fs).column("id").to_pylist()))
     assert 0 < kept < 36
     # The rerun runs in this process, on the session's Ray: the stopped run's actor is gone with its Ray.
-    summary = run_job(job(["s3://jobs/in/m.parquet"], "s3://jobs/out", defaults=STEPS, batch_size=4,
-                          storage_options=own_s3.storage_options, flush_every_s=1))
+    summary = run_job(
+        job(
+            ["s3://jobs/in/m.parquet"],
+            "s3://jobs/out",
+            defaults=STEPS,
+            batch_size=4,
+            storage_options=own_s3.storage_options,
+            flush_every_s=1,
+        )
+    )
     assert summary["rows"]["done_before"] == kept and summary["rows"]["succeeded"] == 36 - kept
     assert summary["rows"]["total_succeeded"] == 36 and summary["rows"]["total_failed"] == 0
     fs = own_s3.filesystem()  # a new client: s3fs caches listings, and the rerun added shards
@@ -275,9 +325,21 @@ def test_worker_node_killed_mid_job(workload, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     try:
-        result = subprocess.run([sys.executable, str(REPO / "tests" / "node_kill_job.py"), manifest, str(output),
-                                 str(STEPS["num_inference_steps"]), str(STEPS["prior_num_inference_steps"])],
-                                capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tests" / "node_kill_job.py"),
+                manifest,
+                str(output),
+                str(STEPS["num_inference_steps"]),
+                str(STEPS["prior_num_inference_steps"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env=env,
+        )
     finally:
         kill_processes((ray_tmp,))
         shutil.rmtree(ray_tmp, ignore_errors=True)

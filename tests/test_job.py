@@ -2,17 +2,39 @@
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from helpers import job
+
 from unclip_batch.job import Sinks
 
 
 def image_row(row_id, k, n, row=0, code=""):
-    return dict(id=row_id, k=k, num_images=n, row=row, task="generate", image_key=f"images/{row_id}/{k}.png",
-                prompt="p", negative_prompt="", image="", mask="", seed=7 + k, width=8, height=8, sha256="s",
-                num_inference_steps=4, guidance_scale=4.0, prior_num_inference_steps=2, prior_guidance_scale=4.0,
-                load_s=0.0, model_s=0.0, write_s=0.0, input_hash="h", code=code, stage="predict" if code else "",
-                message="boom" if code else "")
+    return dict(
+        id=row_id,
+        k=k,
+        num_images=n,
+        row=row,
+        task="generate",
+        image_key=f"images/{row_id}/{k}.png",
+        prompt="p",
+        negative_prompt="",
+        image="",
+        mask="",
+        seed=7 + k,
+        width=8,
+        height=8,
+        sha256="s",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        prior_num_inference_steps=2,
+        prior_guidance_scale=4.0,
+        load_s=0.0,
+        model_s=0.0,
+        write_s=0.0,
+        input_hash="h",
+        code=code,
+        stage="predict" if code else "",
+        message="boom" if code else "",
+    )
 
 
 def test_a_block_delivered_twice_records_each_row_once(tmp_path):
@@ -28,7 +50,11 @@ def test_a_block_delivered_twice_records_each_row_once(tmp_path):
     sinks.close()
     metadata = pq.read_table(tmp_path / "metadata")
     assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [
-        ("a", 0), ("a", 1), ("c", 0), ("c", 1)]
+        ("a", 0),
+        ("a", 1),
+        ("c", 0),
+        ("c", 1),
+    ]
     assert pq.read_table(tmp_path / "errors")["id"].to_pylist() == ["b"]
     assert (sinks.succeeded, sinks.images, dict(sinks.codes)) == (2, 4, {"model_error": 1})
 

@@ -23,8 +23,11 @@ def strict(schema):
 
     def walk(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -41,7 +44,7 @@ def rayjob_schema():
     if not CRD.exists():
         pytest.skip(f"KubeRay's CRD is not beside the repository ({CRD})")
     crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB: C is 10x
-    version, = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return strict(version["schema"]["openAPIV3Schema"])
 
 
@@ -53,12 +56,17 @@ def test_rayjob_satisfies_kuberays_schema(rayjob_schema):
     jsonschema.Draft7Validator(rayjob_schema).validate(rayjob())
 
 
-@pytest.mark.parametrize("break_it, error", [
-    (lambda job: job["spec"].update(shutdownAfterJobFinish=True), "Additional properties"),
-    (lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
-     "'name' is a required property"),
-    (lambda job: job["spec"].update(ttlSecondsAfterFinished="600"), "is not of type 'integer'"),
-])
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        (lambda job: job["spec"].update(shutdownAfterJobFinish=True), "Additional properties"),
+        (
+            lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
+            "'name' is a required property",
+        ),
+        (lambda job: job["spec"].update(ttlSecondsAfterFinished="600"), "is not of type 'integer'"),
+    ],
+)
 def test_the_schema_check_catches_what_kubectl_would(rayjob_schema, break_it, error):
     job = rayjob()
     break_it(job)
@@ -75,7 +83,9 @@ def test_rayjob_runs_as_it_is():
         shm = {v["name"] for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
         assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in pod["containers"][0]["volumeMounts"])
     for group in cluster["workerGroupSpecs"]:  # without the autoscaler, min and max must be the size
-        assert cluster.get("enableInTreeAutoscaling") or group["minReplicas"] == group["maxReplicas"] == group["replicas"]
+        assert (
+            cluster.get("enableInTreeAutoscaling") or group["minReplicas"] == group["maxReplicas"] == group["replicas"]
+        )
     assert cluster["authOptions"]["mode"] == "token"
     image = re.search(r"^FROM rayproject/ray:(\S+)-py311-gpu$", (REPO / "Dockerfile").read_text(), re.M)
     assert image and image.group(1) == cluster["rayVersion"]

@@ -3,15 +3,18 @@ import math
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
-
 from helpers import write_manifest
+
 from unclip_batch.errors import ManifestError
-from unclip_batch.manifest import (MAX_SEED, SizeRule, default_seed, extra_columns, read_manifests,
-                                   validate)
+from unclip_batch.manifest import MAX_SEED, SizeRule, default_seed, extra_columns, read_manifests, validate
 
 SIZE = SizeRule(default=64, multiple=4, maximum=1024)
-DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0, "prior_num_inference_steps": 25,
-            "prior_guidance_scale": 4.0}
+DEFAULTS = {
+    "num_inference_steps": 50,
+    "guidance_scale": 4.0,
+    "prior_num_inference_steps": 25,
+    "prior_guidance_scale": 4.0,
+}
 
 
 def run_validate(tmp_path, rows, schema=None):
@@ -27,11 +30,14 @@ def collect(table):
 
 
 def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
-    good, bad = run_validate(tmp_path, [
-        {"id": "a", "prompt": "a red circle"},
-        {"id": "b", "task": "variation", "image": "img/x.png"},
-        {"id": "c", "task": "inpaint", "image": "s3://bucket/x.png", "mask": "/abs/m.png", "prompt": "p"},
-    ])
+    good, bad = run_validate(
+        tmp_path,
+        [
+            {"id": "a", "prompt": "a red circle"},
+            {"id": "b", "task": "variation", "image": "img/x.png"},
+            {"id": "c", "task": "inpaint", "image": "s3://bucket/x.png", "mask": "/abs/m.png", "prompt": "p"},
+        ],
+    )
     assert bad == []
     a, b, c = good
     assert (a.task, a.num_images, a.width, a.height, a.seed) == ("generate", 1, 64, 64, default_seed("a"))
@@ -40,36 +46,39 @@ def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
     assert (c.image, c.mask) == ("s3://bucket/x.png", "/abs/m.png")
 
 
-@pytest.mark.parametrize("row, code", [
-    ({"id": "", "prompt": "p"}, "invalid_id"),
-    ({"id": None, "prompt": "p"}, "invalid_id"),
-    ({"id": ".hidden", "prompt": "p"}, "invalid_id"),
-    ({"id": "a/b", "prompt": "p"}, "invalid_id"),
-    ({"id": "..", "prompt": "p"}, "invalid_id"),
-    ({"id": "a b", "prompt": "p"}, "invalid_id"),
-    ({"id": "x" * 129, "prompt": "p"}, "invalid_id"),
-    ({"id": "t", "task": "paint", "prompt": "p"}, "unknown_task"),
-    ({"id": "t", "prompt": "   "}, "missing_prompt"),
-    ({"id": "t", "task": "inpaint", "image": "x.png"}, "missing_prompt"),
-    ({"id": "t", "prompt": "p" * 1001}, "prompt_too_long"),
-    ({"id": "t", "prompt": "caf\ufffd au lait"}, "invalid_prompt"),
-    ({"id": "t", "prompt": "a red\x00circle"}, "invalid_prompt"),
-    ({"id": "t", "prompt": "p", "negative_prompt": "\x1b[31m"}, "invalid_prompt"),
-    ({"id": "a\\b", "prompt": "p"}, "invalid_id"),
-    ({"id": "a\nb", "prompt": "p"}, "invalid_id"),
-    ({"id": "t", "prompt": "p", "num_images": 0}, "invalid_num_images"),
-    ({"id": "t", "prompt": "p", "num_images": 10_000}, "invalid_num_images"),
-    ({"id": "t", "prompt": "p", "seed": -1}, "invalid_seed"),
-    ({"id": "t", "prompt": "p", "seed": MAX_SEED + 1}, "invalid_seed"),
-    ({"id": "t", "prompt": "p", "width": 30}, "unsupported_size"),
-    ({"id": "t", "prompt": "p", "height": 4096}, "unsupported_size"),
-    ({"id": "t", "prompt": "p", "num_inference_steps": 0}, "invalid_steps"),
-    ({"id": "t", "prompt": "p", "prior_num_inference_steps": 1}, "invalid_steps"),
-    ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
-    ({"id": "t", "task": "variation"}, "missing_image"),
-    ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
-    ({"id": "t", "task": "variation", "image": "x.png", "mask": "m.png"}, "unexpected_image"),
-])
+@pytest.mark.parametrize(
+    "row, code",
+    [
+        ({"id": "", "prompt": "p"}, "invalid_id"),
+        ({"id": None, "prompt": "p"}, "invalid_id"),
+        ({"id": ".hidden", "prompt": "p"}, "invalid_id"),
+        ({"id": "a/b", "prompt": "p"}, "invalid_id"),
+        ({"id": "..", "prompt": "p"}, "invalid_id"),
+        ({"id": "a b", "prompt": "p"}, "invalid_id"),
+        ({"id": "x" * 129, "prompt": "p"}, "invalid_id"),
+        ({"id": "t", "task": "paint", "prompt": "p"}, "unknown_task"),
+        ({"id": "t", "prompt": "   "}, "missing_prompt"),
+        ({"id": "t", "task": "inpaint", "image": "x.png"}, "missing_prompt"),
+        ({"id": "t", "prompt": "p" * 1001}, "prompt_too_long"),
+        ({"id": "t", "prompt": "caf\ufffd au lait"}, "invalid_prompt"),
+        ({"id": "t", "prompt": "a red\x00circle"}, "invalid_prompt"),
+        ({"id": "t", "prompt": "p", "negative_prompt": "\x1b[31m"}, "invalid_prompt"),
+        ({"id": "a\\b", "prompt": "p"}, "invalid_id"),
+        ({"id": "a\nb", "prompt": "p"}, "invalid_id"),
+        ({"id": "t", "prompt": "p", "num_images": 0}, "invalid_num_images"),
+        ({"id": "t", "prompt": "p", "num_images": 10_000}, "invalid_num_images"),
+        ({"id": "t", "prompt": "p", "seed": -1}, "invalid_seed"),
+        ({"id": "t", "prompt": "p", "seed": MAX_SEED + 1}, "invalid_seed"),
+        ({"id": "t", "prompt": "p", "width": 30}, "unsupported_size"),
+        ({"id": "t", "prompt": "p", "height": 4096}, "unsupported_size"),
+        ({"id": "t", "prompt": "p", "num_inference_steps": 0}, "invalid_steps"),
+        ({"id": "t", "prompt": "p", "prior_num_inference_steps": 1}, "invalid_steps"),
+        ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
+        ({"id": "t", "task": "variation"}, "missing_image"),
+        ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
+        ({"id": "t", "task": "variation", "image": "x.png", "mask": "m.png"}, "unexpected_image"),
+    ],
+)
 def test_bad_rows_get_a_code_and_a_message(tmp_path, row, code):
     good, bad = run_validate(tmp_path, [row, {"id": "fine", "prompt": "p"}])
     assert [e["code"] for e in bad] == [code]
@@ -78,13 +87,18 @@ def test_bad_rows_get_a_code_and_a_message(tmp_path, row, code):
 
 
 def test_float_columns_from_pandas(tmp_path):
-    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("num_images", pa.float64()),
-                        ("seed", pa.float64())])
-    good, bad = run_validate(tmp_path, [
-        {"id": "a", "prompt": "p", "num_images": 2.0, "seed": math.nan},
-        {"id": "b", "prompt": "p", "num_images": 1.5, "seed": 1.0},
-        {"id": "c", "prompt": "p", "num_images": math.inf, "seed": 1.0},
-    ], schema)
+    schema = pa.schema(
+        [("id", pa.string()), ("prompt", pa.string()), ("num_images", pa.float64()), ("seed", pa.float64())]
+    )
+    good, bad = run_validate(
+        tmp_path,
+        [
+            {"id": "a", "prompt": "p", "num_images": 2.0, "seed": math.nan},
+            {"id": "b", "prompt": "p", "num_images": 1.5, "seed": 1.0},
+            {"id": "c", "prompt": "p", "num_images": math.inf, "seed": 1.0},
+        ],
+        schema,
+    )
     assert [(r.id, r.num_images, r.seed) for r in good] == [("a", 2, default_seed("a"))]
     assert [e["code"] for e in bad] == ["invalid_value", "invalid_value"]
 
@@ -109,17 +123,22 @@ def test_limit(tmp_path):
     assert read_manifests([path], limit=3).num_rows == 3
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p, "does not exist"),
-    (lambda p: (p.write_bytes(b"not parquet at all"), p)[1], "could not be read as Parquet"),
-    (lambda p: write_manifest(p, [{"prompt": "no id"}]), "no 'id' column"),
-    (lambda p: write_manifest(p, [{"id": "a", "num_images": "two"}]), "'num_images' has type string"),
-    (lambda p: write_manifest(p, [{"id": "a", "prompt": 3}]), "'prompt' has type int64"),
-    (lambda p: write_manifest(p, [{"id": "a", "sha256": "x"}]), "reserved"),
-    (lambda p: write_manifest(p, [], pa.schema([("id", pa.string())])), "has no rows"),
-    (lambda p: (p.with_suffix(".csv").write_text("id,prompt\na,p\n"), p.with_suffix(".csv"))[1],
-     r"is text, not Parquet: convert it with `python manifests/build.py .*m.csv .*m.parquet`"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p, "does not exist"),
+        (lambda p: (p.write_bytes(b"not parquet at all"), p)[1], "could not be read as Parquet"),
+        (lambda p: write_manifest(p, [{"prompt": "no id"}]), "no 'id' column"),
+        (lambda p: write_manifest(p, [{"id": "a", "num_images": "two"}]), "'num_images' has type string"),
+        (lambda p: write_manifest(p, [{"id": "a", "prompt": 3}]), "'prompt' has type int64"),
+        (lambda p: write_manifest(p, [{"id": "a", "sha256": "x"}]), "reserved"),
+        (lambda p: write_manifest(p, [], pa.schema([("id", pa.string())])), "has no rows"),
+        (
+            lambda p: (p.with_suffix(".csv").write_text("id,prompt\na,p\n"), p.with_suffix(".csv"))[1],
+            r"is text, not Parquet: convert it with `python manifests/build.py .*m.csv .*m.parquet`",
+        ),
+    ],
+)
 def test_unusable_manifests_fail_as_a_whole(tmp_path, make, message):
     path = make(tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=message):
@@ -131,12 +150,24 @@ def test_default_seed_is_stable():
     assert 0 <= default_seed("x") < 2**32
 
 
-@pytest.mark.parametrize("kind", [pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string()),
-                                  pa.dictionary(pa.int8(), pa.large_string())])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pa.large_string(),
+        pa.string_view(),
+        pa.dictionary(pa.int32(), pa.string()),
+        pa.dictionary(pa.int8(), pa.large_string()),
+    ],
+)
 def test_every_arrow_string_type_is_a_string(tmp_path, kind):
     """pandas categoricals become dictionaries, newer writers string_view: both are strings to us."""
-    rows = {"id": ["a", "b"], "task": ["generate", "variation"], "prompt": ["a red circle", None],
-            "image": [None, "img/x.png"], "tag": ["kept", "as is"]}
+    rows = {
+        "id": ["a", "b"],
+        "task": ["generate", "variation"],
+        "prompt": ["a red circle", None],
+        "image": [None, "img/x.png"],
+        "tag": ["kept", "as is"],
+    }
     table = pa.table({name: pa.array(values, pa.string()).cast(kind) for name, values in rows.items()})
     path = tmp_path / "m.parquet"
     pa.parquet.write_table(table, path)
@@ -145,17 +176,24 @@ def test_every_arrow_string_type_is_a_string(tmp_path, kind):
     assert read.schema.field("tag").type == pa.parquet.read_schema(path).field("tag").type  # carried untouched
     good, bad = collect(read)
     assert bad == [] and [(r.id, r.task, r.prompt, r.image) for r in good] == [
-        ("a", "generate", "a red circle", ""), ("b", "variation", "", str(tmp_path / "img" / "x.png"))]
+        ("a", "generate", "a red circle", ""),
+        ("b", "variation", "", str(tmp_path / "img" / "x.png")),
+    ]
 
 
 def test_input_hash_sees_what_the_images_depend_on(tmp_path):
     from unclip_batch.manifest import input_hash
 
     base = {"id": "a", "prompt": "a red circle", "seed": 5}
-    assert input_hash(base) == input_hash({**base, "seed": 5.0, "tag": "extra"}) == input_hash(
-        {**base, "mask": None})
-    for change in ({"prompt": "a blue circle"}, {"seed": 6}, {"num_images": 2}, {"task": "variation"},
-                   {"guidance_scale": 2.0}, {"image": "x.png"}):
+    assert input_hash(base) == input_hash({**base, "seed": 5.0, "tag": "extra"}) == input_hash({**base, "mask": None})
+    for change in (
+        {"prompt": "a blue circle"},
+        {"seed": 6},
+        {"num_images": 2},
+        {"task": "variation"},
+        {"guidance_scale": 2.0},
+        {"image": "x.png"},
+    ):
         assert input_hash({**base, **change}) != input_hash(base), change
     good, _ = run_validate(tmp_path, [base])
     assert good[0].input_hash == input_hash(base)

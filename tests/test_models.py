@@ -2,16 +2,22 @@ import json
 
 import numpy as np
 import pytest
+from helpers import box_mask, scene
 from safetensors.torch import load_file
 
-from helpers import box_mask, scene
 from unclip_batch.models import WEIGHTS, ModelSpec
-from unclip_batch.sampling import Sampling
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, Kandinsky22, describe
+from unclip_batch.sampling import Sampling
 
 TINY = str(WEIGHTS / "tiny")
-S = Sampling(width=64, height=64, num_inference_steps=4, guidance_scale=4.0, prior_num_inference_steps=2,
-             prior_guidance_scale=4.0)
+S = Sampling(
+    width=64,
+    height=64,
+    num_inference_steps=4,
+    guidance_scale=4.0,
+    prior_num_inference_steps=2,
+    prior_guidance_scale=4.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +26,12 @@ def model():
 
 
 def test_tiny_checkpoint_has_the_public_layout():
-    index = {name: json.loads((WEIGHTS / "tiny" / name / "model_index.json").read_text())
-             for name in (PRIOR, DECODER, INPAINT)}
+    index = {
+        name: json.loads((WEIGHTS / "tiny" / name / "model_index.json").read_text())
+        for name in (PRIOR, DECODER, INPAINT)
+    }
     assert index[PRIOR]["_class_name"] == "KandinskyV22PriorPipeline"
-    assert set(index[PRIOR]) >= {"prior", "text_encoder", "image_encoder", "tokenizer", "scheduler",
-                                 "image_processor"}
+    assert set(index[PRIOR]) >= {"prior", "text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor"}
     assert index[INPAINT]["_class_name"] == "KandinskyV22InpaintPipeline"
     assert not list((WEIGHTS / "tiny").rglob("*.bin")), "weights must be safetensors only"
     unet = json.loads((WEIGHTS / "tiny" / INPAINT / "unet" / "config.json").read_text())

@@ -1,8 +1,8 @@
 """The Ray wiring (pipeline.py) apart from Ray itself: where the model actors go, which addresses it joins."""
 
 import pytest
-
 from helpers import job
+
 from unclip_batch.errors import SetupError
 
 
@@ -30,4 +30,3 @@ def test_a_ray_client_address_is_refused_and_others_pass(monkeypatch):
     assert ray_address(None) == "10.0.0.1:6379"
     with pytest.raises(SetupError, match="ray job submit --address http://head:8265"):
         ray_address("ray://head:10001")
-

@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import write_manifest
+
 from unclip_batch import plan
 from unclip_batch.errors import SetupError
 from unclip_batch.manifest import read_manifests
@@ -19,8 +19,13 @@ def test_pending_skips_done_ids_and_positions(tmp_path):
     out = tmp_path / "out"
     shard(out / "metadata", [{"id": "a", "k": 0}, {"id": "a", "k": 1}])
     shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": manifest, "manifest_row": 1}])
-    shard(out / "errors", [{"id": "bad id", "code": "invalid_id", "manifest": manifest, "manifest_row": 4},
-                           {"id": "a", "code": "duplicate_id", "manifest": manifest, "manifest_row": 3}])
+    shard(
+        out / "errors",
+        [
+            {"id": "bad id", "code": "invalid_id", "manifest": manifest, "manifest_row": 4},
+            {"id": "a", "code": "duplicate_id", "manifest": manifest, "manifest_row": 3},
+        ],
+    )
     (out / "metadata" / "part-broken.parquet").write_bytes(b"PAR1 truncated")
     done = plan.load_done(str(out))
     assert (done.succeeded, done.failed) == (1, 3)
@@ -65,11 +70,22 @@ def test_model_blocks_end_only_where_a_call_ends():
 
     random.seed(0)
     batch = 16
-    rows = [SimpleNamespace(id=f"r{i}", task=random.choice(["generate", "variation", "inpaint"]), width=64, height=64,
-                            num_inference_steps=20, guidance_scale=2.0, prior_num_inference_steps=25,
-                            prior_guidance_scale=4.0, negative_prompt="", prompt="p",
-                            num_images=random.choice([1, 1, 1, 2, 4]))
-            for i in range(500)]
+    rows = [
+        SimpleNamespace(
+            id=f"r{i}",
+            task=random.choice(["generate", "variation", "inpaint"]),
+            width=64,
+            height=64,
+            num_inference_steps=20,
+            guidance_scale=2.0,
+            prior_num_inference_steps=25,
+            prior_guidance_scale=4.0,
+            negative_prompt="",
+            prompt="p",
+            num_images=random.choice([1, 1, 1, 2, 4]),
+        )
+        for i in range(500)
+    ]
     blocks = list(plan.model_blocks(rows, batch))
     flat = [row for block in blocks for row in block]
     assert sorted(r.id for r in flat) == sorted(r.id for r in rows)
@@ -92,18 +108,31 @@ def test_rows_changed_under_their_id_are_found_and_forgotten(tmp_path):
     from unclip_batch.manifest import input_hash
 
     # A carried list column too: the comparison must not need to carry it through a join.
-    rows = [{"id": "a", "prompt": "red", "tags": [1, 2]}, {"id": "b", "prompt": "blue"},
-            {"id": "bad id", "prompt": "x"}, {"id": "c", "prompt": "green"}]
+    rows = [
+        {"id": "a", "prompt": "red", "tags": [1, 2]},
+        {"id": "b", "prompt": "blue"},
+        {"id": "bad id", "prompt": "x"},
+        {"id": "c", "prompt": "green"},
+    ]
     old = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     h = {r["id"]: input_hash(r) for r in rows}
-    shard(out / "metadata", [{"id": "a", "k": 0, "input_hash": h["a"]}, {"id": "a", "k": 1, "input_hash": h["a"]},
-                             {"id": "c", "k": 0, "input_hash": h["c"]}])
+    shard(
+        out / "metadata",
+        [
+            {"id": "a", "k": 0, "input_hash": h["a"]},
+            {"id": "a", "k": 1, "input_hash": h["a"]},
+            {"id": "c", "k": 0, "input_hash": h["c"]},
+        ],
+    )
     shard(out / "metadata", [{"id": "old", "k": 0, "input_hash": None}])  # before fingerprints: never "changed"
-    shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": old, "manifest_row": 1,
-                            "input_hash": h["b"]},
-                           {"id": "bad id", "code": "invalid_id", "manifest": old, "manifest_row": 2,
-                            "input_hash": h["bad id"]}])
+    shard(
+        out / "errors",
+        [
+            {"id": "b", "code": "image_invalid", "manifest": old, "manifest_row": 1, "input_hash": h["b"]},
+            {"id": "bad id", "code": "invalid_id", "manifest": old, "manifest_row": 2, "input_hash": h["bad id"]},
+        ],
+    )
     for k in (0, 1):
         (out / "images" / "a").mkdir(parents=True, exist_ok=True)
         (out / "images" / "a" / f"{k}.png").write_bytes(b"png")

@@ -6,17 +6,37 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import FAST
+
 from unclip_batch.batches import rows_of, to_batch
 from unclip_batch.manifest import ROW_FIELDS
 from unclip_batch.predict import UnclipPredictor
 
 
 def row(i, **kw):
-    base = dict(row=i, id=f"r{i}", task="generate", prompt=f"prompt {i}", negative_prompt="", image="", mask="",
-                num_images=1, seed=i, width=64, height=64, guidance_scale=4.0, prior_guidance_scale=4.0,
-                code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0, input_hash=f"h{i}", **FAST)
+    base = dict(
+        row=i,
+        id=f"r{i}",
+        task="generate",
+        prompt=f"prompt {i}",
+        negative_prompt="",
+        image="",
+        mask="",
+        num_images=1,
+        seed=i,
+        width=64,
+        height=64,
+        guidance_scale=4.0,
+        prior_guidance_scale=4.0,
+        code="",
+        message="",
+        stage="",
+        pixels=b"",
+        repaint=b"",
+        load_s=0.0,
+        input_hash=f"h{i}",
+        **FAST,
+    )
     base.update(kw)
     assert set(ROW_FIELDS) <= set(base)
     return base
@@ -42,9 +62,11 @@ def test_upstream_errors_pass_through(predictor):
 
 def test_a_row_that_breaks_the_model_fails_alone(predictor):
     source = np.zeros((64, 64, 3), np.uint8).tobytes()
-    rows = [row(0, task="variation", image="a.png", pixels=source), row(1, task="variation", image="b.png",
-                                                                        pixels=b"corrupt"),
-            row(2, task="variation", image="c.png", pixels=source)]
+    rows = [
+        row(0, task="variation", image="a.png", pixels=source),
+        row(1, task="variation", image="b.png", pixels=b"corrupt"),
+        row(2, task="variation", image="c.png", pixels=source),
+    ]
     out = rows_of(predictor(to_batch(rows)))
     assert [(r["id"], r["code"]) for r in out] == [("r0", ""), ("r1", "model_error"), ("r2", "")]
     assert out[1]["stage"] == "predict" and "reshape" in out[1]["message"]
@@ -79,7 +101,12 @@ caller.start()
 caller.join()
 print(seen)
 """
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "[2]"

@@ -7,8 +7,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import box_mask, job, png_bytes, scene
+
 from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
@@ -33,13 +33,22 @@ def bucket(s3, request):
 
 def test_s3_round_trip(ray_local, s3, bucket):
     fs, name = bucket
-    put_manifest(fs, f"{name}/in/manifest.parquet", [
-        {"id": "gen", "prompt": "a red circle", "num_images": 2},
-        {"id": "var", "task": "variation", "image": "img/scene.png"},
-        {"id": "inp", "task": "inpaint", "image": f"s3://{name}/in/img/scene.png", "mask": "img/mask.png",
-         "prompt": "a blue square"},
-        {"id": "gone", "task": "variation", "image": "img/missing.png"},
-    ])
+    put_manifest(
+        fs,
+        f"{name}/in/manifest.parquet",
+        [
+            {"id": "gen", "prompt": "a red circle", "num_images": 2},
+            {"id": "var", "task": "variation", "image": "img/scene.png"},
+            {
+                "id": "inp",
+                "task": "inpaint",
+                "image": f"s3://{name}/in/img/scene.png",
+                "mask": "img/mask.png",
+                "prompt": "a blue square",
+            },
+            {"id": "gone", "task": "variation", "image": "img/missing.png"},
+        ],
+    )
     output = f"s3://{name}/out/run1"
     summary = run_job(job([f"s3://{name}/in/manifest.parquet"], output, storage_options=s3.storage_options))
     assert (summary["rows"]["succeeded"], summary["rows"]["failed"], summary["images"]) == (3, 1, 4)
@@ -62,8 +71,7 @@ def test_missing_bucket_fails_before_any_work(ray_local, s3):
     from unclip_batch.errors import ManifestError
 
     with pytest.raises(ManifestError, match="does not exist"):
-        run_job(job(["s3://no-such-bucket/m.parquet"], "s3://no-such-bucket/out",
-                    storage_options=s3.storage_options))
+        run_job(job(["s3://no-such-bucket/m.parquet"], "s3://no-such-bucket/out", storage_options=s3.storage_options))
 
 
 def test_model_from_object_storage_is_copied_once_per_node(s3, tmp_path, monkeypatch):
@@ -106,6 +114,7 @@ def test_obstore_writes_stop_on_an_outage_with_a_short_message(tmp_path):
     """The image PUTs (obstore) retry like every other storage call, up to retry_for_s, then raise
     StorageUnavailable (riding out a short outage: test_faults, through a whole job)."""
     from seaweedfs import SeaweedFS
+
     from unclip_batch import storage
     from unclip_batch.errors import StorageUnavailable
 

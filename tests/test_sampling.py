@@ -10,14 +10,22 @@ from unclip_batch.cli import build_parser
 from unclip_batch.errors import CODES, RowError
 from unclip_batch.sampling import Sampling, call_key
 
-VALUES = dict(width=64, height=64, num_inference_steps=20, guidance_scale=2.0, prior_num_inference_steps=25,
-              prior_guidance_scale=4.0)
+VALUES = dict(
+    width=64,
+    height=64,
+    num_inference_steps=20,
+    guidance_scale=2.0,
+    prior_num_inference_steps=25,
+    prior_guidance_scale=4.0,
+)
 
 
 def test_every_setting_reaches_the_manifest_the_cli_the_metadata_and_the_call_key():
     assert set(sampling.NAMES) == set(VALUES)
-    run = build_parser().parse_args(["run", "m.parquet", "-o", "out"] + [
-        x for name, value in VALUES.items() for x in (f"--{name.replace('_', '-')}", str(value))])
+    run = build_parser().parse_args(
+        ["run", "m.parquet", "-o", "out"]
+        + [x for name, value in VALUES.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    )
     row = {"task": "generate", "negative_prompt": "", "prompt": "p", **VALUES}
     for name, value in VALUES.items():
         assert getattr(run, name) == value and type(getattr(run, name)) is sampling.KINDS[name]

@@ -10,16 +10,33 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from helpers import FAST, job, kill_processes, write_manifest
+
 from unclip_batch.errors import ManifestError, SetupError
 from unclip_batch.job import run_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-HOSTILE_IDS = ["..", ".", "../escape", "../../etc/passwd", "a/../../b", "..\\..\\win", "a\\b",
-               "~root", "x\x00y", "line\nbreak", "$(touch pwned)", "a b", "%2e%2e", "images/../..", "",
-               "\u2215etc", ".hidden", "a" * 129]
+HOSTILE_IDS = [
+    "..",
+    ".",
+    "../escape",
+    "../../etc/passwd",
+    "a/../../b",
+    "..\\..\\win",
+    "a\\b",
+    "~root",
+    "x\x00y",
+    "line\nbreak",
+    "$(touch pwned)",
+    "a b",
+    "%2e%2e",
+    "images/../..",
+    "",
+    "\u2215etc",
+    ".hidden",
+    "a" * 129,
+]
 
 
 def files_under(folder: Path) -> set[str]:
@@ -29,15 +46,19 @@ def files_under(folder: Path) -> set[str]:
 def test_no_manifest_writes_outside_the_output(ray_local, tmp_path):
     jail = tmp_path / "jail"
     hostile = HOSTILE_IDS + [str(tmp_path / "abs")]  # an absolute path of this test's own, checked below
-    manifest = write_manifest(jail / "m.parquet", [{"id": i, "prompt": "p"} for i in hostile]
-                              + [{"id": "a..b", "prompt": "p"}, {"id": "ok", "prompt": "p"}])
+    manifest = write_manifest(
+        jail / "m.parquet",
+        [{"id": i, "prompt": "p"} for i in hostile] + [{"id": "a..b", "prompt": "p"}, {"id": "ok", "prompt": "p"}],
+    )
     before = files_under(tmp_path)
     summary = run_job(job([manifest], jail / "out"))
     new = files_under(tmp_path) - before
     assert new and all(f.startswith("jail/out/") for f in new), sorted(new)
     assert summary["errors_by_code"] == {"invalid_id": len(hostile)}
-    assert {f for f in new if f.startswith("jail/out/images/")} == {"jail/out/images/a..b/0.png",
-                                                                    "jail/out/images/ok/0.png"}
+    assert {f for f in new if f.startswith("jail/out/images/")} == {
+        "jail/out/images/a..b/0.png",
+        "jail/out/images/ok/0.png",
+    }
     assert not (tmp_path / "abs").exists() and not (tmp_path / "escape").exists()
 
 
@@ -51,17 +72,39 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "unclip_batch.cli", "run", "s3://creds/in/demo.parquet", "--output",
-             "s3://creds/out", "--model", "null", "--storage-options", json.dumps(s3.options(key, secret)),
-             "--num-inference-steps", str(FAST["num_inference_steps"]),
-             "--prior-num-inference-steps", str(FAST["prior_num_inference_steps"]), "--device", "cpu"],
-            capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+            [
+                sys.executable,
+                "-m",
+                "unclip_batch.cli",
+                "run",
+                "s3://creds/in/demo.parquet",
+                "--output",
+                "s3://creds/out",
+                "--model",
+                "null",
+                "--storage-options",
+                json.dumps(s3.options(key, secret)),
+                "--num-inference-steps",
+                str(FAST["num_inference_steps"]),
+                "--prior-num-inference-steps",
+                str(FAST["prior_num_inference_steps"]),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env=env,
+        )
         assert result.returncode == 4, result.stderr[-3000:]  # the demo's last row fails on purpose
         outputs = {p: fs.cat(p) for p in fs.find("creds/out")}
         assert len([p for p in outputs if p.endswith(".png")]) == 15
-        logs = {p: p.read_bytes() for p in Path(ray_tmp).rglob("*") if p.is_file() and p.suffix in (".log", ".out",
-                                                                                                      ".err", ".txt",
-                                                                                                      ".json")}
+        logs = {
+            p: p.read_bytes()
+            for p in Path(ray_tmp).rglob("*")
+            if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")
+        }
         assert logs, "no Ray logs were found to search"
         for needle in (key, secret):
             assert needle not in result.stdout + result.stderr
@@ -78,10 +121,16 @@ def locked_s3(tmp_path_factory):
     from seaweedfs import SeaweedFS
 
     identities = [
-        {"name": "admin", "credentials": [{"accessKey": "admin-key", "secretKey": "admin-secret"}],
-         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-        {"name": "reader", "credentials": [{"accessKey": "reader-key", "secretKey": "reader-secret"}],
-         "actions": ["Read:inbox", "List:inbox"]},
+        {
+            "name": "admin",
+            "credentials": [{"accessKey": "admin-key", "secretKey": "admin-secret"}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "reader",
+            "credentials": [{"accessKey": "reader-key", "secretKey": "reader-secret"}],
+            "actions": ["Read:inbox", "List:inbox"],
+        },
     ]
     with SeaweedFS(tmp_path_factory.mktemp("locked"), identities=identities) as server:
         fs = server.filesystem(server.admin_options())

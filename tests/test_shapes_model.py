@@ -7,19 +7,22 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import images_of, job, pixels, read_output, write_manifest
-from unclip_lab import world
+
 from unclip_batch.models import WEIGHTS, ModelSpec
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, describe
+from unclip_lab import world
 
 SHAPES = WEIGHTS / "shapes"
 
 
 def test_shapes_checkpoint_is_the_default_and_has_the_public_layout():
     assert ModelSpec.parse("default").location == str(SHAPES)
-    for name, pipeline in ((PRIOR, "KandinskyV22PriorPipeline"), (DECODER, "KandinskyV22Pipeline"),
-                           (INPAINT, "KandinskyV22InpaintPipeline")):
+    for name, pipeline in (
+        (PRIOR, "KandinskyV22PriorPipeline"),
+        (DECODER, "KandinskyV22Pipeline"),
+        (INPAINT, "KandinskyV22InpaintPipeline"),
+    ):
         assert json.loads((SHAPES / name / "model_index.json").read_text())["_class_name"] == pipeline
     assert not [p for p in SHAPES.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     weights = sum(p.stat().st_size for p in SHAPES.rglob("*.safetensors"))
@@ -77,8 +80,12 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
 
 
 MODEL_DEFAULTS = {"num_inference_steps": 20, "prior_num_inference_steps": 25}  # the model's; helpers.job cuts them
-GENERATE = [("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "gray"),
-            ("yellow", "circle", "purple")]
+GENERATE = [
+    ("red", "circle", "white"),
+    ("blue", "square", "yellow"),
+    ("green", "triangle", "gray"),
+    ("yellow", "circle", "purple"),
+]
 
 
 @pytest.mark.slow
@@ -93,8 +100,16 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     Image.fromarray(world.region_mask(source, grow=6)).save(folder / "mask.png")  # over the square
     rows = [{"id": f"{c}-{s}", "prompt": f"a {c} {s} on a {b} background", "seed": 1} for c, s, b in GENERATE]
     rows.append({"id": "variation", "task": "variation", "image": "source.png", "seed": 1})
-    rows.append({"id": "inpaint", "task": "inpaint", "image": "source.png", "mask": "mask.png",
-                 "prompt": "a white circle", "seed": 1})
+    rows.append(
+        {
+            "id": "inpaint",
+            "task": "inpaint",
+            "image": "source.png",
+            "mask": "mask.png",
+            "prompt": "a white circle",
+            "seed": 1,
+        }
+    )
     manifest = write_manifest(folder / "m.parquet", rows)
     output = tmp_path / "out"
     from unclip_batch.job import run_job
@@ -132,8 +147,16 @@ def _upstream(name, needs):
     return out
 
 
-FIGURES = ("generate_colour", "generate_shape", "generate_background", "variation_colour", "variation_shape",
-           "inpaint_colour", "inpaint_outside_mad", "clip_zero_shot")
+FIGURES = (
+    "generate_colour",
+    "generate_shape",
+    "generate_background",
+    "variation_colour",
+    "variation_shape",
+    "inpaint_colour",
+    "inpaint_outside_mad",
+    "clip_zero_shot",
+)
 
 
 def test_readme_shows_the_committed_evaluation():
@@ -141,9 +164,12 @@ def test_readme_shows_the_committed_evaluation():
     figures = json.loads((SHAPES / "evaluation.json").read_text())
     readme = (SHAPES.parent.parent.parent / "README.md").read_text()
     pct = {k: f"{100 * figures[k]:.1f}%" for k in FIGURES}
-    for row in (f"{pct['generate_colour']} / {pct['generate_shape']} / {pct['generate_background']}",
-                f"{pct['variation_colour'].replace('100.0%', '100%')} / {pct['variation_shape']}",
-                f"{pct['inpaint_colour']} / {figures['inpaint_outside_mad']:.1f}", pct["clip_zero_shot"]):
+    for row in (
+        f"{pct['generate_colour']} / {pct['generate_shape']} / {pct['generate_background']}",
+        f"{pct['variation_colour'].replace('100.0%', '100%')} / {pct['variation_shape']}",
+        f"{pct['inpaint_colour']} / {figures['inpaint_outside_mad']:.1f}",
+        pct["clip_zero_shot"],
+    ):
         assert f"| {row} |" in readme, row
     assert f"{figures['cases_per_task']} held-out cases per task" in readme
 
@@ -167,9 +193,23 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
     """Re-run `make evaluate` (on CPU, as it always runs) on the first cases: each one's verdict is the
     committed one (case i is the same model call whatever the run's length; see evaluate.evaluate)."""
     committed = json.loads((SHAPES / "evaluation.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "unclip_lab.evaluate", "--model", "default",
-                             "--n", str(CHECKED_CASES), "--json", str(tmp_path / "today.json")],
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unclip_lab.evaluate",
+            "--model",
+            "default",
+            "--n",
+            str(CHECKED_CASES),
+            "--json",
+            str(tmp_path / "today.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     today = json.loads((tmp_path / "today.json").read_text())
     assert today["sampling"] == committed["sampling"] and today["scheduler"] == committed["scheduler"]

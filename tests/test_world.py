@@ -20,10 +20,14 @@ def test_samples_are_seeded_and_captions_name_what_the_picture_shows():
 
 
 def test_describe_uses_the_right_article():
-    assert world.describe({"colour": "orange", "shape": "square", "background": "orange"}) == \
-        "an orange square on an orange background"
-    assert world.describe({"colour": "red", "shape": "circle", "size": "large", "position": "center"}) == \
-        "a large red circle in the center"
+    assert (
+        world.describe({"colour": "orange", "shape": "square", "background": "orange"})
+        == "an orange square on an orange background"
+    )
+    assert (
+        world.describe({"colour": "red", "shape": "circle", "size": "large", "position": "center"})
+        == "a large red circle in the center"
+    )
 
 
 def test_judge_reads_every_kind_of_world_picture():

@@ -2,19 +2,35 @@ import hashlib
 import json
 
 import numpy as np
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from unclip_batch.batches import rows_of, to_batch
-from unclip_batch.writer import (ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, image_key, metadata_record,
-                                 write_images, write_json)
+from unclip_batch.writer import (
+    ERROR_SCHEMA,
+    METADATA_SCHEMA,
+    ShardWriter,
+    image_key,
+    metadata_record,
+    write_images,
+    write_json,
+)
 
 
 def image_row(i, **kw):
     pixels = np.full((8, 8, 3), i, np.uint8).tobytes()
-    return {"id": f"r{i}", "k": 0, "width": 8, "height": 8, "pixels": pixels, "code": "", "message": "",
-            "stage": "", **kw}
+    return {
+        "id": f"r{i}",
+        "k": 0,
+        "width": 8,
+        "height": 8,
+        "pixels": pixels,
+        "code": "",
+        "message": "",
+        "stage": "",
+        **kw,
+    }
 
 
 def test_images_are_written_whole_with_checksums(tmp_path):
@@ -36,7 +52,7 @@ def test_a_storage_failure_stops_the_job_instead_of_recording_rows(tmp_path):
 
 
 def test_unencodable_pixels_are_a_row_error(tmp_path):
-    out, = rows_of(write_images(to_batch([image_row(1, pixels=b"short")]), str(tmp_path)))
+    (out,) = rows_of(write_images(to_batch([image_row(1, pixels=b"short")]), str(tmp_path)))
     assert (out["code"], out["stage"]) == ("write_failed", "write")
 
 
@@ -60,7 +76,7 @@ def test_storage_outage_is_retried_then_reported():
 
 
 def test_error_rows_are_not_written(tmp_path):
-    out, = rows_of(write_images(to_batch([image_row(1, code="model_error", pixels=b"")]), str(tmp_path)))
+    (out,) = rows_of(write_images(to_batch([image_row(1, code="model_error", pixels=b"")]), str(tmp_path)))
     assert out["image_key"] == "" and not (tmp_path / "images").exists()
 
 
@@ -79,15 +95,40 @@ def test_keys_stay_inside_the_output():
 
 
 def test_shards_carry_manifest_columns_with_their_types(tmp_path):
-    lookup = pa.table({"_manifest": ["m.parquet"] * 2, "_manifest_row": [0, 1],
-                       "tags": pa.array([[1, 2], None], pa.list_(pa.int16())),
-                       "score": pa.array([0.5, None], pa.float32())})
-    writer = ShardWriter(output=str(tmp_path), folder="metadata", schema=METADATA_SCHEMA, lookup=lookup,
-                         rows_per_shard=1)
-    row = dict(id="b", k=0, task="generate", image_key="images/b/0.png", prompt="p", negative_prompt="",
-               image="", mask="", seed=3, width=8, height=8, sha256="x", row=1, num_inference_steps=4,
-               guidance_scale=4.0, prior_num_inference_steps=2, prior_guidance_scale=4.0, load_s=0.0,
-               model_s=1.0, write_s=0.1, input_hash="0123456789abcdef")
+    lookup = pa.table(
+        {
+            "_manifest": ["m.parquet"] * 2,
+            "_manifest_row": [0, 1],
+            "tags": pa.array([[1, 2], None], pa.list_(pa.int16())),
+            "score": pa.array([0.5, None], pa.float32()),
+        }
+    )
+    writer = ShardWriter(
+        output=str(tmp_path), folder="metadata", schema=METADATA_SCHEMA, lookup=lookup, rows_per_shard=1
+    )
+    row = dict(
+        id="b",
+        k=0,
+        task="generate",
+        image_key="images/b/0.png",
+        prompt="p",
+        negative_prompt="",
+        image="",
+        mask="",
+        seed=3,
+        width=8,
+        height=8,
+        sha256="x",
+        row=1,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        prior_num_inference_steps=2,
+        prior_guidance_scale=4.0,
+        load_s=0.0,
+        model_s=1.0,
+        write_s=0.1,
+        input_hash="0123456789abcdef",
+    )
     writer.add([metadata_record(row, "tiny")])
     writer.flush()
     table = pq.read_table(tmp_path / "metadata")
@@ -100,12 +141,32 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
 def test_errors_shard(tmp_path):
     lookup = pa.table({"_manifest": ["m"], "_manifest_row": [0]})
     writer = ShardWriter(output=str(tmp_path), folder="errors", schema=ERROR_SCHEMA, lookup=lookup)
-    writer.add([{"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m", "row": 0,
-                 "input_hash": "h"}])
+    writer.add(
+        [
+            {
+                "id": None,
+                "task": "generate",
+                "stage": "validate",
+                "code": "invalid_id",
+                "message": "m",
+                "row": 0,
+                "input_hash": "h",
+            }
+        ]
+    )
     writer.flush()
     assert pq.read_table(tmp_path / "errors").to_pylist() == [
-        {"id": None, "task": "generate", "stage": "validate", "code": "invalid_id", "message": "m",
-         "input_hash": "h", "manifest": "m", "manifest_row": 0}]
+        {
+            "id": None,
+            "task": "generate",
+            "stage": "validate",
+            "code": "invalid_id",
+            "message": "m",
+            "input_hash": "h",
+            "manifest": "m",
+            "manifest_row": 0,
+        }
+    ]
 
 
 def test_json(tmp_path):

@@ -14,8 +14,7 @@ NO_ERROR = ""
 def rows_of(batch: dict) -> list[dict]:
     if not batch:
         return []
-    columns = {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype != object else list(v)
-               for k, v in batch.items()}
+    columns = {k: v.tolist() if isinstance(v, np.ndarray) and v.dtype != object else list(v) for k, v in batch.items()}
     n = len(next(iter(columns.values())))
     return [{k: values[i] for k, values in columns.items()} for i in range(n)]
 

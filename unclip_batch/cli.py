@@ -10,8 +10,7 @@ import signal
 import sys
 from collections import Counter
 
-from unclip_batch import __version__
-from unclip_batch import sampling
+from unclip_batch import __version__, sampling
 from unclip_batch.config import DEVICES, DTYPES, SCHEDULERS, JobConfig, default
 from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 
@@ -35,68 +34,143 @@ rerunning the same command resumes after 3, 5, 130 and 143.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unclip-batch", description="DALL-E 2 style batch image generation, "
-                                     "variations and inpainting over Parquet manifests, on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="unclip-batch",
+        description="DALL-E 2 style batch image generation, variations and inpainting over Parquet manifests, on Ray.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     parser.add_argument("--version", action="version", version=f"unclip-batch {__version__}")
-    run = sub.add_parser("run", help="run manifests through the model and write images + metadata",
-                         description="Run manifests through the model; write images, metadata and error "
-                                     "records under --output. A rerun on the same output resumes.",
-                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="run manifests through the model and write images + metadata",
+        description="Run manifests through the model; write images, metadata and error "
+        "records under --output. A rerun on the same output resumes.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     run.add_argument("--output", "-o", required=True, help="output folder URL (local path, s3://bucket/prefix ...)")
-    run.add_argument("--address", help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
-                     "local Ray for this job alone). Ray Client (ray://) does not work with Ray Data: use "
-                     "`ray job submit` (README, 'On a Ray cluster')")
-    run.add_argument("--batch-size", type=int, default=default("batch_size"),
-                     help=f"images per model call, a power of two (default {default('batch_size')})")
+    run.add_argument(
+        "--address",
+        help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
+        "local Ray for this job alone). Ray Client (ray://) does not work with Ray Data: use "
+        "`ray job submit` (README, 'On a Ray cluster')",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=default("batch_size"),
+        help=f"images per model call, a power of two (default {default('batch_size')})",
+    )
     run.add_argument("--workers", type=int, help="model actors (default: one per GPU, or 1 without a GPU)")
-    run.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per model actor (default: 1 with a GPU, "
-                     "else a quarter of the cluster's CPUs)")
-    run.add_argument("--overwrite", action="store_true", help="discard earlier results under --output "
-                     "(default: resume, skipping rows already done)")
-    run.add_argument("--retry-errors", action="store_true", help="redo the rows that earlier runs recorded as "
-                     "errors (default: a resumed job skips them)")
-    run.add_argument("--redo-changed", action="store_true", help="redo rows whose manifest values changed under "
-                     "the same id since an earlier run recorded them (default: such a rerun is refused)")
-    run.add_argument("--allow-failures", action="store_true", help="exit 0 when the job completes even if some "
-                     f"rows failed (default: exit {EXIT_ROWS_FAILED})")
+    run.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs reserved per model actor (default: 1 with a GPU, else a quarter of the cluster's CPUs)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard earlier results under --output (default: resume, skipping rows already done)",
+    )
+    run.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="redo the rows that earlier runs recorded as errors (default: a resumed job skips them)",
+    )
+    run.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="redo rows whose manifest values changed under "
+        "the same id since an earlier run recorded them (default: such a rerun is refused)",
+    )
+    run.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help=f"exit 0 when the job completes even if some rows failed (default: exit {EXIT_ROWS_FAILED})",
+    )
     run.add_argument("--limit", type=int, help="run only the first N manifest rows")
-    run.add_argument("--device", default=default("device"), choices=DEVICES,
-                     help="where the model runs: auto = one actor per GPU when the cluster has GPUs, else CPU")
-    run.add_argument("--dtype", default=default("dtype"), choices=DTYPES,
-                     help="model weights' type: auto = float16 on CUDA, float32 on CPU")
-    run.add_argument("--scheduler", default=default("scheduler"), choices=SCHEDULERS,
-                     help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)")
+    run.add_argument(
+        "--device",
+        default=default("device"),
+        choices=DEVICES,
+        help="where the model runs: auto = one actor per GPU when the cluster has GPUs, else CPU",
+    )
+    run.add_argument(
+        "--dtype",
+        default=default("dtype"),
+        choices=DTYPES,
+        help="model weights' type: auto = float16 on CUDA, float32 on CPU",
+    )
+    run.add_argument(
+        "--scheduler",
+        default=default("scheduler"),
+        choices=SCHEDULERS,
+        help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
-    run.add_argument("--flush-seconds", type=float, default=default("flush_every_s"), help="write metadata/error "
-                     f"shards at least this often: the most work a killed run loses (default {default('flush_every_s'):g})")
-    run.add_argument("--storage-retry-seconds", type=float, default=default("storage_retry_s"), help="retry "
-                     f"object-storage failures this long before stopping the job (default {default('storage_retry_s'):g})")
+    run.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=default("flush_every_s"),
+        help="write metadata/error "
+        f"shards at least this often: the most work a killed run loses (default {default('flush_every_s'):g})",
+    )
+    run.add_argument(
+        "--storage-retry-seconds",
+        type=float,
+        default=default("storage_retry_s"),
+        help="retry "
+        f"object-storage failures this long before stopping the job (default {default('storage_retry_s'):g})",
+    )
     for setting in sampling.SETTINGS:
-        run.add_argument(f"--{setting.name.replace('_', '-')}", type=sampling.KINDS[setting.name],
-                         help=setting.metadata["help"])
+        run.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=sampling.KINDS[setting.name], help=setting.metadata["help"]
+        )
     val = sub.add_parser("validate", help="check manifests without loading a model")
     val.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
     for p in (run, val):
-        p.add_argument("--model", "-m", default=default("model"), help="model spec: default, tiny, a local folder, a Hub "
-                       "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)")
-        p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
-                       help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
-                            "(default: $UNCLIP_BATCH_STORAGE_OPTIONS or the usual AWS variables)")
+        p.add_argument(
+            "--model",
+            "-m",
+            default=default("model"),
+            help="model spec: default, tiny, a local folder, a Hub "
+            "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)",
+        )
+        p.add_argument(
+            "--storage-options",
+            type=json.loads,
+            default=None,
+            metavar="JSON",
+            help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
+            "(default: $UNCLIP_BATCH_STORAGE_OPTIONS or the usual AWS variables)",
+        )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     defaults = {name: getattr(args, name) for name in sampling.NAMES if getattr(args, name) is not None}
-    return JobConfig(manifests=tuple(args.manifests), output=output_location(args.output), model=args.model,
-                     storage_options=_storage_options(args), address=args.address, batch_size=args.batch_size,
-                     workers=args.workers, cpus_per_worker=args.cpus_per_worker, overwrite=args.overwrite,
-                     limit=args.limit, retry_errors=args.retry_errors, redo_changed=args.redo_changed,
-                     defaults=defaults, device=args.device, dtype=args.dtype,
-                     scheduler=args.scheduler, flush_every_s=args.flush_seconds,
-                     storage_retry_s=args.storage_retry_seconds)
+    return JobConfig(
+        manifests=tuple(args.manifests),
+        output=output_location(args.output),
+        model=args.model,
+        storage_options=_storage_options(args),
+        address=args.address,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        overwrite=args.overwrite,
+        limit=args.limit,
+        retry_errors=args.retry_errors,
+        redo_changed=args.redo_changed,
+        defaults=defaults,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        flush_every_s=args.flush_seconds,
+        storage_retry_s=args.storage_retry_seconds,
+    )
 
 
 def output_location(output: str) -> str:
@@ -107,9 +181,11 @@ def output_location(output: str) -> str:
     if "://" in output or os.path.isabs(output):
         return output
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray for a submitted job's entrypoint
-        raise SetupError(f"--output {output} is a relative path, and this is a Ray job: it would land in Ray's "
-                         f"temporary working directory ({os.getcwd()}), deleted with the job. Give an "
-                         "object-storage URL (s3://...) or an absolute path on storage every node shares")
+        raise SetupError(
+            f"--output {output} is a relative path, and this is a Ray job: it would land in Ray's "
+            f"temporary working directory ({os.getcwd()}), deleted with the job. Give an "
+            "object-storage URL (s3://...) or an absolute path on storage every node shares"
+        )
     return os.path.abspath(output)
 
 
@@ -121,8 +197,10 @@ def _storage_options(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.command == "validate":
             return _validate(args)
@@ -141,13 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unclip-batch: job stopped: object storage unavailable: {exc}", file=sys.stderr)
         return EXIT_STORAGE
     except JobFailed as exc:
-        print(f"unclip-batch: job stopped: {exc}. The rows finished so far are saved: once the cause is fixed, "
-              "the same command resumes after them", file=sys.stderr)
+        print(
+            f"unclip-batch: job stopped: {exc}. The rows finished so far are saved: once the cause is fixed, "
+            "the same command resumes after them",
+            file=sys.stderr,
+        )
         return EXIT_STOPPED
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as errors.Interrupted
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"unclip-batch: interrupted ({signal.Signals(signum).name}): {getattr(exc, 'saved', 0)} rows saved "
-              "by this run; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"unclip-batch: interrupted ({signal.Signals(signum).name}): {getattr(exc, 'saved', 0)} rows saved "
+            "by this run; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 128 + signum  # the shell's convention for a process ended by a signal
     print(format_summary(summary))
     if summary["rows"]["failed"] and not args.allow_failures:
@@ -188,8 +272,16 @@ def missing_local_sources(rows) -> list[dict]:
             url = getattr(row, what)
             path = storage.local_path(url) if url else None
             if path is not None and not os.path.exists(path):
-                records.append({"id": row.id, "task": row.task, "stage": "load", "code": "image_unreadable",
-                                "message": f"{what} {url} does not exist", "row": row.row})
+                records.append(
+                    {
+                        "id": row.id,
+                        "task": row.task,
+                        "stage": "load",
+                        "code": "image_unreadable",
+                        "message": f"{what} {url} does not exist",
+                        "row": row.row,
+                    }
+                )
                 break
     return records
 
@@ -209,8 +301,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"  all runs: {rows['total_succeeded']} succeeded, {rows['total_failed']} failed{errors}")
     skipped = rows.get("skipped_errors", 0)
     if skipped:
-        lines.append(f"  {skipped} rows recorded as errors by earlier runs were skipped: fix them in the manifest "
-                     "and rerun with --retry-errors to redo them")
+        lines.append(
+            f"  {skipped} rows recorded as errors by earlier runs were skipped: fix them in the manifest "
+            "and rerun with --retry-errors to redo them"
+        )
     return "\n".join(lines)
 
 

@@ -42,9 +42,11 @@ class JobConfig:
         if not self.output:
             raise ConfigError("--output is required")
         if self.batch_size < 1 or self.batch_size & (self.batch_size - 1):
-            raise ConfigError(f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "
-                             "model calls are padded to exactly that many images, which keeps every image's "
-                             "bytes independent of what it is batched with")
+            raise ConfigError(
+                f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "
+                "model calls are padded to exactly that many images, which keeps every image's "
+                "bytes independent of what it is batched with"
+            )
         if self.workers is not None and self.workers < 1:
             raise ConfigError("workers must be at least 1")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:

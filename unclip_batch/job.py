@@ -31,7 +31,7 @@ VERSIONED = ("ray", "torch", "diffusers", "transformers")  # recorded in the sum
 
 def run_job(config: JobConfig) -> dict:
     """Run a job to completion (or resume it); return the summary also written to ``_SUCCESS``."""
-    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
     so = config.storage_options
     # 1. Model config (no weights) and manifests: every whole-job problem surfaces here.
     pipeline.ray_address(config.address)  # a Ray Client address is refused before anything else
@@ -53,8 +53,10 @@ def run_job(config: JobConfig) -> dict:
     except SetupError:
         raise
     except PermissionError as exc:
-        raise SetupError(f"cannot write to output {config.output}: access denied ({exc}); the credentials "
-                         "need write access there (nothing was computed)") from exc
+        raise SetupError(
+            f"cannot write to output {config.output}: access denied ({exc}); the credentials "
+            "need write access there (nothing was computed)"
+        ) from exc
     except Exception as exc:
         raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
     # 3. What is left to do.
@@ -65,19 +67,23 @@ def run_job(config: JobConfig) -> dict:
     if changed.num_rows:
         first = ", ".join(changed["id"].to_pylist()[:5])
         if not config.redo_changed:
-            raise SetupError(f"{changed.num_rows} manifest rows changed since an earlier run recorded them under "
-                             f"the same id (first: {first}); their old results would be kept. Rerun with "
-                             "--redo-changed to redo them, or use a new --output (nothing was computed)")
+            raise SetupError(
+                f"{changed.num_rows} manifest rows changed since an earlier run recorded them under "
+                f"the same id (first: {first}); their old results would be kept. Rerun with "
+                "--redo-changed to redo them, or use a new --output (nothing was computed)"
+            )
         logger.warning("%d rows changed since they were recorded (first: %s): redoing them", changed.num_rows, first)
         plan.forget(config.output, changed, so)
         done = plan.load_done(config.output, so)
     todo = plan.pending(table, done)
     skipped_errors = plan.skipped_errors(table, done)
     if skipped_errors:
-        logger.info("%d rows recorded as errors by earlier runs are skipped (--retry-errors redoes them)",
-                    skipped_errors)
-    logger.info("%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows,
-                todo.num_rows)
+        logger.info(
+            "%d rows recorded as errors by earlier runs are skipped (--retry-errors redoes them)", skipped_errors
+        )
+    logger.info(
+        "%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows, todo.num_rows
+    )
     # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
     lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
     sinks = Sinks(config, lookup, spec.spec, total=todo.num_rows)
@@ -120,7 +126,7 @@ def run_job(config: JobConfig) -> dict:
     return summary
 
 
-def _save_what_finished(sinks: "Sinks") -> None:
+def _save_what_finished(sinks: Sinks) -> None:
     """Keep every finished row of a stopped run: the rerun resumes after them."""
     try:
         sinks.close(finished=False)
@@ -129,10 +135,12 @@ def _save_what_finished(sinks: "Sinks") -> None:
 
 
 def rows_table(rows) -> pa.Table:
-    return pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS}).append_column(
-        "code", pa.array([NO_ERROR] * len(rows), pa.string())).append_column(
-        "message", pa.array([""] * len(rows), pa.string())).append_column(
-        "stage", pa.array([""] * len(rows), pa.string()))
+    return (
+        pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS})
+        .append_column("code", pa.array([NO_ERROR] * len(rows), pa.string()))
+        .append_column("message", pa.array([""] * len(rows), pa.string()))
+        .append_column("stage", pa.array([""] * len(rows), pa.string()))
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -148,8 +156,13 @@ class Sinks:
 
     def __init__(self, config: JobConfig, lookup: pa.Table, model: str, total: int):
         self.model, self.total = model, total
-        shards = dict(output=config.output, lookup=lookup, storage_options=config.storage_options,
-                      flush_every_s=config.flush_every_s, retry_for_s=config.storage_retry_s)
+        shards = dict(
+            output=config.output,
+            lookup=lookup,
+            storage_options=config.storage_options,
+            flush_every_s=config.flush_every_s,
+            retry_for_s=config.storage_retry_s,
+        )
         self.metadata = ShardWriter(folder="metadata", schema=METADATA_SCHEMA, **shards)
         self.failed = ShardWriter(folder="errors", schema=ERROR_SCHEMA, **shards)
         self.partial: dict[str, list[dict]] = {}  # images of rows not yet complete
@@ -199,8 +212,15 @@ class Sinks:
                 done, elapsed = self.succeeded + failed, max(now - self.clock, 1e-9)
                 left = self.total - done
                 eta = f", about {_duration(left * elapsed / done)} left" if done and left else ""
-                logger.info("progress: %d/%d rows done (%d failed), %d images, %.2f images/s%s", done, self.total,
-                            failed, self.images, self.images / elapsed, eta)
+                logger.info(
+                    "progress: %d/%d rows done (%d failed), %d images, %.2f images/s%s",
+                    done,
+                    self.total,
+                    failed,
+                    self.images,
+                    self.images / elapsed,
+                    eta,
+                )
                 self.last_counts = counts
 
     def close(self, finished: bool = True) -> None:
@@ -208,16 +228,33 @@ class Sinks:
         a bug) is recorded rather than lost; after a failed run it is simply redone on resume."""
         for row_id, images in self.partial.items() if finished else ():
             first = next(iter(images.values()))
-            self.errors([{"id": row_id, "task": first["task"], "stage": "write", "code": "write_failed",
-                          "message": f"only {len(images)} of {first['num_images']} images arrived",
-                          "row": first["row"], "input_hash": first["input_hash"]}])
+            self.errors(
+                [
+                    {
+                        "id": row_id,
+                        "task": first["task"],
+                        "stage": "write",
+                        "code": "write_failed",
+                        "message": f"only {len(images)} of {first['num_images']} images arrived",
+                        "row": first["row"],
+                        "input_hash": first["input_hash"],
+                    }
+                ]
+            )
         self.metadata.flush()
         self.failed.flush()
         self._report(final=True)
 
 
-def _summary(config: JobConfig, spec: ModelSpec, manifest_rows: int, done: plan.Done, sinks: Sinks,
-             started: dt.datetime, wall_s: float) -> dict:
+def _summary(
+    config: JobConfig,
+    spec: ModelSpec,
+    manifest_rows: int,
+    done: plan.Done,
+    sinks: Sinks,
+    started: dt.datetime,
+    wall_s: float,
+) -> dict:
     from importlib.metadata import version  # not `import torch`: that alone takes seconds in the driver
 
     failed = sum(sinks.codes.values())
@@ -237,10 +274,13 @@ def _summary(config: JobConfig, spec: ModelSpec, manifest_rows: int, done: plan.
         "images": sinks.images,
         "errors_by_code": dict(sorted(sinks.codes.items())),
         "started": started.isoformat(timespec="seconds"),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 3),
         "images_per_s": round(sinks.images / wall_s, 3) if wall_s > 0 else None,
-        "versions": {"unclip_batch": __version__, **{name: version(name) for name in VERSIONED},
-                     "python": platform.python_version()},
+        "versions": {
+            "unclip_batch": __version__,
+            **{name: version(name) for name in VERSIONED},
+            "python": platform.python_version(),
+        },
         "host": os.uname().nodename,
     }

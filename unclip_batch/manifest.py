@@ -14,8 +14,8 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,8 +40,21 @@ INT_COLUMNS = ("num_images", "seed") + tuple(n for n in sampling.NAMES if sampli
 FLOAT_COLUMNS = tuple(n for n in sampling.NAMES if sampling.KINDS[n] is float)
 KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
 # Columns the output adds to every metadata/error row; a manifest column may not shadow them.
-RESERVED_COLUMNS = ("k", "image_key", "sha256", "model", "parameters", "timings", "stage", "code", "message",
-                    "manifest", "manifest_row", "row", "input_hash")
+RESERVED_COLUMNS = (
+    "k",
+    "image_key",
+    "sha256",
+    "model",
+    "parameters",
+    "timings",
+    "stage",
+    "code",
+    "message",
+    "manifest",
+    "manifest_row",
+    "row",
+    "input_hash",
+)
 # Bookkeeping columns added to the manifest table (leading underscore: never a user column).
 ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST = "_row", "_manifest", "_manifest_row", "_folder", "_first"
 BOOKKEEPING = (ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST)
@@ -71,8 +84,11 @@ class Row(Sampling):
         for name in ("prompt", "negative_prompt"):
             _check_text(name, getattr(self, name))
         if self.task == "generate" and (self.image or self.mask):
-            raise RowError("unexpected_image", "task 'generate' takes no image or mask; set task to "
-                                               "'variation' or 'inpaint', or leave image and mask empty")
+            raise RowError(
+                "unexpected_image",
+                "task 'generate' takes no image or mask; set task to "
+                "'variation' or 'inpaint', or leave image and mask empty",
+            )
         if self.task != "generate" and not self.image:
             raise RowError("missing_image", f"task {self.task!r} needs an image (URL or path)")
         if self.task == "variation" and self.mask:
@@ -92,12 +108,18 @@ def _check_text(name: str, text: str) -> None:
     if len(text) > MAX_PROMPT_CHARS:
         raise RowError("prompt_too_long", f"{name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     if "\ufffd" in text:
-        raise RowError("invalid_prompt", f"{name} contains U+FFFD replacement characters: the text was decoded "
-                                         "with the wrong encoding; re-export the manifest as UTF-8")
+        raise RowError(
+            "invalid_prompt",
+            f"{name} contains U+FFFD replacement characters: the text was decoded "
+            "with the wrong encoding; re-export the manifest as UTF-8",
+        )
     control = _CONTROL.search(text)
     if control:
-        raise RowError("invalid_prompt", f"{name} contains the control character U+{ord(control.group()):04X} "
-                                         f"at position {control.start()}; remove it")
+        raise RowError(
+            "invalid_prompt",
+            f"{name} contains the control character U+{ord(control.group()):04X} "
+            f"at position {control.start()}; remove it",
+        )
 
 
 def input_hash(record: dict) -> str:
@@ -125,8 +147,9 @@ def default_seed(row_id: str) -> int:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def read_manifests(urls: tuple[str, ...] | list[str], storage_options: dict | None = None,
-                   limit: int | None = None) -> pa.Table:
+def read_manifests(
+    urls: tuple[str, ...] | list[str], storage_options: dict | None = None, limit: int | None = None
+) -> pa.Table:
     """All manifests as one table with bookkeeping columns; raises ManifestError for unusable input."""
     tables = [_read_one(url, storage_options) for url in urls]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
@@ -145,14 +168,17 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         if not is_dir and not fs.exists(path):
             raise ManifestError(f"manifest {url} does not exist")
         if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
-            raise ManifestError(f"manifest {url} is text, not Parquet: convert it with `python manifests/build.py "
-                                f"{url} {url.rsplit('.', 1)[0]}.parquet` (JSON Lines or CSV, one row a line)")
+            raise ManifestError(
+                f"manifest {url} is text, not Parquet: convert it with `python manifests/build.py "
+                f"{url} {url.rsplit('.', 1)[0]}.parquet` (JSON Lines or CSV, one row a line)"
+            )
         table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
     except ManifestError:
         raise
     except PermissionError as exc:
-        raise ManifestError(f"manifest {url}: access denied ({exc}); check the credentials "
-                            "(--storage-options or the AWS_* variables)") from exc
+        raise ManifestError(
+            f"manifest {url}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
+        ) from exc
     except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
         raise ManifestError(f"manifest {url} could not be read as Parquet: {exc}") from exc
     _check_schema(url, table.schema)
@@ -164,26 +190,38 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
         if name in table.column_names:
             table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], pa.string()))
     _warn_near_misses(url, table.column_names)
-    return (table.append_column(MANIFEST, pa.array([url] * n, pa.string()))
-            .append_column(MANIFEST_ROW, pa.array(range(n), pa.int64()))
-            .append_column(FOLDER, pa.array([folder] * n, pa.string()).dictionary_encode()))
+    return (
+        table.append_column(MANIFEST, pa.array([url] * n, pa.string()))
+        .append_column(MANIFEST_ROW, pa.array(range(n), pa.int64()))
+        .append_column(FOLDER, pa.array([folder] * n, pa.string()).dictionary_encode())
+    )
 
 
 def parquet_files(fs, path: str, url: str) -> list[str]:
     """The ``*.parquet`` files under a manifest folder, sorted; other files (source images beside the
     manifests, scripts, ``_SUCCESS``) are skipped and named once. Hidden and ``_``-prefixed entries are
     skipped as pyarrow's dataset discovery skips them."""
-    found = sorted(p for p in fs.find(path) if not any(
-        part.startswith((".", "_")) for part in posixpath.relpath(p, path).split("/")))
+    found = sorted(
+        p
+        for p in fs.find(path)
+        if not any(part.startswith((".", "_")) for part in posixpath.relpath(p, path).split("/"))
+    )
     files = [p for p in found if p.endswith(".parquet")]
     skipped = [posixpath.relpath(p, path) for p in found if not p.endswith(".parquet")]
     if not files:
-        raise ManifestError(f"manifest folder {url} has no *.parquet files"
-                            + (f" ({len(skipped)} other files, e.g. {skipped[0]})" if skipped else ""))
+        raise ManifestError(
+            f"manifest folder {url} has no *.parquet files"
+            + (f" ({len(skipped)} other files, e.g. {skipped[0]})" if skipped else "")
+        )
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        logger.warning("manifest folder %s: read %d *.parquet file(s), skipped %d other file(s): %s", url,
-                       len(files), len(skipped), shown)
+        logger.warning(
+            "manifest folder %s: read %d *.parquet file(s), skipped %d other file(s): %s",
+            url,
+            len(files),
+            len(skipped),
+            shown,
+        )
     return files
 
 
@@ -193,8 +231,12 @@ def _warn_near_misses(url: str, columns: list[str]) -> None:
         if name not in KNOWN_COLUMNS:
             close = difflib.get_close_matches(name.lower(), [c for c in KNOWN_COLUMNS if c not in columns], n=1)
             if close:
-                logger.warning("manifest %s: column %r is not a manifest column and is carried through as it "
-                               "is; did you mean %r?", url, name, close[0])
+                logger.warning(
+                    "manifest %s: column %r is not a manifest column and is carried through as it is; did you mean %r?",
+                    url,
+                    name,
+                    close[0],
+                )
 
 
 def _string_like(kind: pa.DataType) -> bool:
@@ -206,20 +248,24 @@ def _string_like(kind: pa.DataType) -> bool:
 
 def _check_schema(url: str, schema: pa.Schema) -> None:
     if "id" not in schema.names:
-        raise ManifestError(f"manifest {url} has no 'id' column (columns: {', '.join(schema.names)}); "
-                            "every row needs a unique id")
+        raise ManifestError(
+            f"manifest {url} has no 'id' column (columns: {', '.join(schema.names)}); every row needs a unique id"
+        )
     checks = [("id", (_string_like, pa.types.is_integer), "string")]
     checks += [(c, (_string_like, pa.types.is_null), "string") for c in STRING_COLUMNS]
     checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "integer") for c in INT_COLUMNS]
     checks += [(c, (pa.types.is_integer, pa.types.is_floating, pa.types.is_null), "number") for c in FLOAT_COLUMNS]
     for name, accepted, expected in checks:
         if name in schema.names and not any(ok(schema.field(name).type) for ok in accepted):
-            raise ManifestError(f"manifest {url}: column {name!r} has type {schema.field(name).type}; "
-                                f"expected {expected}")
+            raise ManifestError(
+                f"manifest {url}: column {name!r} has type {schema.field(name).type}; expected {expected}"
+            )
     clashes = [c for c in schema.names if c in RESERVED_COLUMNS or c.startswith("_")]
     if clashes:
-        raise ManifestError(f"manifest {url}: column(s) {', '.join(clashes)} are reserved for the output "
-                            "(or start with '_'); rename them")
+        raise ManifestError(
+            f"manifest {url}: column(s) {', '.join(clashes)} are reserved for the output "
+            "(or start with '_'); rename them"
+        )
 
 
 def extra_columns(table: pa.Table) -> list[str]:
@@ -234,8 +280,9 @@ def first_occurrence(table: pa.Table) -> pa.ChunkedArray:
 
 
 # -- validating ---------------------------------------------------------------------------------
-def validate(table: pa.Table, defaults: dict, size: "SizeRule", chunk_rows: int = 8192
-             ) -> Iterator[tuple[list[Row], list[dict]]]:
+def validate(
+    table: pa.Table, defaults: dict, size: SizeRule, chunk_rows: int = 8192
+) -> Iterator[tuple[list[Row], list[dict]]]:
     """Yield (valid rows, error records) per chunk of the table: memory stays flat for any manifest."""
     table = table.select([c for c in KNOWN_COLUMNS + BOOKKEEPING if c in table.column_names])
     for batch in table.to_batches(max_chunksize=chunk_rows):
@@ -257,22 +304,24 @@ class SizeRule:
     maximum: int
 
     @classmethod
-    def of(cls, info) -> "SizeRule":
+    def of(cls, info) -> SizeRule:
         """The rule of a models.ModelInfo."""
         return cls(default=info.default_size, multiple=info.size_multiple, maximum=info.max_size)
 
     def check(self, name: str, value: int) -> None:
         if value % self.multiple or not self.multiple <= value <= self.maximum:
-            raise RowError("unsupported_size", f"{name} is {value}; this model needs a multiple of "
-                                               f"{self.multiple} between {self.multiple} and {self.maximum}")
+            raise RowError(
+                "unsupported_size",
+                f"{name} is {value}; this model needs a multiple of "
+                f"{self.multiple} between {self.multiple} and {self.maximum}",
+            )
 
 
 def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
     """A raw manifest record -> Row, or RowError saying what to fix."""
     row_id = record["id"]
     if row_id is None or not ID_PATTERN.fullmatch(row_id):
-        raise RowError("invalid_id", f"id {row_id!r} is not 1-128 characters of [A-Za-z0-9._-] "
-                                     "(not starting with '.')")
+        raise RowError("invalid_id", f"id {row_id!r} is not 1-128 characters of [A-Za-z0-9._-] (not starting with '.')")
     if not record[FIRST]:
         raise RowError("duplicate_id", f"id {row_id!r} appears earlier in the manifests; ids must be unique")
     task = (record.get("task") or "generate").strip()
@@ -288,11 +337,15 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
         values[name] = size.default if values[name] is None else values[name]
         size.check(name, values[name])
     return Row(
-        row=record[ROW], id=row_id, task=task, prompt=record.get("prompt") or "",
+        row=record[ROW],
+        id=row_id,
+        task=task,
+        prompt=record.get("prompt") or "",
         negative_prompt=record.get("negative_prompt") or "",
         image=storage.resolve(record["image"], folder) if record.get("image") else "",
         mask=storage.resolve(record["mask"], folder) if record.get("mask") else "",
-        input_hash=input_hash(record), **values,
+        input_hash=input_hash(record),
+        **values,
     )
 
 
@@ -310,5 +363,12 @@ def _number(name: str, value, integer: bool):
 
 def error_record(record: dict, stage: str, code: str, message: str) -> dict:
     """The errors/*.parquet row for a manifest record (its id may itself be the problem)."""
-    return {"id": record.get("id"), "task": record.get("task") or "generate", "stage": stage, "code": code,
-            "message": message, "row": record[ROW], "input_hash": input_hash(record)}
+    return {
+        "id": record.get("id"),
+        "task": record.get("task") or "generate",
+        "stage": stage,
+        "code": code,
+        "message": message,
+        "row": record[ROW],
+        "input_hash": input_hash(record),
+    }

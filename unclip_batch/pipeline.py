@@ -49,10 +49,12 @@ def ray_address(address: str | None) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         host = address.removeprefix("ray://").rsplit(":", 1)[0]
-        raise SetupError(f"--address {address}: Ray Client (ray://) does not work with Ray Data. Submit the job "
-                         f"to the cluster instead: ray job submit --address http://{host}:8265 --working-dir . -- "
-                         "python jobs/run_job.py ... (see README, 'On a Ray cluster'), or run unclip-batch on a "
-                         "node of the cluster with --address auto")
+        raise SetupError(
+            f"--address {address}: Ray Client (ray://) does not work with Ray Data. Submit the job "
+            f"to the cluster instead: ray job submit --address http://{host}:8265 --working-dir . -- "
+            "python jobs/run_job.py ... (see README, 'On a Ray cluster'), or run unclip-batch on a "
+            "node of the cluster with --address auto"
+        )
     return address
 
 
@@ -73,8 +75,12 @@ def start_ray(address: str | None = None) -> None:
         # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
         # Ray Data, pandas and the stage's libraries again (18 worker processes in a 10,000-row job on 2
         # cores). Keep one per I/O task slot: 10,000 rows to S3 212 -> 256 images/s, side by side.
-        ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False,
-                 _system_config={"num_workers_soft_limit": int((os.cpu_count() or 1) / IO_TASK_CPUS) + 2})
+        ray.init(
+            address="local",
+            logging_level=logging.WARNING,
+            include_dashboard=False,
+            _system_config={"num_workers_soft_limit": int((os.cpu_count() or 1) / IO_TASK_CPUS) + 2},
+        )
         logger.info("started a Ray for this job alone (--address auto joins a running cluster instead)")
     if threading.current_thread() is threading.main_thread():
         # ray.init makes SIGTERM a bare sys.exit(15); make it an interruption the job saves its rows for.
@@ -125,23 +131,41 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     _quiet_expected_failures()
     resources = ray.cluster_resources()
     place = placement(config, resources)
-    logger.info("Ray: %s; %d model worker(s) on %s", resources, place.workers,
-                "one GPU each" if place.device == "cuda" else f"CPU, {place.threads} threads each")
+    logger.info(
+        "Ray: %s; %d model worker(s) on %s",
+        resources,
+        place.workers,
+        "one GPU each" if place.device == "cuda" else f"CPU, {place.threads} threads each",
+    )
     so = config.storage_options
     ds = ray.data.from_arrow_refs(blocks)
     io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
-    ds = ds.map_batches(load_sources, fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS,
-                        batch_format="numpy")
+    ds = ds.map_batches(load_sources, fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS, batch_format="numpy")
     ds = ds.map_batches(
         UnclipPredictor,
-        fn_constructor_kwargs=dict(model=config.model, tasks=tasks, batch_size=config.batch_size, device=place.device,
-                                   dtype=config.dtype, scheduler=config.scheduler, threads=place.threads,
-                                   storage_options=so),
-        compute=ActorPoolStrategy(size=place.workers), batch_size=None, batch_format="numpy",  # see model_blocks
-        num_gpus=1 if place.device == "cuda" else 0, num_cpus=place.worker_cpus,
+        fn_constructor_kwargs=dict(
+            model=config.model,
+            tasks=tasks,
+            batch_size=config.batch_size,
+            device=place.device,
+            dtype=config.dtype,
+            scheduler=config.scheduler,
+            threads=place.threads,
+            storage_options=so,
+        ),
+        compute=ActorPoolStrategy(size=place.workers),
+        batch_size=None,
+        batch_format="numpy",  # see model_blocks
+        num_gpus=1 if place.device == "cuda" else 0,
+        num_cpus=place.worker_cpus,
     )
-    return ds.map_batches(write_images, fn_kwargs={"output": config.output, **io_kwargs}, batch_size=None,
-                          num_cpus=IO_TASK_CPUS, batch_format="numpy")
+    return ds.map_batches(
+        write_images,
+        fn_kwargs={"output": config.output, **io_kwargs},
+        batch_size=None,
+        num_cpus=IO_TASK_CPUS,
+        batch_format="numpy",
+    )
 
 
 class _ExpectedFailures(logging.Filter):
@@ -159,8 +183,7 @@ def _quiet_expected_failures() -> None:
     """Filter Ray Data's console handlers (not its log file) with _ExpectedFailures."""
     for handler in logging.getLogger("ray.data").handlers:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and not any(
-                isinstance(f, _ExpectedFailures) for f in handler.filters):
+        if console and not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
             handler.addFilter(_ExpectedFailures())
 
 

@@ -43,11 +43,12 @@ class Done:
     failed: int
     # (key, input_hash): the fingerprint each done row had when recorded; key is the id, or the position
     # for errors keyed by position. Outputs from before fingerprints have none (null).
-    hashes: pa.Table = field(default_factory=lambda: pa.table({"key": pa.array([], pa.string()),
-                                                               "input_hash": pa.array([], pa.string())}))
+    hashes: pa.Table = field(
+        default_factory=lambda: pa.table({"key": pa.array([], pa.string()), "input_hash": pa.array([], pa.string())})
+    )
 
     @classmethod
-    def nothing(cls) -> "Done":
+    def nothing(cls) -> Done:
         empty = pa.array([], pa.string())
         return cls(empty, empty, empty, 0, 0)
 
@@ -58,19 +59,28 @@ def position_keys(manifests, manifest_rows) -> pa.Array:
 
 def load_done(output: str, storage_options: dict | None = None) -> Done:
     metadata = _read_column_sets(output, "metadata", ["id", "input_hash"], storage_options)
-    errors = _read_column_sets(output, "errors", ["id", "code", "manifest", "manifest_row", "input_hash"],
-                               storage_options)
+    errors = _read_column_sets(
+        output, "errors", ["id", "code", "manifest", "manifest_row", "input_hash"], storage_options
+    )
     by_position = pc.fill_null(pc.is_in(errors["code"], value_set=pa.array(POSITION_CODES)), False)
     keyed, positioned = errors.filter(pc.invert(by_position)), errors.filter(by_position)
     positions = position_keys(positioned["manifest"], positioned["manifest_row"])
-    hashes = pa.concat_tables([
-        pa.table({"key": metadata["id"], "input_hash": metadata["input_hash"]}),
-        pa.table({"key": keyed["id"], "input_hash": keyed["input_hash"]}),
-        pa.table({"key": positions, "input_hash": positioned["input_hash"]}),
-    ])
+    hashes = pa.concat_tables(
+        [
+            pa.table({"key": metadata["id"], "input_hash": metadata["input_hash"]}),
+            pa.table({"key": keyed["id"], "input_hash": keyed["input_hash"]}),
+            pa.table({"key": positions, "input_hash": positioned["input_hash"]}),
+        ]
+    )
     ids = pc.unique(metadata["id"])
-    return Done(ids=_flat(ids), error_ids=_flat(pc.unique(keyed["id"])), positions=_flat(positions),
-                succeeded=len(ids), failed=errors.num_rows, hashes=hashes)
+    return Done(
+        ids=_flat(ids),
+        error_ids=_flat(pc.unique(keyed["id"])),
+        positions=_flat(positions),
+        succeeded=len(ids),
+        failed=errors.num_rows,
+        hashes=hashes,
+    )
 
 
 def changed_rows(table: pa.Table, done: Done) -> pa.Table:
@@ -80,16 +90,17 @@ def changed_rows(table: pa.Table, done: Done) -> pa.Table:
     done_rows = table.filter(pc.or_(succeeded, failed))
     if done_rows.num_rows == 0:
         return done_rows.append_column("key", pa.array([], pa.string()))
-    by_id = pc.and_(done_rows[FIRST], pc.is_in(done_rows["id"], value_set=pa.concat_arrays(
-        [done.ids, done.error_ids])))
-    keys = pc.if_else(pc.fill_null(by_id, False), done_rows["id"],
-                      position_keys(done_rows[MANIFEST], done_rows[MANIFEST_ROW]))
+    by_id = pc.and_(done_rows[FIRST], pc.is_in(done_rows["id"], value_set=pa.concat_arrays([done.ids, done.error_ids])))
+    keys = pc.if_else(
+        pc.fill_null(by_id, False), done_rows["id"], position_keys(done_rows[MANIFEST], done_rows[MANIFEST_ROW])
+    )
     known = [c for c in KNOWN_COLUMNS if c in done_rows.column_names]
     now = pa.array([input_hash(r) for r in done_rows.select(known).to_pylist()], pa.string())
     # The join sees only keys, hashes and positions: carried columns may be of types joins cannot carry.
     probe = pa.table({"key": keys, "now": now, "at": pa.array(range(done_rows.num_rows), pa.int64())})
-    recorded = done.hashes.filter(pc.is_valid(done.hashes["input_hash"])).group_by("key").aggregate(
-        [("input_hash", "min")])  # one hash per key (a row's images share it)
+    recorded = (
+        done.hashes.filter(pc.is_valid(done.hashes["input_hash"])).group_by("key").aggregate([("input_hash", "min")])
+    )  # one hash per key (a row's images share it)
     joined = probe.join(recorded, "key", join_type="inner", use_threads=False)
     changed = joined.filter(pc.not_equal(joined["now"], joined["input_hash_min"]))
     changed = changed.take(pc.sort_indices(changed["at"]))  # manifest order
@@ -134,8 +145,7 @@ def _done_masks(table: pa.Table, done: Done) -> tuple[pa.ChunkedArray, pa.Chunke
     succeeded = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.ids)), False)
     failed = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.error_ids)), False)
     if len(done.positions):
-        failed = pc.or_(failed, pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]),
-                                          value_set=done.positions))
+        failed = pc.or_(failed, pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]), value_set=done.positions))
     return succeeded, failed
 
 
@@ -181,8 +191,14 @@ def _read_column_sets(output: str, folder: str, columns: list[str], storage_opti
         except Exception as exc:  # shards are written whole, so this is damage from outside: say so, go on
             logger.warning("ignoring unreadable shard %s: %s", file, exc)
             continue
-        tables.append(pa.table({c: pc.cast(table[c], pa.string()) if c in present else
-                                pa.nulls(table.num_rows, pa.string()) for c in columns}))
+        tables.append(
+            pa.table(
+                {
+                    c: pc.cast(table[c], pa.string()) if c in present else pa.nulls(table.num_rows, pa.string())
+                    for c in columns
+                }
+            )
+        )
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables(tables)
@@ -198,8 +214,13 @@ def job_record(model: str, defaults: dict, batch_size: int, scheduler: str) -> d
     and the sampler. Its fingerprint is compared on resume (check_job_record)."""
     from unclip_batch import __version__
 
-    record = {"model": model, "defaults": defaults, "batch_size": batch_size, "scheduler": scheduler,
-              "unclip_batch": __version__}
+    record = {
+        "model": model,
+        "defaults": defaults,
+        "batch_size": batch_size,
+        "scheduler": scheduler,
+        "unclip_batch": __version__,
+    }
     settings = [model, defaults, batch_size]
     if scheduler != "default":  # jobs from before the option keep their fingerprint
         settings.append(scheduler)
@@ -218,11 +239,15 @@ def check_job_record(output: str, record: dict, storage_options: dict | None = N
         return False
     if earlier.get("fingerprint") != record["fingerprint"]:
         there, here = _settings(earlier), _settings(record)
-        differs = [f"{key} {there.get(key)!r} there, {here.get(key)!r} here" for key in sorted(set(there) | set(here))
-                   if there.get(key) != here.get(key)]
+        differs = [
+            f"{key} {there.get(key)!r} there, {here.get(key)!r} here"
+            for key in sorted(set(there) | set(here))
+            if there.get(key) != here.get(key)
+        ]
         raise SetupError(
             f"{output} holds results of another job ({'; '.join(differs) or 'other settings'}). To resume it, "
-            "run with its settings; else use a new --output, or --overwrite to discard the old results.")
+            "run with its settings; else use a new --output, or --overwrite to discard the old results."
+        )
     return True
 
 

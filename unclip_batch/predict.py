@@ -30,14 +30,28 @@ logger = logging.getLogger(__name__)
 class UnclipPredictor:
     """Callable class for ``map_batches``: loads the model once in ``__init__``."""
 
-    def __init__(self, *, model: str, tasks: tuple[str, ...], batch_size: int, device: str = "auto",
-                 dtype: str = "auto", scheduler: str = "default", threads: int | None = None,
-                 storage_options: dict | None = None):
+    def __init__(
+        self,
+        *,
+        model: str,
+        tasks: tuple[str, ...],
+        batch_size: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        scheduler: str = "default",
+        threads: int | None = None,
+        storage_options: dict | None = None,
+    ):
         spec = ModelSpec.parse(model)
         self.family = spec.module()  # the family imports its own libraries (the null model: none)
         start = time.perf_counter()
-        self.model = self.family.load(spec.local_location(storage_options), tasks=frozenset(tasks),
-                                        device=device, dtype=dtype, scheduler=scheduler)
+        self.model = self.family.load(
+            spec.local_location(storage_options),
+            tasks=frozenset(tasks),
+            device=device,
+            dtype=dtype,
+            scheduler=scheduler,
+        )
         logger.info("model %s loaded in %.1fs", model, time.perf_counter() - start)
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
@@ -72,7 +86,7 @@ class UnclipPredictor:
         images = [(row, k) for row in rows for k in range(int(row["num_images"]))]
         results, failed = {}, {}
         for start in range(0, len(images), self.batch_size):
-            call = images[start:start + self.batch_size]
+            call = images[start : start + self.batch_size]
             try:
                 results.update(self._timed_call(call))
             except Exception as exc:  # one bad row must not fail its batch: retry each row alone

@@ -31,15 +31,19 @@ class Sampling:
 
     width: int = setting("width for rows without one (default: the model's)", parameter=False)
     height: int = setting("height for rows without one (default: the model's)", parameter=False)
-    num_inference_steps: int = setting("decoder steps for rows without their own", default=50, least=1,
-                                       most=MAX_STEPS, code="invalid_steps")
-    guidance_scale: float = setting("decoder guidance for rows without their own", default=4.0, least=0,
-                                    most=MAX_GUIDANCE, code="invalid_guidance")
+    num_inference_steps: int = setting(
+        "decoder steps for rows without their own", default=50, least=1, most=MAX_STEPS, code="invalid_steps"
+    )
+    guidance_scale: float = setting(
+        "decoder guidance for rows without their own", default=4.0, least=0, most=MAX_GUIDANCE, code="invalid_guidance"
+    )
     # The prior's UnCLIPScheduler divides by (steps - 1): one step is a ZeroDivisionError, not a sample.
-    prior_num_inference_steps: int = setting("prior steps for rows without their own", default=25, least=2,
-                                             most=MAX_STEPS, code="invalid_steps")
-    prior_guidance_scale: float = setting("prior guidance for rows without their own", default=4.0, least=0,
-                                          most=MAX_GUIDANCE, code="invalid_guidance")
+    prior_num_inference_steps: int = setting(
+        "prior steps for rows without their own", default=25, least=2, most=MAX_STEPS, code="invalid_steps"
+    )
+    prior_guidance_scale: float = setting(
+        "prior guidance for rows without their own", default=4.0, least=0, most=MAX_GUIDANCE, code="invalid_guidance"
+    )
 
     def __post_init__(self):
         for f in fields(Sampling):
@@ -48,7 +52,7 @@ class Sampling:
                 raise RowError(f.metadata["code"], f"{f.name} is {value}; use {least:g}-{most:g}")
 
     @classmethod
-    def of(cls, values: dict) -> "Sampling":
+    def of(cls, values: dict) -> Sampling:
         """The settings among ``values`` (a row as a dict, with other keys besides)."""
         return cls(**{name: values[name] for name in NAMES})
 
@@ -63,5 +67,9 @@ PARAMETERS = tuple(f.name for f in SETTINGS if f.metadata["parameter"])  # the m
 def call_key(row: dict) -> tuple:
     """Rows that can share one model call: same task and settings, and the same prompt kinds (a negative
     prompt, or a prompt steering a variation, changes the call's shape)."""
-    return (row["task"], *(row[name] for name in NAMES), bool(row["negative_prompt"]),
-            row["task"] == "variation" and bool(row["prompt"]))
+    return (
+        row["task"],
+        *(row[name] for name in NAMES),
+        bool(row["negative_prompt"]),
+        row["task"] == "variation" and bool(row["prompt"]),
+    )

@@ -24,8 +24,7 @@ MAX_PIXELS = 64_000_000  # ~8k x 8k; PIL warns at 89M and raises at twice that: 
 MASK_THRESHOLD = 128  # grey values >= this repaint (anti-aliased mask edges count as their nearer side)
 
 
-def load_sources(batch: dict, storage_options: dict | None = None,
-                 retry_for_s: float = storage.RETRY_FOR_S) -> dict:
+def load_sources(batch: dict, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S) -> dict:
     """Add decoded source pixels and repaint masks to every row that needs them."""
     rows = rows_of(batch)
     for row in rows:
@@ -48,21 +47,29 @@ def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tu
     if row["mask"]:
         mask = _open(row["mask"], "mask", storage_options, retry_for_s)
         if mask.size != image.size:
-            raise RowError("mask_size_mismatch", f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
-                                                 f"{image.size[0]}x{image.size[1]}; they must match")
+            raise RowError(
+                "mask_size_mismatch",
+                f"mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                f"{image.size[0]}x{image.size[1]}; they must match",
+            )
         repaint = np.asarray(_grey(mask).resize(size, Image.NEAREST)) >= MASK_THRESHOLD
         if not repaint.any():
             raise RowError("mask_empty", "the mask is all black: paint white where the image should change")
     else:
         alpha = _alpha(image)
         if alpha is None:
-            raise RowError("missing_mask", "inpaint needs a mask, or an RGBA image whose transparent pixels "
-                                           "mark the area to repaint")
+            raise RowError(
+                "missing_mask",
+                "inpaint needs a mask, or an RGBA image whose transparent pixels mark the area to repaint",
+            )
         # OpenAI's edit convention: transparent pixels are repainted.
         repaint = np.asarray(alpha.resize(size, Image.NEAREST)) < MASK_THRESHOLD
         if not repaint.any():
-            raise RowError("mask_empty", "the image has no transparent pixel, so nothing would be repainted; "
-                                         "make the area to change transparent or give a mask")
+            raise RowError(
+                "mask_empty",
+                "the image has no transparent pixel, so nothing would be repainted; "
+                "make the area to change transparent or give a mask",
+            )
     return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes()
 
 
@@ -86,8 +93,9 @@ def _open(url: str, what: str, storage_options: dict | None, retry_for_s: float)
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > MAX_PIXELS:
-            raise RowError("image_too_large", f"{what} {url} is {image.width}x{image.height}; "
-                                              f"the limit is {MAX_PIXELS:,} pixels")
+            raise RowError(
+                "image_too_large", f"{what} {url} is {image.width}x{image.height}; the limit is {MAX_PIXELS:,} pixels"
+            )
         image.load()
     except RowError:
         raise
@@ -96,8 +104,9 @@ def _open(url: str, what: str, storage_options: dict | None, retry_for_s: float)
     except Exception as exc:
         raise RowError("image_invalid", f"{what} {url} is not a readable image: {exc}") from None
     if min(image.size) < MIN_SIDE:
-        raise RowError("image_too_small", f"{what} {url} is {image.width}x{image.height}; "
-                                          f"each side must be at least {MIN_SIDE} px")
+        raise RowError(
+            "image_too_small", f"{what} {url} is {image.width}x{image.height}; each side must be at least {MIN_SIDE} px"
+        )
     return ImageOps.exif_transpose(image)
 
 

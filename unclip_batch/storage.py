@@ -68,8 +68,10 @@ def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
             raise
         except Exception as exc:
             if time.monotonic() + delay > deadline:
-                raise StorageUnavailable(f"{what} kept failing for {retry_for_s:.0f}s "
-                                         f"({type(exc).__name__}: {exc}); rerun the same command to resume") from exc
+                raise StorageUnavailable(
+                    f"{what} kept failing for {retry_for_s:.0f}s "
+                    f"({type(exc).__name__}: {exc}); rerun the same command to resume"
+                ) from exc
             logger.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
@@ -139,10 +141,18 @@ def _s3_store(options: str, bucket: str):
 
     options = json.loads(options)
     client = options.get("client_kwargs") or {}
-    endpoint = (options.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))  # botocore's order
-    config = {"region": client.get("region_name") or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or _bucket_region(options, bucket, endpoint)}
+    endpoint = (
+        options.get("endpoint_url")
+        or client.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )  # botocore's order
+    config = {
+        "region": client.get("region_name")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or _bucket_region(options, bucket, endpoint)
+    }
     if config["region"] is None:
         return None
     if endpoint:
@@ -154,8 +164,13 @@ def _s3_store(options: str, bucket: str):
         provider = _Credentials(options)
         if provider.credentials is None:
             return None  # no credentials found: s3fs gives the error it always gave
-    return S3Store(bucket, config=config, credential_provider=provider, retry_config=OBSTORE_RETRY,
-                   client_options={"allow_http": True})
+    return S3Store(
+        bucket,
+        config=config,
+        credential_provider=provider,
+        retry_config=OBSTORE_RETRY,
+        client_options={"allow_http": True},
+    )
 
 
 def _bucket_region(options: dict, bucket: str, endpoint: str | None) -> str | None:
@@ -184,16 +199,21 @@ class _Credentials:
         import botocore.session
 
         if options.get("key"):
-            self.credentials = botocore.credentials.Credentials(options["key"], options.get("secret"),
-                                                                options.get("token"))
+            self.credentials = botocore.credentials.Credentials(
+                options["key"], options.get("secret"), options.get("token")
+            )
         else:
             self.credentials = botocore.session.Session(profile=options.get("profile")).get_credentials()
 
     def __call__(self) -> dict:
         frozen = self.credentials.get_frozen_credentials()
         refreshing = hasattr(self.credentials, "refresh_needed")
-        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
-                "expires_at": dt.datetime.now(dt.timezone.utc) + self.RECHECK if refreshing else None}
+        return {
+            "access_key_id": frozen.access_key,
+            "secret_access_key": frozen.secret_key,
+            "token": frozen.token,
+            "expires_at": dt.datetime.now(dt.UTC) + self.RECHECK if refreshing else None,
+        }
 
 
 def _put_all(store, pending: dict[str, bytes]) -> None:
@@ -205,13 +225,13 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
     async def put(key: str, data: bytes, slots: asyncio.Semaphore):
         content_type = mimetypes.guess_type(key)[0]
         async with slots:
-            await obstore.put_async(store, key, data,
-                                    attributes={"Content-Type": content_type} if content_type else None)
+            await obstore.put_async(
+                store, key, data, attributes={"Content-Type": content_type} if content_type else None
+            )
 
     async def put_all():
         slots = asyncio.Semaphore(PUT_CONCURRENCY)
-        return await asyncio.gather(*(put(key, data, slots) for key, data in pending.items()),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(put(key, data, slots) for key, data in pending.items()), return_exceptions=True)
 
     keys = list(pending)
     failures = []

@@ -1,8 +1,9 @@
 """Write stage and output files.
 
-``write_images`` is the CPU stage after the model: PNG-encode and store each image whole under a
-deterministic key. ``ShardWriter`` runs in the driver and turns finished rows into
-``metadata/*.parquet`` and ``errors/*.parquet`` shards; ``_SUCCESS`` is written last of all.
+``write_images`` is the CPU stage after the model: it stores each image through the output format's
+writer (``FORMATS``; ``files``: a PNG object per image, whole, under a deterministic key).
+``ShardWriter`` runs in the driver and turns finished rows into ``metadata/*.parquet`` and
+``errors/*.parquet`` shards; ``_SUCCESS`` is written last of all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -27,14 +29,36 @@ logger = logging.getLogger(__name__)
 ARROW = {int: pa.int32(), float: pa.float64()}
 PARAMETERS = pa.struct([(name, ARROW[sampling.KINDS[name]]) for name in sampling.PARAMETERS])
 TIMINGS = pa.struct([("load_s", pa.float64()), ("model_s", pa.float64()), ("write_s", pa.float64())])
-METADATA_SCHEMA = pa.schema([
-    ("id", pa.string()), ("k", pa.int32()), ("task", pa.string()), ("image_key", pa.string()),
-    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("image", pa.string()), ("mask", pa.string()),
-    ("seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
-    ("model", pa.string()), ("parameters", PARAMETERS), ("timings", TIMINGS), ("input_hash", pa.string()),
-])
-ERROR_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("stage", pa.string()),
-                          ("code", pa.string()), ("message", pa.string()), ("input_hash", pa.string())])
+METADATA_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("k", pa.int32()),
+        ("task", pa.string()),
+        ("image_key", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("image", pa.string()),
+        ("mask", pa.string()),
+        ("seed", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("model", pa.string()),
+        ("parameters", PARAMETERS),
+        ("timings", TIMINGS),
+        ("input_hash", pa.string()),
+    ]
+)
+ERROR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("task", pa.string()),
+        ("stage", pa.string()),
+        ("code", pa.string()),
+        ("message", pa.string()),
+        ("input_hash", pa.string()),
+    ]
+)
 
 
 def image_key(row_id: str, k: int) -> str:
@@ -49,19 +73,29 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_images(batch: dict, output: str, storage_options: dict | None = None,
-                 retry_for_s: float = storage.RETRY_FOR_S) -> dict:
-    """Encode and store every generated image; replace pixels by key and checksum.
+class ImageWriter(Protocol):
+    """One output format's way of storing images: the write stage, on CPU workers beside the model.
+    ``write`` stores each row's pixels and sets its ``image_key`` and ``sha256`` (or marks it failed);
+    a storage failure is not the row's fault: it is retried, then fails the job (which resumes later)."""
 
-    A storage failure is not the row's fault: it is retried, then fails the job (which resumes later).
-    """
-    fs, root = storage.filesystem(output, storage_options)
-    rows = rows_of(batch)
-    objects = {}
-    start = time.perf_counter()
-    for row in rows:
-        row["image_key"], row["sha256"] = "", ""
-        if not row["code"]:
+    def __init__(self, *, output: str, storage_options: dict | None, retry_for_s: float): ...
+
+    def write(self, rows: list[dict]) -> None: ...
+
+
+class FilesWriter:
+    """``images/<id>/<k>.png``: one PNG object per image, written whole under a deterministic key."""
+
+    def __init__(self, *, output: str, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S):
+        self.fs, self.root = storage.filesystem(output, storage_options)
+        self.retry_for_s = retry_for_s
+
+    def write(self, rows: list[dict]) -> None:
+        objects = {}
+        for row in rows:
+            row["image_key"], row["sha256"] = "", ""
+            if row["code"]:
+                continue
             try:
                 data = encode_png(image_of(row))
             except Exception as exc:
@@ -69,11 +103,29 @@ def write_images(batch: dict, output: str, storage_options: dict | None = None,
             else:
                 row["image_key"] = image_key(row["id"], int(row["k"]))
                 row["sha256"] = hashlib.sha256(data).hexdigest()
-                objects[storage.join(root, row["image_key"])] = data
-        del row["pixels"]
-    storage.write_many(fs, objects, root, retry_for_s)
+                objects[storage.join(self.root, row["image_key"])] = data
+        storage.write_many(self.fs, objects, self.root, self.retry_for_s)
+
+
+# Output formats by name: the pipeline asks for one and knows nothing of how it stores images.
+FORMATS: dict[str, type[ImageWriter]] = {"files": FilesWriter}
+
+
+def write_images(
+    batch: dict,
+    output: str,
+    format: str = "files",
+    storage_options: dict | None = None,
+    retry_for_s: float = storage.RETRY_FOR_S,
+) -> dict:
+    """The write stage: store every generated image in the output's format; pixels are replaced by the
+    image's key and checksum."""
+    rows = rows_of(batch)
+    start = time.perf_counter()
+    FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s).write(rows)
     per_row = (time.perf_counter() - start) / max(len(rows), 1)
     for row in rows:
+        del row["pixels"]
         row["write_s"] = per_row
     return to_batch(rows)
 
@@ -85,9 +137,18 @@ class ShardWriter:
     carried-through columns are taken from it, so they keep their exact Arrow types.
     """
 
-    def __init__(self, *, output: str, folder: str, schema: pa.Schema, lookup: pa.Table,
-                 storage_options: dict | None = None, rows_per_shard: int = 10_000, flush_every_s: float = 30.0,
-                 retry_for_s: float = storage.RETRY_FOR_S):
+    def __init__(
+        self,
+        *,
+        output: str,
+        folder: str,
+        schema: pa.Schema,
+        lookup: pa.Table,
+        storage_options: dict | None = None,
+        rows_per_shard: int = 10_000,
+        flush_every_s: float = 30.0,
+        retry_for_s: float = storage.RETRY_FOR_S,
+    ):
         self.fs, self.root = storage.filesystem(output, storage_options)
         self.folder = storage.join(self.root, folder)
         self.retry_for_s = retry_for_s
@@ -110,8 +171,9 @@ class ShardWriter:
         self.last_flush = time.monotonic()
         if not self.records:
             return
-        table = pa.Table.from_pylist([{f: r.get(f) for f in self.schema.names} for r in self.records],
-                                     schema=self.schema)
+        table = pa.Table.from_pylist(
+            [{f: r.get(f) for f in self.schema.names} for r in self.records], schema=self.schema
+        )
         carried = self.lookup.take(pa.array([r["row"] for r in self.records], pa.int64()))
         for name in carried.column_names:
             table = table.append_column(name.lstrip("_"), carried[name])
@@ -126,8 +188,25 @@ class ShardWriter:
 
 def metadata_record(row: dict, model: str) -> dict:
     return {
-        **{k: row[k] for k in ("id", "k", "task", "image_key", "prompt", "negative_prompt", "image", "mask",
-                               "seed", "width", "height", "sha256", "row", "input_hash")},
+        **{
+            k: row[k]
+            for k in (
+                "id",
+                "k",
+                "task",
+                "image_key",
+                "prompt",
+                "negative_prompt",
+                "image",
+                "mask",
+                "seed",
+                "width",
+                "height",
+                "sha256",
+                "row",
+                "input_hash",
+            )
+        },
         "model": model,
         "parameters": {k: row[k] for k in PARAMETERS.names},
         "timings": {k: row[k] for k in TIMINGS.names},

@@ -44,11 +44,16 @@ def write_card(folder: Path, targets: dict) -> None:
     devices = training.get("devices", {})
     lines = [CARD_HEAD, "| stage | device | steps | seconds | final loss |", "| --- | --- | --- | --- | --- |"]
     for stage, summary in training["stages"].items():
-        lines.append(f"| {stage} | {devices.get(stage, 'cpu')} | {summary['steps']} | {summary['seconds']} | "
-                     f"{summary['final_loss']} |")
+        lines.append(
+            f"| {stage} | {devices.get(stage, 'cpu')} | {summary['steps']} | {summary['seconds']} | "
+            f"{summary['final_loss']} |"
+        )
     total = sum(s["seconds"] for s in training["stages"].values())
-    lines += ["", f"Stage time summed: {total / 60:.0f} min (stages run side by side once the stages they read "
-              "are saved: `NEEDS` in unclip_lab/train.py). Recipe: `" + json.dumps(training["recipe"]) + "`"]
+    lines += [
+        "",
+        f"Stage time summed: {total / 60:.0f} min (stages run side by side once the stages they read "
+        "are saved: `NEEDS` in unclip_lab/train.py). Recipe: `" + json.dumps(training["recipe"]) + "`",
+    ]
     if training.get("note"):
         lines += ["", training["note"]]
     lines += ["", "**Parameters.**", ""]
@@ -56,9 +61,15 @@ def write_card(folder: Path, targets: dict) -> None:
     evaluation = folder / "evaluation.json"
     if evaluation.exists():
         results = json.loads(evaluation.read_text())
-        lines += ["", "**Evaluation** (`python -m unclip_lab.evaluate`, judged by geometry, not by "
-                  f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
-                  f"`{json.dumps(results['sampling'])}`):", "", "| metric | value | target |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            "**Evaluation** (`python -m unclip_lab.evaluate`, judged by geometry, not by "
+            f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
+            f"`{json.dumps(results['sampling'])}`):",
+            "",
+            "| metric | value | target |",
+            "| --- | --- | --- |",
+        ]
         for key, target in targets.items():
             op = "<=" if key.endswith("_mad") else ">="
             lines.append(f"| {key} | {results[key]:.3f} | {op} {target:.3f} |")
@@ -71,6 +82,5 @@ def _parameter_counts(folder: Path) -> dict:
     counts = {}
     for path in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            counts[str(path.parent.relative_to(folder))] = sum(
-                np.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            counts[str(path.parent.relative_to(folder))] = sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return counts

@@ -21,17 +21,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unclip_lab import world
 from unclip_batch.models import ModelSpec
 from unclip_batch.sampling import Sampling
+from unclip_lab import world
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 2_000_000_011
 TARGETS = {
-    "generate_colour": 0.90, "generate_shape": 0.75, "generate_background": 0.85,
-    "variation_colour": 0.90, "variation_shape": 0.75,
-    "inpaint_colour": 0.85, "inpaint_outside_mad": 6 / 255,
+    "generate_colour": 0.90,
+    "generate_shape": 0.75,
+    "generate_background": 0.85,
+    "variation_colour": 0.90,
+    "variation_shape": 0.75,
+    "inpaint_colour": 0.85,
+    "inpaint_outside_mad": 6 / 255,
     "clip_zero_shot": 0.90,
 }
 INPAINT_MIN_SHARE = 0.1  # at least this much of the mask must change from the background to count
@@ -68,8 +72,15 @@ def inpaint_cases(n: int, seed: int = EVAL_SEED + 1) -> list[InpaintCase]:
     for _ in range(n):
         source = world.random_scene(rng)
         colours = [c for c in world.COLOURS if c not in (source.background, source.colour)]
-        target = world.Scene(str(rng.choice(colours)), str(rng.choice(world.SHAPES)), source.size, source.position,
-                             source.background, source.dx, source.dy)
+        target = world.Scene(
+            str(rng.choice(colours)),
+            str(rng.choice(world.SHAPES)),
+            source.size,
+            source.position,
+            source.background,
+            source.dx,
+            source.dy,
+        )
         cases.append(InpaintCase(source, target))
     return cases
 
@@ -107,8 +118,10 @@ def evaluate(model, info, n: int = 200, **overrides) -> dict:
 
 def summarise(per_case: dict) -> dict:
     """The figures from the verdicts: the share of cases right, the mean difference outside the mask."""
-    return {name: (round(float(np.mean(values)), 6) if name.endswith("_mad") else sum(values) / len(values))
-            for name, values in per_case.items()}
+    return {
+        name: (round(float(np.mean(values)), 6) if name.endswith("_mad") else sum(values) / len(values))
+        for name, values in per_case.items()
+    }
 
 
 def _eval_generate(model, s: Sampling, n: int) -> dict:
@@ -162,7 +175,7 @@ def dominant_inside(image: np.ndarray, mask: np.ndarray, background: str) -> str
     drawn = labels[labels != names.index(background)]
     if len(drawn) < INPAINT_MIN_SHARE * len(labels):
         return None
-    return names[int(np.bincount(drawn, minlength=len(names))[:len(world.COLOURS)].argmax())]
+    return names[int(np.bincount(drawn, minlength=len(names))[: len(world.COLOURS)].argmax())]
 
 
 def _eval_clip(model, n: int) -> dict:
@@ -173,8 +186,13 @@ def _eval_clip(model, n: int) -> dict:
     prompts = [world.describe({"colour": c, "shape": sh}) for c, sh in kinds]
     prior = model.prior
     with torch.inference_mode():
-        ids = prior.tokenizer(prompts, padding="max_length", max_length=prior.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        ids = prior.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=prior.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         text = torch.nn.functional.normalize(prior.text_encoder(ids.to(model.device)).text_embeds.float(), dim=-1)
         rng = np.random.default_rng(EVAL_SEED + 3)
         scenes = [world.random_scene(rng) for _ in range(n)]
@@ -191,8 +209,10 @@ def to_json(results: dict) -> str:
     text = json.dumps(figures, indent=2)
     if "per_case" not in results:
         return text
-    lines = [f"    {json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}"
-             for name, values in results["per_case"].items()]
+    lines = [
+        f"    {json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}"
+        for name, values in results["per_case"].items()
+    ]
     return text[:-2] + ',\n  "per_case": {\n' + ",\n".join(lines) + "\n  }\n}"
 
 
@@ -203,8 +223,13 @@ def passed(results: dict) -> dict:
 def load(spec: str = "default", scheduler: str = "default"):
     model_spec = ModelSpec.parse(spec)
     info = model_spec.describe()
-    model = model_spec.module().load(model_spec.local_location(), tasks=frozenset({"generate", "variation", "inpaint"}),
-                                     device="cpu", dtype="float32", scheduler=scheduler)
+    model = model_spec.module().load(
+        model_spec.local_location(),
+        tasks=frozenset({"generate", "variation", "inpaint"}),
+        device="cpu",
+        dtype="float32",
+        scheduler=scheduler,
+    )
     return model, info
 
 
@@ -217,8 +242,11 @@ def main() -> None:
     parser.add_argument("--prior-steps", type=int, help="prior steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="decoder guidance scale (default: the model's)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--card", action="store_true",
-                        help="save the results as evaluation.json in the model's folder and rewrite its model card")
+    parser.add_argument(
+        "--card",
+        action="store_true",
+        help="save the results as evaluation.json in the model's folder and rewrite its model card",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = {}

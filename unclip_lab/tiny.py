@@ -39,8 +39,16 @@ def build(root: Path, seed: int = 0) -> None:
     movq = layout.movq(widths=(32, 32), layers_per_block=1, norm_num_groups=8, num_vq_embeddings=12)
     scheduler = layout.decoder_ddpm_scheduler()
     for name, in_channels in ((DECODER, 4), (INPAINT, 9)):
-        unet = layout.unet(in_channels=in_channels, sample_size=IMAGE_SIZE // 2, embed_dim=EMBED_DIM, widths=(16, 32),
-                           layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+        unet = layout.unet(
+            in_channels=in_channels,
+            sample_size=IMAGE_SIZE // 2,
+            embed_dim=EMBED_DIM,
+            widths=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
         folder = root / name
         unet.save_pretrained(folder / "unet")
         movq.save_pretrained(folder / "movq")

@@ -35,10 +35,10 @@ import numpy as np
 
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, latent_keep_mask
 from unclip_lab import layout, world
-from unclip_lab.layout import OPENAI_CLIP_MEAN as CLIP_MEAN
-from unclip_lab.layout import OPENAI_CLIP_STD as CLIP_STD
 from unclip_lab.card import write_card
 from unclip_lab.evaluate import TARGETS
+from unclip_lab.layout import OPENAI_CLIP_MEAN as CLIP_MEAN
+from unclip_lab.layout import OPENAI_CLIP_STD as CLIP_STD
 from unclip_lab.layout import TEXT_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Recipe:
     inpaint2_lr: float = 3e-4
     uncond: float = 0.1  # share of examples trained without their condition (classifier-free guidance)
 
-    def scaled(self, scale: float) -> "Recipe":
+    def scaled(self, scale: float) -> Recipe:
         values = asdict(self)
         for key in values:
             if key.endswith("_steps"):
@@ -110,7 +110,7 @@ def learn_merges(words: list[str]) -> list[str]:
         for word, parts in symbols.items():
             i, out = 0, []
             while i < len(parts):
-                if tuple(parts[i:i + 2]) == best:
+                if tuple(parts[i : i + 2]) == best:
                     out.append(parts[i] + parts[i + 1])
                     i += 2
                 else:
@@ -145,7 +145,8 @@ def _optimizer(torch, params, lr: float, steps: int):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))
+    )
     return opt, sched
 
 
@@ -166,12 +167,16 @@ class _Progress:
     def __call__(self, i: int, loss: float) -> None:
         self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
         if i % 100 == 0 or i == self.steps - 1:
-            logger.info("%s %d/%d loss %.4f (%.0f s)", self.stage, i + 1, self.steps, self.loss,
-                        time.monotonic() - self.start)
+            logger.info(
+                "%s %d/%d loss %.4f (%.0f s)", self.stage, i + 1, self.steps, self.loss, time.monotonic() - self.start
+            )
 
     def summary(self) -> dict:
-        return {"steps": self.steps, "seconds": round(time.monotonic() - self.start, 1),
-                "final_loss": round(float(self.loss), 5)}
+        return {
+            "steps": self.steps,
+            "seconds": round(time.monotonic() - self.start, 1),
+            "final_loss": round(float(self.loss), 5),
+        }
 
 
 # -- stage 2: CLIP --------------------------------------------------------------------------------
@@ -214,7 +219,8 @@ def train_clip(tokenizer, recipe: Recipe, folder: Path, device: str = "cpu") -> 
     text.cpu().save_pretrained(folder / "text_encoder")
     vision.cpu().save_pretrained(folder / "image_encoder")
     layout.image_processor(world.SIZE, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(
-        folder / "image_processor")
+        folder / "image_processor"
+    )
     return progress.summary()
 
 
@@ -280,13 +286,14 @@ def refine_movq(recipe: Recipe, folder: Path, device: str = "cpu") -> dict:
 class Data:
     captions: list[str]
     scenes: list[world.Scene]
-    embeds: "object"  # torch tensor N x EMBED_DIM: CLIP image embeddings
-    latents: "object"  # torch tensor N x 4 x 16 x 16: MoVQ latents
-    zero_embed: "object"  # CLIP embedding of the all-zero input: the decoder's unconditional embedding
+    embeds: object  # torch tensor N x EMBED_DIM: CLIP image embeddings
+    latents: object  # torch tensor N x 4 x 16 x 16: MoVQ latents
+    zero_embed: object  # CLIP embedding of the all-zero input: the decoder's unconditional embedding
 
-    def to(self, device) -> "Data":
-        return Data(self.captions, self.scenes, self.embeds.to(device), self.latents.to(device),
-                    self.zero_embed.to(device))
+    def to(self, device) -> Data:
+        return Data(
+            self.captions, self.scenes, self.embeds.to(device), self.latents.to(device), self.zero_embed.to(device)
+        )
 
 
 def encode_dataset(recipe: Recipe, vision, movq, device: str = "cpu") -> Data:
@@ -297,7 +304,7 @@ def encode_dataset(recipe: Recipe, vision, movq, device: str = "cpu") -> Data:
     vision, movq = vision.to(device), movq.to(device)
     with torch.inference_mode():
         for start in range(0, len(images), 512):
-            chunk = images[start:start + 512]
+            chunk = images[start : start + 512]
             embeds.append(vision(clip_pixels(torch, chunk, device)).image_embeds.cpu())
             latents.append(movq.encode(movq_pixels(torch, chunk, device)).latents.cpu())
         zero = vision(torch.zeros(1, 3, world.SIZE, world.SIZE, device=device)).image_embeds.cpu()
@@ -322,17 +329,22 @@ def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path, devic
     for i in range(recipe.prior_steps):
         pick = rng.integers(len(data.captions), size=recipe.prior_batch)
         captions = ["" if rng.random() < recipe.uncond else data.captions[j] for j in pick]
-        tokens = tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                           return_tensors="pt").to(device)
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+        ).to(device)
         with torch.no_grad():
             encoded = text(tokens.input_ids)
         x0 = target_all[pick]
         t = torch.randint(0, 1000, (len(pick),), device=device)
         a = alphas[t][:, None]
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
-        pred = prior(noisy, timestep=t, proj_embedding=encoded.text_embeds,
-                     encoder_hidden_states=encoded.last_hidden_state,
-                     attention_mask=tokens.attention_mask.bool()).predicted_image_embedding
+        pred = prior(
+            noisy,
+            timestep=t,
+            proj_embedding=encoded.text_embeds,
+            encoder_hidden_states=encoded.last_hidden_state,
+            attention_mask=tokens.attention_mask.bool(),
+        ).predicted_image_embedding
         loss = (pred - x0).pow(2).mean()
         _step(opt, sched, loss, params)
         progress(i, loss.item())
@@ -344,8 +356,16 @@ def train_prior(tokenizer, text, data: Data, recipe: Recipe, folder: Path, devic
 # -- stages 5 and 6: decoder and inpaint UNets ----------------------------------------------------
 def unet_model(in_channels: int):
     # 8 outputs = latent + variance, which this model leaves unused (it predicts v, see decoder_scheduler)
-    return layout.unet(in_channels=in_channels, sample_size=world.SIZE // 4, embed_dim=EMBED_DIM, widths=(32, 64),
-                       layers_per_block=2, cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32)
+    return layout.unet(
+        in_channels=in_channels,
+        sample_size=world.SIZE // 4,
+        embed_dim=EMBED_DIM,
+        widths=(32, 64),
+        layers_per_block=2,
+        cross_attention_dim=128,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
 
 
 def decoder_scheduler():
@@ -385,15 +405,18 @@ def _masks(data: Data, pick, rng) -> np.ndarray:
     for n, j in enumerate(pick):
         x0, y0, x1, y1 = data.scenes[j].box()
         grow = rng.integers(2, 21, size=4)
-        masks[n, 0, max(0, y0 - grow[1]):y1 + grow[3] + 1, max(0, x0 - grow[0]):x1 + grow[2] + 1] = 1
+        masks[n, 0, max(0, y0 - grow[1]) : y1 + grow[3] + 1, max(0, x0 - grow[0]) : x1 + grow[2] + 1] = 1
     return masks
 
 
 def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = "") -> tuple[object, dict]:
     import torch
 
-    steps, batch, lr = ((recipe.inpaint_steps, recipe.inpaint_batch, recipe.inpaint_lr) if inpaint
-                        else (recipe.decoder_steps, recipe.decoder_batch, recipe.decoder_lr))
+    steps, batch, lr = (
+        (recipe.inpaint_steps, recipe.inpaint_batch, recipe.inpaint_lr)
+        if inpaint
+        else (recipe.decoder_steps, recipe.decoder_batch, recipe.decoder_lr)
+    )
     if stage == "polish":
         steps, lr = recipe.polish_steps, recipe.polish_lr
     elif stage == "inpaint2":
@@ -419,8 +442,9 @@ def train_unet(unet, data: Data, recipe: Recipe, *, inpaint: bool, stage: str = 
         if inpaint:  # exactly what Kandinsky22.decode feeds the inpaint UNet
             keep = latent_keep_mask(torch, torch.from_numpy(_masks(data, pick, rng)).to(device), x0.shape[-2:])
             sample = torch.cat([sample, x0 * keep, keep], dim=1)
-        out = unet(sample=sample, timestep=t, encoder_hidden_states=None,
-                   added_cond_kwargs={"image_embeds": cond}).sample
+        out = unet(
+            sample=sample, timestep=t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": cond}
+        ).sample
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
         loss = (out[:, :4] - v).pow(2).mean()
         _step(opt, sched, loss, params)
@@ -447,8 +471,16 @@ def widen_for_inpaint(decoder_unet):
 # with two threads. NEEDS lists what each stage reads; STAGES is the order among stages that are ready
 # (the longest first: refine, which nothing waits for, runs beside the whole prior/decoder chain).
 # (refine also waits for clip: then the dataset, which reads the MoVQ's folder, is encoded before it starts.)
-NEEDS = {"movq": (), "clip": (), "refine": ("clip", "movq"), "prior": ("clip", "movq"), "decoder": ("clip", "movq"),
-         "inpaint": ("decoder",), "polish": ("inpaint",), "inpaint2": ("inpaint",)}
+NEEDS = {
+    "movq": (),
+    "clip": (),
+    "refine": ("clip", "movq"),
+    "prior": ("clip", "movq"),
+    "decoder": ("clip", "movq"),
+    "inpaint": ("decoder",),
+    "polish": ("inpaint",),
+    "inpaint2": ("inpaint",),
+}
 STAGES = ("movq", "clip", "refine", "prior", "decoder", "inpaint", "polish", "inpaint2")
 ON_DATASET = {"prior", "decoder", "inpaint", "polish", "inpaint2"}  # read .dataset.pt (encoded once)
 
@@ -462,8 +494,9 @@ def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> d
     wanted = json.loads(json.dumps(asdict(recipe)))  # as training.json holds it (tuples become lists)
     log = json.loads(log_path.read_text()) if log_path.exists() else {"recipe": wanted, "stages": {}}
     if log["recipe"] != wanted:
-        raise SystemExit(f"{log_path} was trained with another recipe; resume with the same options or use "
-                         "a new folder")
+        raise SystemExit(
+            f"{log_path} was trained with another recipe; resume with the same options or use a new folder"
+        )
     log.setdefault("devices", {})
     if not (out / PRIOR / "tokenizer" / "vocab.json").exists():  # later stages need the one CLIP learned with
         build_tokenizer(out / PRIOR / "tokenizer")
@@ -503,8 +536,9 @@ def choose_sampling(out: Path) -> None:
     from diffusers import DPMSolverMultistepScheduler
 
     for name, pipeline in ((DECODER, "KandinskyV22Pipeline"), (INPAINT, "KandinskyV22InpaintPipeline")):
-        DPMSolverMultistepScheduler.from_config(decoder_scheduler().config, algorithm_type="dpmsolver++",
-                                                solver_order=2).save_pretrained(out / name / "scheduler")
+        DPMSolverMultistepScheduler.from_config(
+            decoder_scheduler().config, algorithm_type="dpmsolver++", solver_order=2
+        ).save_pretrained(out / name / "scheduler")
         layout.write_decoder_index(out / name, pipeline, scheduler="DPMSolverMultistepScheduler")
     (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
 
@@ -603,8 +637,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     parser.add_argument("--workers", type=int, default=2, help="stages trained side by side")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is there (same recipe, other RNG)")
-    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="FIELD=VALUE",
-                        help="change one Recipe field, e.g. --set movq_channels=64,64,64 (experiments)")
+    parser.add_argument(
+        "--set",
+        dest="changes",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one Recipe field, e.g. --set movq_channels=64,64,64 (experiments)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,7 @@ def describe(named: dict, template: int = 0) -> str:
 
 def vocabulary() -> list[str]:
     """Every word a caption can use."""
-    words = {"a", "an", "picture", "of", "in", "the", "at", "on", "background", *COLOURS, *BACKGROUNDS, *SHAPES,
-             *RADII}
+    words = {"a", "an", "picture", "of", "in", "the", "at", "on", "background", *COLOURS, *BACKGROUNDS, *SHAPES, *RADII}
     for position in POSITIONS:
         words.update(position.split())
     return sorted(words)
@@ -142,8 +141,12 @@ def samples(n: int, seed: int, mention: float = 0.5) -> tuple[np.ndarray, list[s
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     captions, named = zip(*(caption(s, rng, mention=mention) for s in scenes)) if n else ((), ())
-    return np.stack([render(s) for s in scenes]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8), \
-        list(captions), scenes, list(named)
+    return (
+        np.stack([render(s) for s in scenes]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8),
+        list(captions),
+        scenes,
+        list(named),
+    )
 
 
 # -- the judge ------------------------------------------------------------------------------------
@@ -171,19 +174,20 @@ def judge(image: np.ndarray) -> Judgement:
     """Background from the border, foreground from the rest; colour by nearest palette colour, shape
     by how much of its bounding box the foreground fills."""
     image = np.asarray(image)[..., :3].astype(np.int32)
-    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3), image[:, :2].reshape(-1, 3),
-                             image[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3), image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]
+    )
     background = nearest(np.median(border, axis=0), BACKGROUNDS)
     labels = _labels(image)
     names = list(BACKGROUNDS)
     foreground = labels != names.index(background)
-    counts = np.bincount(labels[foreground], minlength=len(names))[:len(COLOURS)]  # gray is never a shape
+    counts = np.bincount(labels[foreground], minlength=len(names))[: len(COLOURS)]  # gray is never a shape
     if foreground.sum() < MIN_FOREGROUND or counts.max(initial=0) < MIN_PURITY * foreground.sum():
         return Judgement(background, None, None, 0.0)  # nothing drawn, or no one colour (noise)
     colour = names[int(np.argmax(counts))]
     rows, cols = _extent(foreground.sum(axis=1)), _extent(foreground.sum(axis=0))
     area = (rows[1] - rows[0] + 1) * (cols[1] - cols[0] + 1)
-    fill = float(foreground[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1].sum() / area)
+    fill = float(foreground[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1].sum() / area)
     shape = "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
     return Judgement(background, colour, shape, fill)
 
@@ -200,5 +204,5 @@ def region_mask(scene: Scene, grow: int = 4) -> np.ndarray:
     """HxW uint8 mask, 255 over the scene's shape box grown by ``grow`` px: where an inpaint may draw."""
     mask = np.zeros((SIZE, SIZE), np.uint8)
     x0, y0, x1, y1 = scene.box()
-    mask[max(0, y0 - grow):y1 + grow + 1, max(0, x0 - grow):x1 + grow + 1] = 255
+    mask[max(0, y0 - grow) : y1 + grow + 1, max(0, x0 - grow) : x1 + grow + 1] = 255
     return mask

@@ -55,7 +55,7 @@ class ModelSpec:
     location: str  # local folder, Hub namespace, or object-storage URL
 
     @classmethod
-    def parse(cls, spec: str) -> "ModelSpec":
+    def parse(cls, spec: str) -> ModelSpec:
         if spec in ALIASES:
             family, location = ALIASES[spec]
             return cls(spec, family, str(location))
@@ -95,16 +95,20 @@ def describe_model(model: str, storage_options: dict | None = None) -> tuple[Mod
     if local is not None and spec.family != "null" and not path.is_dir():
         known = ", ".join(ALIASES)
         if not _HUB_NAMESPACE.match(spec.location):
-            raise SetupError(f"model {model!r} not found: not a folder ({path.absolute()} does not exist), not a "
-                             f"known alias ({known})")
+            raise SetupError(
+                f"model {model!r} not found: not a folder ({path.absolute()} does not exist), not a "
+                f"known alias ({known})"
+            )
         try:
             return spec, spec.describe(storage_options)
         except Exception as exc:  # the Hub answers in many exception types; the first line says enough
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
             if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
                 reason = "HF_HUB_OFFLINE is set, and this machine's Hub cache does not have it"
-            raise SetupError(f"model {model!r} not found: not a folder, not a known alias ({known}), and not "
-                             f"loadable from the Hugging Face Hub as a namespace ({reason})") from exc
+            raise SetupError(
+                f"model {model!r} not found: not a folder, not a known alias ({known}), and not "
+                f"loadable from the Hugging Face Hub as a namespace ({reason})"
+            ) from exc
     try:
         return spec, spec.describe(storage_options)
     except Exception as exc:

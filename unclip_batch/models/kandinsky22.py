@@ -50,8 +50,11 @@ def _read_config(location: str, component: str, subfolder: str) -> dict:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-WEIGHT_FOLDERS = {PRIOR: ("prior", "text_encoder", "image_encoder"), DECODER: ("unet", "movq"),
-                  INPAINT: ("unet", "movq")}
+WEIGHT_FOLDERS = {
+    PRIOR: ("prior", "text_encoder", "image_encoder"),
+    DECODER: ("unet", "movq"),
+    INPAINT: ("unet", "movq"),
+}
 
 
 def check_safetensors(location: str) -> None:
@@ -63,9 +66,11 @@ def check_safetensors(location: str) -> None:
                 continue
             names = [p.name for p in path.iterdir()]
             if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
-                raise ValueError(f"{path} has only pickle weights ({', '.join(sorted(names))}); unclip-batch loads "
-                                 "safetensors only, since a pickle can run code: convert them with save_pretrained("
-                                 "..., safe_serialization=True)")
+                raise ValueError(
+                    f"{path} has only pickle weights ({', '.join(sorted(names))}); unclip-batch loads "
+                    "safetensors only, since a pickle can run code: convert them with save_pretrained("
+                    "..., safe_serialization=True)"
+                )
 
 
 def describe(location: str) -> ModelInfo:
@@ -78,8 +83,14 @@ def describe(location: str) -> ModelInfo:
     multiple = movq_scale * 2 ** (len(unet["block_out_channels"]) - 1)
     sample_size = unet.get("sample_size")
     default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
-    return ModelInfo(family=FAMILY, location=location, default_size=default_size, size_multiple=multiple,
-                     max_size=MAX_SIZE, defaults={**sampling.DEFAULTS, **_checkpoint_defaults(location)})
+    return ModelInfo(
+        family=FAMILY,
+        location=location,
+        default_size=default_size,
+        size_multiple=multiple,
+        max_size=MAX_SIZE,
+        defaults={**sampling.DEFAULTS, **_checkpoint_defaults(location)},
+    )
 
 
 def _checkpoint_defaults(location: str) -> dict:
@@ -98,8 +109,9 @@ def _checkpoint_defaults(location: str) -> dict:
 class Kandinsky22:
     """Holds CLIP, the prior and the decoder(s); turns a group of same-shaped requests into pixels."""
 
-    def __init__(self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32",
-                 scheduler: str = "default"):
+    def __init__(
+        self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32", scheduler: str = "default"
+    ):
         import diffusers
         import torch
         import transformers
@@ -117,8 +129,9 @@ class Kandinsky22:
         self.decoder = _local_or_hub(KandinskyV22Pipeline, location, DECODER, load).to(self.device)
         self.inpainter = None
         if "inpaint" in tasks:  # a 9-channel UNet is as large as the decoder: load it only when needed
-            self.inpainter = _local_or_hub(KandinskyV22InpaintPipeline, location, INPAINT,
-                                           dict(load, movq=self.decoder.movq)).to(self.device)
+            self.inpainter = _local_or_hub(
+                KandinskyV22InpaintPipeline, location, INPAINT, dict(load, movq=self.decoder.movq)
+            ).to(self.device)
         for pipe in (self.prior, self.decoder, self.inpainter):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
@@ -136,8 +149,13 @@ class Kandinsky22:
         if any(negative_prompts):
             negative = list(negative_prompts)
             generators += [self._generator(seed) for seed in seeds]
-        out = self.prior(list(prompts), negative_prompt=negative, num_inference_steps=s.prior_num_inference_steps,
-                         guidance_scale=s.prior_guidance_scale, generator=generators)
+        out = self.prior(
+            list(prompts),
+            negative_prompt=negative,
+            num_inference_steps=s.prior_num_inference_steps,
+            guidance_scale=s.prior_guidance_scale,
+            generator=generators,
+        )
         return out.image_embeds, out.negative_image_embeds
 
     def image_embeds(self, images: list[np.ndarray]):
@@ -204,15 +222,25 @@ class Kandinsky22:
                 model_input = torch.cat([latents] * 2) if guided else latents
                 if extra is not None:
                     model_input = torch.cat([model_input, extra], dim=1)
-                out = unet(sample=model_input, timestep=t, encoder_hidden_states=None,
-                           added_cond_kwargs={"image_embeds": cond}, return_dict=False)[0]
-                noise_pred = _guide(torch, out, channels, s.guidance_scale if guided else None,
-                                    getattr(scheduler.config, "variance_type", None))
+                out = unet(
+                    sample=model_input,
+                    timestep=t,
+                    encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": cond},
+                    return_dict=False,
+                )[0]
+                noise_pred = _guide(
+                    torch,
+                    out,
+                    channels,
+                    s.guidance_scale if guided else None,
+                    getattr(scheduler.config, "variance_type", None),
+                )
                 latents = scheduler.step(noise_pred, t, latents, generator=generators)[0]
                 if source is not None:  # re-impose the (re-noised) source outside the mask, as diffusers does
                     proper = source_latents
                     if i < len(timesteps) - 1:
-                        proper = scheduler.add_noise(source_latents, noise, timesteps[i + 1: i + 2])
+                        proper = scheduler.add_noise(source_latents, noise, timesteps[i + 1 : i + 2])
                     latents = keep * proper + (1 - keep) * latents
             if source is not None:
                 latents = keep * source_latents + (1 - keep) * latents

@@ -16,8 +16,14 @@ FAMILY = "null"
 
 
 def describe(location: str) -> ModelInfo:
-    return ModelInfo(family=FAMILY, location=location, default_size=64, size_multiple=8, max_size=1024,
-                     defaults=dict(sampling.DEFAULTS))
+    return ModelInfo(
+        family=FAMILY,
+        location=location,
+        default_size=64,
+        size_multiple=8,
+        max_size=1024,
+        defaults=dict(sampling.DEFAULTS),
+    )
 
 
 class NullModel:
