@@ -114,3 +114,18 @@ def test_scheduler_swap_keeps_the_training_schedule():
     assert out.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="unknown scheduler"):
         Kandinsky22(TINY, tasks=frozenset({"generate"}), device="cpu", scheduler="euler")
+
+
+def test_every_family_keeps_the_declared_interface():
+    import inspect
+
+    from unclip_batch.models import FAMILIES, Family, Model
+
+    for name in FAMILIES:
+        family = ModelSpec(name, name, "x").module()
+        assert isinstance(family, Family), name
+        for function in ("describe", "load"):
+            declared = inspect.signature(getattr(Family, function)).parameters
+            assert list(inspect.signature(getattr(family, function)).parameters) == list(declared)[1:], name
+    assert isinstance(ModelSpec.parse("null").load(), Model)
+    assert isinstance(ModelSpec.parse("tiny").load(device="cpu", tasks=("generate",)), Model)

@@ -42,17 +42,10 @@ class UnclipPredictor:
         threads: int | None = None,
         storage_options: dict | None = None,
     ):
-        spec = ModelSpec.parse(model)
-        self.family = spec.module()  # the family imports its own libraries (the null model: none)
-        start = time.perf_counter()
-        self.model = self.family.load(
-            spec.local_location(storage_options),
-            tasks=frozenset(tasks),
-            device=device,
-            dtype=dtype,
-            scheduler=scheduler,
+        # The family imports its own libraries (the null model: none).
+        self.model = ModelSpec.parse(model).load(
+            tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, storage_options=storage_options
         )
-        logger.info("model %s loaded in %.1fs", model, time.perf_counter() - start)
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
         self.batch_size = batch_size

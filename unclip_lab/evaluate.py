@@ -222,15 +222,7 @@ def passed(results: dict) -> dict:
 
 def load(spec: str = "default", scheduler: str = "default"):
     model_spec = ModelSpec.parse(spec)
-    info = model_spec.describe()
-    model = model_spec.module().load(
-        model_spec.local_location(),
-        tasks=frozenset({"generate", "variation", "inpaint"}),
-        device="cpu",
-        dtype="float32",
-        scheduler=scheduler,
-    )
-    return model, info
+    return model_spec.load(device="cpu", dtype="float32", scheduler=scheduler), model_spec.describe()
 
 
 def main() -> None:

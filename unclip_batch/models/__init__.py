@@ -14,8 +14,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from unclip_batch.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,40 @@ class ModelInfo:
     tasks: tuple[str, ...] = ("generate", "variation", "inpaint")
 
 
+@runtime_checkable
+class Model(Protocol):
+    """A loaded model: what the predictor calls, one call per group of same-shaped requests. Images are
+    uint8 height x width x 3 arrays, masks height x width (1 = repaint); each returns N x H x W x 3 uint8.
+    Image i of a call uses ``seeds[i]`` alone, so batching never changes it (see predict.py)."""
+
+    def generate(
+        self, prompts: list[str], negative_prompts: list[str], seeds: list[int], s: Sampling
+    ) -> np.ndarray: ...
+
+    def variation(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], s: Sampling) -> np.ndarray: ...
+
+    def inpaint(
+        self,
+        images: list[np.ndarray],
+        masks: list[np.ndarray],
+        prompts: list[str],
+        negative_prompts: list[str],
+        seeds: list[int],
+        s: Sampling,
+    ) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family: a module in FAMILIES with these two functions."""
+
+    def describe(self, location: str) -> ModelInfo:
+        """What rows may ask of the model at ``location`` (a local folder or Hub id), from configs alone."""
+
+    def load(self, location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str) -> Model:
+        """The model, loaded for ``tasks`` only (an inpainting UNet costs memory)."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     spec: str  # as the user wrote it: recorded in metadata and compared on resume
@@ -65,7 +106,7 @@ class ModelSpec:
             raise ValueError(f"unknown model family {family!r} in --model {spec!r}; known: {', '.join(FAMILIES)}")
         return cls(spec, family, location)
 
-    def module(self):
+    def module(self) -> Family:
         return importlib.import_module(FAMILIES[self.family])
 
     def local_location(self, storage_options: dict | None = None) -> str:
@@ -76,6 +117,27 @@ class ModelSpec:
 
     def describe(self, storage_options: dict | None = None) -> ModelInfo:
         return self.module().describe(self.local_location(storage_options))
+
+    def load(
+        self,
+        *,
+        tasks=("generate", "variation", "inpaint"),
+        device: str = "auto",
+        dtype: str = "auto",
+        scheduler: str = "default",
+        storage_options: dict | None = None,
+    ) -> Model:
+        """The one way a model is loaded: by the job's model actors and by the evaluation alike."""
+        start = time.perf_counter()
+        model = self.module().load(
+            self.local_location(storage_options),
+            tasks=frozenset(tasks),
+            device=device,
+            dtype=dtype,
+            scheduler=scheduler,
+        )
+        logger.info("model %s loaded in %.1fs", self.spec, time.perf_counter() - start)
+        return model
 
 
 _HUB_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # a Hub user or organisation name
