@@ -133,9 +133,10 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
 def test_every_stage_starts_after_the_stages_it_reads():
     from unclip_lab.train import NEEDS, ON_DATASET, STAGES
 
-    assert set(NEEDS) == set(STAGES) and len(STAGES) == len(set(STAGES))
-    for name in STAGES:
-        assert all(STAGES.index(need) < STAGES.index(name) for need in NEEDS[name]), name
+    order = [stage.name for stage in STAGES]
+    assert set(NEEDS) == set(order) and len(order) == len(set(order))
+    for name in order:
+        assert all(order.index(need) < order.index(name) for need in NEEDS[name]), name
     # The dataset is encoded from CLIP and the MoVQ: its readers wait for both.
     assert all({"clip", "movq"} <= _upstream(name, NEEDS) for name in ON_DATASET)
 

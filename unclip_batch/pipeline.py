@@ -69,12 +69,11 @@ def start_ray(address: str | None = None) -> None:
     else:
         # address="local": a new Ray for certain. A bare ray.init() would join a Ray that `ray start` left on
         # this machine (found in Ray's temp folder) and then refuse our settings.
-        # No dashboard: its processes start beside the model actor, ~1.5 s of a 10-row job's first image on
-        # 2 cores, measured side by side (benchmarks/README.md). `ray start --head` + --address keeps one.
+        # No dashboard: its processes start beside the model actor and delay the first image
+        # (benchmarks/README.md). `ray start --head` + --address keeps one.
         # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
         # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
-        # Ray Data, pandas and the stage's libraries again (18 worker processes in a 10,000-row job on 2
-        # cores). Keep one per I/O task slot: 10,000 rows to S3 212 -> 256 images/s, side by side.
+        # Ray Data and the stage's libraries again. Keep one per I/O task slot (benchmarks/README.md).
         ray.init(
             address="local",
             logging_level=logging.WARNING,
@@ -113,8 +112,8 @@ def placement(config: JobConfig, resources: dict) -> Placement:
         return Placement("cuda", workers, config.cpus_per_worker or 1.0, None)
     # Without a GPU the actors compute on CPUs that the load and write tasks need too: reserve a quarter
     # of the cluster for the model (its torch still gets all of a node's CPUs as threads). Not more: a job
-    # stopped by a failure can leave its model actor holding its CPUs for a while (seen in our tests:
-    # a rerun in the same process, on 2 CPUs with two 1-CPU actors, waited forever for its I/O tasks).
+    # stopped by a failure can leave its model actor holding its CPUs for a while, and a rerun in the same
+    # process would wait for its I/O tasks (benchmarks/README.md, "Why the code is as it is").
     worker_cpus = config.cpus_per_worker or max(0.25, min(1.0, cpus / (4 * workers)))
     return Placement("cpu", workers, worker_cpus, max(1, int(cpus // workers)))
 

@@ -271,8 +271,8 @@ def model_blocks(rows: list, batch_size: int) -> Iterator[list]:
 
     Rows that can share a call travel together (stable: manifest order within a kind; image bytes do not
     depend on the company they keep), and a block ends only where a call ends: the actor pads each
-    group's last call of a block, so a group cut mid-call would be padded twice. Cut by rows (64 rows per
-    block) the 96-row mixed benchmark ran 9 calls of 16 for 128 images; cut here, 8.
+    group's last call of a block, so a group cut mid-call would be padded twice (one call in nine
+    wasted on the mixed benchmark when blocks were cut by rows: benchmarks/README.md).
     """
     target, block, images, group, group_images = batch_size * CALLS_PER_BLOCK, [], 0, None, 0
     keyed = sorted(((call_key(vars(row)), row) for row in rows), key=lambda pair: pair[0])

@@ -4,10 +4,9 @@ Rows arrive mixed; they are grouped by everything a model call must share (task,
 guidance), and each group is cut into calls of exactly ``batch_size`` images (a power of two),
 padding the last one. Every image gets its own seeded noise, and kernels pick
 their algorithm by tensor shape, so with a fixed call shape a row's images are the same bytes whatever
-they were batched with: on a resume, after a retry, alone or in a crowd. Measured on this project's
-CPUs with the tiny model: a 3-image and an 8-image call of the same rows differ by up to 27/255 after
-12 steps; at a fixed size of 2, 4, 8, 12 or 16 an image's position in the call changes nothing, at 5
-or 6 it does (vector kernels work on rows in blocks), hence the power of two.
+they were batched with: on a resume, after a retry, alone or in a crowd. The call size is a power of
+two because at some other sizes an image's position in the call changes its bytes (vector kernels work
+on rows in blocks): benchmarks/README.md, "Why the code is as it is".
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class UnclipPredictor:
         # OpenMP's thread count belongs to each thread. oneDNN's convolutions start OpenMP directly, so in
         # a thread torch has not set up they get OMP_NUM_THREADS, which Ray sets to an actor's whole CPUs
         # (1 here); and Ray Data calls the actor from a thread pool, not the thread that built it. Set the
-        # count in the calling thread. Measured on 2 cores: without it the UNet ran on one core.
+        # count in the calling thread (without it the UNet ran on one core: benchmarks/README.md).
         torch = sys.modules.get("torch")  # not imported: the model computes without it
         if torch and self.threads and threading.get_ident() not in self._threaded:
             torch.set_num_threads(self.threads)

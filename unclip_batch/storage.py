@@ -99,9 +99,8 @@ def write_many(fs, objects: dict[str, bytes], root: str, retry_for_s: float = RE
     """Write several whole objects; object stores get them concurrently.
 
     S3 PUTs go through obstore (Rust's object_store) where the output's options are ones it understands:
-    measured against SeaweedFS on 2 cores, s3fs spends ~2 ms of CPU per small object (request building
-    and signing in Python), obstore ~0.3 ms, at 4x the objects/s. Anything else goes through fsspec's
-    async pipe.
+    s3fs builds and signs each request in Python, several times obstore's CPU per small object
+    (benchmarks/README.md). Anything else goes through fsspec's async pipe.
     """
     if not objects:
         return

@@ -28,6 +28,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -468,21 +469,71 @@ def widen_for_inpaint(decoder_unet):
 # -- orchestration --------------------------------------------------------------------------------
 # Stages start as soon as the stages they build on are saved, one process and one thread each while
 # others run: on small tensors two single-threaded processes get more from two cores than one process
-# with two threads. NEEDS lists what each stage reads; STAGES is the order among stages that are ready
-# (the longest first: refine, which nothing waits for, runs beside the whole prior/decoder chain).
-# (refine also waits for clip: then the dataset, which reads the MoVQ's folder, is encoded before it starts.)
-NEEDS = {
-    "movq": (),
-    "clip": (),
-    "refine": ("clip", "movq"),
-    "prior": ("clip", "movq"),
-    "decoder": ("clip", "movq"),
-    "inpaint": ("decoder",),
-    "polish": ("inpaint",),
-    "inpaint2": ("inpaint",),
-}
-STAGES = ("movq", "clip", "refine", "prior", "decoder", "inpaint", "polish", "inpaint2")
-ON_DATASET = {"prior", "decoder", "inpaint", "polish", "inpaint2"}  # read .dataset.pt (encoded once)
+# with two threads. The trainer is a table of stages (STAGES): what each reads, and how it runs.
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]  # stages whose saved output it reads
+    on_dataset: bool  # reads .dataset.pt (the training pictures encoded once)
+    run: Callable  # (Context) -> summary dict; saves its own output
+
+
+@dataclass
+class Context:
+    out: Path
+    recipe: Recipe
+    device: str
+    tokenizer: object
+    data: Data | None  # for stages on the dataset
+
+
+def _decoder_unet(c: Context, source: str, stage: str, inpaint: bool, pipeline: str, widen: bool = False) -> dict:
+    """Train a decoder-side UNet: a new one (source ""), or the one saved under ``source``; save it."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(c.out / source / "unet") if source else unet_model(4)
+    unet, summary = train_unet(
+        widen_for_inpaint(unet) if widen else unet, c.data, c.recipe, inpaint=inpaint, stage=stage
+    )
+    _save_decoder(c.out / (INPAINT if inpaint else DECODER), unet, pipeline)
+    return summary
+
+
+def _prior(c: Context) -> dict:
+    from transformers import CLIPTextModelWithProjection
+
+    text = CLIPTextModelWithProjection.from_pretrained(c.out / PRIOR / "text_encoder").eval()
+    summary = train_prior(c.tokenizer, text, c.data, c.recipe, c.out / PRIOR, c.device)
+    layout.write_prior_index(c.out / PRIOR)
+    return summary
+
+
+# In the order they start among those ready (the longest first: refine, which nothing waits for, runs
+# beside the whole prior/decoder chain). refine also waits for clip: then the dataset, which reads the
+# MoVQ's folder, is encoded before refine starts rewriting it.
+STAGES = (
+    Stage("movq", (), False, lambda c: train_movq(c.recipe, c.out / DECODER / "movq", c.device)),
+    Stage("clip", (), False, lambda c: train_clip(c.tokenizer, c.recipe, c.out / PRIOR, c.device)),
+    Stage("refine", ("clip", "movq"), False, lambda c: refine_movq(c.recipe, c.out / DECODER / "movq", c.device)),
+    Stage("prior", ("clip", "movq"), True, _prior),
+    Stage("decoder", ("clip", "movq"), True, lambda c: _decoder_unet(c, "", "decoder", False, "KandinskyV22Pipeline")),
+    Stage(
+        "inpaint",
+        ("decoder",),
+        True,
+        lambda c: _decoder_unet(c, DECODER, "inpaint", True, "KandinskyV22InpaintPipeline", widen=True),
+    ),
+    Stage("polish", ("inpaint",), True, lambda c: _decoder_unet(c, DECODER, "polish", False, "KandinskyV22Pipeline")),
+    Stage(
+        "inpaint2",
+        ("inpaint",),
+        True,
+        lambda c: _decoder_unet(c, INPAINT, "inpaint2", True, "KandinskyV22InpaintPipeline"),
+    ),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+NEEDS = {stage.name: stage.needs for stage in STAGES}
+ON_DATASET = {stage.name for stage in STAGES if stage.on_dataset}
 
 
 def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> dict:
@@ -500,7 +551,7 @@ def train(out: Path, recipe: Recipe, workers: int = 2, device: str = "cpu") -> d
     log.setdefault("devices", {})
     if not (out / PRIOR / "tokenizer" / "vocab.json").exists():  # later stages need the one CLIP learned with
         build_tokenizer(out / PRIOR / "tokenizer")
-    pending = [name for name in STAGES if name not in log["stages"]]
+    pending = [stage.name for stage in STAGES if stage.name not in log["stages"]]
     running: dict = {}
     device_name = _device_name(device)
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -554,45 +605,17 @@ def _device_name(device: str) -> str:
 
 
 def run_stage(name: str, out: Path, recipe: Recipe, threads: int, device: str = "cpu") -> dict:
+    """One stage, in a process of its own (see train)."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed + len(name))
-    prior_dir, decoder_dir, inpaint_dir = out / PRIOR, out / DECODER, out / INPAINT
-    tokenizer = CLIPTokenizer.from_pretrained(prior_dir / "tokenizer")
-    if name == "clip":
-        return train_clip(tokenizer, recipe, prior_dir, device)
-    if name == "movq":
-        return train_movq(recipe, decoder_dir / "movq", device)
-    if name == "refine":
-        return refine_movq(recipe, decoder_dir / "movq", device)
-    data = torch.load(out / ".dataset.pt", weights_only=False).to(device)
-    if name == "prior":
-        text = CLIPTextModelWithProjection.from_pretrained(prior_dir / "text_encoder").eval()
-        summary = train_prior(tokenizer, text, data, recipe, prior_dir, device)
-        layout.write_prior_index(prior_dir)
-        return summary
-    if name == "decoder":
-        unet, summary = train_unet(unet_model(4), data, recipe, inpaint=False)
-        _save_decoder(decoder_dir, unet, "KandinskyV22Pipeline")
-        return summary
-    if name == "polish":
-        unet = UNet2DConditionModel.from_pretrained(decoder_dir / "unet")
-        unet, summary = train_unet(unet, data, recipe, inpaint=False, stage="polish")
-        _save_decoder(decoder_dir, unet, "KandinskyV22Pipeline")
-        return summary
-    if name == "inpaint2":
-        unet = UNet2DConditionModel.from_pretrained(inpaint_dir / "unet")
-        unet, summary = train_unet(unet, data, recipe, inpaint=True, stage="inpaint2")
-        _save_decoder(inpaint_dir, unet, "KandinskyV22InpaintPipeline")
-        return summary
-    unet = widen_for_inpaint(UNet2DConditionModel.from_pretrained(decoder_dir / "unet"))
-    unet, summary = train_unet(unet, data, recipe, inpaint=True)
-    _save_decoder(inpaint_dir, unet, "KandinskyV22InpaintPipeline")
-    return summary
+    stage = BY_NAME[name]
+    tokenizer = CLIPTokenizer.from_pretrained(out / PRIOR / "tokenizer")
+    data = torch.load(out / ".dataset.pt", weights_only=False).to(device) if stage.on_dataset else None
+    return stage.run(Context(out, recipe, device, tokenizer, data))
 
 
 def _save_dataset(out: Path, recipe: Recipe, device: str = "cpu") -> None:

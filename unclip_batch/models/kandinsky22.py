@@ -161,8 +161,8 @@ class Kandinsky22:
     def image_embeds(self, images: list[np.ndarray]):
         """CLIP image encoder: source pixels -> CLIP image embedding (the variation's condition)."""
         # One image per call: a ViT's token count (patches + 1) is rarely a multiple of the CPU kernels'
-        # row blocks, so in a batch an image's embedding would depend on its position (measured: the
-        # same variation differed by up to 2/255 with other companions). The encoder is cheap.
+        # row blocks, so in a batch an image's embedding would depend on its position (benchmarks/README.md,
+        # "Why the code is as it is"). The encoder is cheap.
         pixels = self.prior.image_processor(images=images, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.prior.image_encoder.dtype)
         return self.torch.cat([self.prior.image_encoder(p[None]).image_embeds for p in pixels])
