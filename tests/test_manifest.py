@@ -135,7 +135,7 @@ def test_limit(tmp_path):
         (lambda p: write_manifest(p, [], pa.schema([("id", pa.string())])), "has no rows"),
         (
             lambda p: (p.with_suffix(".csv").write_text("id,prompt\na,p\n"), p.with_suffix(".csv"))[1],
-            r"is text, not Parquet: convert it with `python manifests/build.py .*m.csv .*m.parquet`",
+            r"is text, not Parquet: convert it with `unclip-batch manifest build .*m.csv -o .*m.parquet`",
         ),
     ],
 )

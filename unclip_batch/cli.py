@@ -33,6 +33,14 @@ rerunning the same command resumes after 3, 5, 130 and 143.
 """
 
 
+BUILD_EXAMPLES = """examples:
+  unclip-batch manifest build prompts.txt -o prompts.parquet --num-images 4
+  unclip-batch manifest build manifests/demo.jsonl -o manifests/demo.parquet
+  unclip-batch manifest build classes.txt -o synth.parquet --num-images 8 \\
+      --template "a photo of a {}" --template "a drawing of a {}"
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip-batch",
@@ -130,14 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check manifests without loading a model")
     val.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
-    for p in (run, val):
-        p.add_argument(
-            "--model",
-            "-m",
-            default=default("model"),
-            help="model spec: default, tiny, a local folder, a Hub "
-            "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)",
-        )
+    manifest = sub.add_parser("manifest", help="manifest tools (build a Parquet manifest from text files)")
+    tools = manifest.add_subparsers(dest="tool", required=True)
+    build = tools.add_parser(
+        "build",
+        help="a Parquet manifest from .txt (a prompt a line), .csv or .jsonl files",
+        description="Build a Parquet manifest from .txt (a prompt a line), .csv or .jsonl files. Rows without "
+        "an id get one from their file's name and line (prompts-000041).",
+        epilog=BUILD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("sources", nargs="+", metavar="SOURCE", help=".txt, .csv or .jsonl file (any fsspec URL)")
+    build.add_argument("--output", "-o", required=True, help="the Parquet manifest to write (any fsspec URL)")
+    build.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        help="a prompt template with {} for the class (repeatable): the sources are then class lists, a class a "
+        "line, and every class x template is a row with the class in a 'label' column",
+    )
+    build.add_argument("--num-images", type=int, help="images per row, for rows that leave num_images empty")
+    build.add_argument("--seed", type=int, help="seed for rows that leave seed empty (default: derived from the id)")
+    for p in (run, val, build):
         p.add_argument(
             "--storage-options",
             type=json.loads,
@@ -145,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="JSON",
             help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
             "(default: $UNCLIP_BATCH_STORAGE_OPTIONS or the usual AWS variables)",
+        )
+    for p in (run, val):
+        p.add_argument(
+            "--model",
+            "-m",
+            default=default("model"),
+            help="model spec: default, tiny, a local folder, a Hub "
+            "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)",
         )
     return parser
 
@@ -202,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "manifest":
+            return _build(args)
         if args.command == "validate":
             return _validate(args)
         config = config_from_args(args)
@@ -236,6 +268,22 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if summary["rows"]["failed"] and not args.allow_failures:
         return EXIT_ROWS_FAILED
+    return 0
+
+
+def _build(args) -> int:
+    from unclip_batch.build import build
+
+    table = build(
+        args.sources,
+        args.output,
+        templates=args.template,
+        num_images=args.num_images,
+        seed=args.seed,
+        storage_options=_storage_options(args),
+    )
+    print(f"{args.output}: {table.num_rows} rows, columns {', '.join(table.column_names)}")
+    print(f"check it with: unclip-batch validate {args.output}")
     return 0
 
 

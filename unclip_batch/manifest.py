@@ -32,7 +32,7 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_NUM_IMAGES = 16  # OpenAI's Images API allows up to 10; a GPU batch of 16 fits every model we serve
 MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the first 77 tokens anyway
 MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES  # image k uses seed + k, which must still fit an int64
-TEXT_MANIFESTS = (".csv", ".jsonl", ".json")  # what manifests/build.py turns into Parquet
+TEXT_MANIFESTS = (".csv", ".jsonl", ".json", ".txt")  # what `unclip-batch manifest build` turns into Parquet
 
 STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
 # Every sampling setting is a column of its own name (sampling.py declares them).
@@ -169,8 +169,8 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
             raise ManifestError(f"manifest {url} does not exist")
         if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
             raise ManifestError(
-                f"manifest {url} is text, not Parquet: convert it with `python manifests/build.py "
-                f"{url} {url.rsplit('.', 1)[0]}.parquet` (JSON Lines or CSV, one row a line)"
+                f"manifest {url} is text, not Parquet: convert it with `unclip-batch manifest build {url} "
+                f"-o {url.rsplit('.', 1)[0]}.parquet` (.txt a prompt a line, .csv, or .jsonl a row a line)"
             )
         table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
     except ManifestError:
