@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = {"num_inference_steps": 4, "prior_num_inference_steps": 2}
 
 
+def cli_flags(steps: dict = FAST, device: str = "cpu") -> list[str]:
+    """The command line's form of a job's step settings (``--num-inference-steps 4 ...``) and device."""
+    flags = [x for name, value in steps.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    return [*flags, "--device", device]
+
+
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if schema is None:  # from_pylist reads the keys of the first row only

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FAST, write_manifest
+from helpers import cli_flags, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,14 +25,7 @@ def cli(*args, env=None, timeout=300):
 
 
 def fast_flags():
-    return [
-        "--num-inference-steps",
-        str(FAST["num_inference_steps"]),
-        "--prior-num-inference-steps",
-        str(FAST["prior_num_inference_steps"]),
-        "--device",
-        "cpu",
-    ]
+    return cli_flags()
 
 
 def test_validate_reports_bad_rows(tmp_path):

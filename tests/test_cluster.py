@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, images_of, kill_processes
+from helpers import cli_flags, images_of, kill_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
-STEPS = [
-    "--num-inference-steps",
-    str(FAST["num_inference_steps"]),
-    "--prior-num-inference-steps",
-    str(FAST["prior_num_inference_steps"]),
-    "--device",
-    "cpu",
-]
+STEPS = cli_flags()
 
 
 def free_port() -> int:

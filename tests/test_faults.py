@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from helpers import images_of, job, kill_processes, make_sources, read_output, write_manifest
+from helpers import cli_flags, images_of, job, kill_processes, make_sources, read_output, write_manifest
 
 from unclip_batch.job import run_job
 
@@ -53,14 +53,7 @@ def assert_same_result(output: Path, reference: Path) -> None:
 
 
 def cli_run(manifest, output, env, extra=(), **popen):
-    flags = [
-        "--num-inference-steps",
-        str(STEPS["num_inference_steps"]),
-        "--prior-num-inference-steps",
-        str(STEPS["prior_num_inference_steps"]),
-        "--device",
-        "cpu",
-    ]
+    flags = cli_flags(STEPS)
     return subprocess.Popen(
         [
             sys.executable,

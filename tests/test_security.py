@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import FAST, job, kill_processes, write_manifest
+from helpers import cli_flags, job, kill_processes, write_manifest
 
 from unclip_batch.errors import ManifestError, SetupError
 from unclip_batch.job import run_job
@@ -84,12 +84,7 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
                 "null",
                 "--storage-options",
                 json.dumps(s3.options(key, secret)),
-                "--num-inference-steps",
-                str(FAST["num_inference_steps"]),
-                "--prior-num-inference-steps",
-                str(FAST["prior_num_inference_steps"]),
-                "--device",
-                "cpu",
+                *cli_flags(),
             ],
             capture_output=True,
             text=True,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import images_of, job, pixels, read_output, write_manifest
+from helpers import REPO, images_of, job, pixels, read_output, write_manifest
 
 from unclip_batch.models import WEIGHTS, ModelSpec
 from unclip_batch.models.kandinsky22 import DECODER, INPAINT, PRIOR, describe
@@ -209,6 +209,7 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=REPO,  # the lab lives beside the package: importable from the repository root
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
