@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/unclip-batch run manifests/demo.parquet --output out/demo --allow-failures  # its last row fails on purpose
+	$(VENV)/bin/unclip-batch report out/demo  # out/demo/report/index.html: open it in a browser
 
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -v --durations=15

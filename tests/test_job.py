@@ -73,3 +73,25 @@ def test_progress_says_rows_failures_rate_and_time_left(tmp_path, caplog, monkey
         sinks.add([image_row("a", 0, 1), image_row("b", -1, 1, row=1, code="model_error")])
     assert "progress: 2/4 rows done (1 failed), 1 images, 0.10 images/s, about 10s left" in caplog.text
     assert [job_module._duration(s) for s in (42, 200, 3900)] == ["42s", "3m20s", "1h05m"]
+
+
+def test_a_terminal_gets_one_bar_with_rows_images_rate_and_failures(tmp_path, caplog):
+    import io
+    import logging
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    lookup = pa.table({"_manifest": ["m"] * 4, "_manifest_row": [0, 1, 2, 3]})
+    screen = Terminal()
+    sinks = Sinks(job(["m"], tmp_path), lookup, "tiny", total=4, bar_file=screen)
+    with caplog.at_level(logging.INFO, logger="unclip_batch.job"):
+        sinks.add([image_row("a", 0, 1), image_row("b", -1, 1, row=1, code="model_error")])
+        assert "2/4" in screen.getvalue() and "1 images" in screen.getvalue() and "1 failed" in screen.getvalue()
+        assert "progress:" not in caplog.text  # on a terminal the bar replaces the periodic lines
+        sinks.close()
+    assert "progress: 2/4 rows done (1 failed)" in caplog.text  # the last word also goes to the log
+    quiet = Terminal()
+    Sinks(job(["m"], tmp_path, progress_bar=False), lookup, "tiny", total=4, bar_file=quiet).close()
+    assert quiet.getvalue() == ""  # --quiet: no bar even on a terminal

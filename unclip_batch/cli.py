@@ -159,7 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--num-images", type=int, help="images per row, for rows that leave num_images empty")
     build.add_argument("--seed", type=int, help="seed for rows that leave seed empty (default: derived from the id)")
-    for p in (run, val, build):
+    report = sub.add_parser(
+        "report",
+        help="write OUTPUT/report/index.html: summary, contact sheets per task, errors by code",
+        description="Write OUTPUT/report/index.html: the summary, a contact sheet per task (each image with its "
+        "prompt, and for variations and inpaints the source and mask), and the error records by code. Open it "
+        "from disk, or serve the output folder as it is.",
+    )
+    report.add_argument("output", metavar="OUTPUT", help="a job's output folder (local path or any fsspec URL)")
+    for p in (run, val, build, report):
         p.add_argument(
             "--storage-options",
             type=json.loads,
@@ -198,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         device=args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
+        progress_bar=False if args.quiet else None,
         flush_every_s=args.flush_seconds,
         storage_retry_s=args.storage_retry_seconds,
     )
@@ -234,14 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "manifest":
             return _build(args)
+        if args.command == "report":
+            from unclip_batch.report import write_report
+
+            print(write_report(args.output, _storage_options(args)))
+            return 0
         if args.command == "validate":
             return _validate(args)
         config = config_from_args(args)
-        from unclip_batch import pipeline
         from unclip_batch.job import run_job
-
-        if args.quiet:
-            pipeline.quiet_progress_bars()
 
         summary = run_job(config)
     except SetupError as exc:  # a ConfigError too; any other ValueError is a bug, not the user's

@@ -10,10 +10,12 @@ import logging
 import os
 import platform
 import signal
+import sys
 import time
 from collections import Counter
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from unclip_batch import __version__, pipeline, plan, storage
 from unclip_batch.batches import NO_ERROR, rows_of
@@ -154,7 +156,7 @@ def _duration(seconds: float) -> str:
 class Sinks:
     """Turns finished image rows into metadata and failed rows into errors, each row exactly once."""
 
-    def __init__(self, config: JobConfig, lookup: pa.Table, model: str, total: int):
+    def __init__(self, config: JobConfig, lookup: pa.Table, model: str, total: int, bar_file=None):
         self.model, self.total = model, total
         shards = dict(
             output=config.output,
@@ -172,6 +174,19 @@ class Sinks:
         self.codes: Counter = Counter()
         self.clock = self.last_report = time.perf_counter()
         self.last_counts = None
+        # One bar on a terminal (stderr), replacing Ray Data's per-operator bars; in a log, a line every
+        # PROGRESS_EVERY_S seconds with the same facts.
+        bar_file = bar_file or sys.stderr
+        show = config.progress_bar if config.progress_bar is not None else bar_file.isatty()
+        self.bar = tqdm(
+            total=total,
+            unit="row",
+            desc="unclip-batch",
+            file=bar_file,
+            disable=not show,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
 
     @property
     def done(self) -> int:
@@ -204,9 +219,16 @@ class Sinks:
 
     def _report(self, final: bool = False) -> None:
         now = time.perf_counter()
+        failed = sum(self.codes.values())
+        if not self.bar.disable:
+            self.bar.update(self.succeeded + failed - self.bar.n)
+            rate = self.images / max(now - self.clock, 1e-9)
+            self.bar.set_postfix_str(f"{self.images} images, {rate:.2f} images/s, {failed} failed")  # redraws
+            if not final:
+                return  # the bar says it all; the last line goes to the log as well
+            self.bar.close()
         if final or now - self.last_report >= PROGRESS_EVERY_S:
             self.last_report = now
-            failed = sum(self.codes.values())
             counts = (self.succeeded, failed, self.images)
             if counts != self.last_counts:  # the final report repeats nothing already said
                 done, elapsed = self.succeeded + failed, max(now - self.clock, 1e-9)

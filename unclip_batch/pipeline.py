@@ -74,6 +74,9 @@ def start_ray(address: str | None = None) -> None:
         # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
         # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
         # Ray Data and the stage's libraries again. Keep one per I/O task slot (benchmarks/README.md).
+        # Token auth on, as Ray 2.60 turns it on by default, but said explicitly: Ray then does not warn every
+        # user that it did so (a warning about nothing they did). An explicit RAY_AUTH_MODE is kept.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(
             address="local",
             logging_level=logging.WARNING,
@@ -126,7 +129,9 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
 
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
-    ray.data.DataContext.get_current().raise_original_map_exception = True
+    context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True
+    context.enable_progress_bars = False  # the job shows one bar of its own (job.Sinks), not one per operator
     _quiet_expected_failures()
     resources = ray.cluster_resources()
     place = placement(config, resources)
@@ -184,10 +189,3 @@ def _quiet_expected_failures() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
             handler.addFilter(_ExpectedFailures())
-
-
-def quiet_progress_bars() -> None:
-    """No Ray Data progress bars (--quiet)."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False

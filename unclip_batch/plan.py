@@ -259,7 +259,7 @@ def _settings(record: dict) -> dict:
 def clear_output(output: str, storage_options: dict | None = None) -> None:
     """--overwrite: remove what an earlier job wrote (only our own names, never the whole folder)."""
     fs, root = storage.filesystem(output, storage_options)
-    for name in ("images", "metadata", "errors", JOB_RECORD, SUCCESS):
+    for name in ("images", "metadata", "errors", "report", JOB_RECORD, SUCCESS):
         path = storage.join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -41,11 +41,11 @@ def load_sources(batch: dict, storage_options: dict | None = None, retry_for_s: 
 
 def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tuple[bytes, bytes]:
     size = (int(row["width"]), int(row["height"]))
-    image = _open(row["image"], "image", storage_options, retry_for_s)
+    image = open_image(row["image"], "image", storage_options, retry_for_s)
     if row["task"] == "variation":
         return _rgb(image, size).tobytes(), b""
     if row["mask"]:
-        mask = _open(row["mask"], "mask", storage_options, retry_for_s)
+        mask = open_image(row["mask"], "mask", storage_options, retry_for_s)
         if mask.size != image.size:
             raise RowError(
                 "mask_size_mismatch",
@@ -73,7 +73,7 @@ def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tu
     return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes()
 
 
-def _open(url: str, what: str, storage_options: dict | None, retry_for_s: float) -> Image.Image:
+def open_image(url: str, what: str, storage_options: dict | None, retry_for_s: float) -> Image.Image:
     try:
         fs, path = storage.filesystem(url, storage_options)
         if storage.is_web(url):  # a dead link is the row's problem: no retries

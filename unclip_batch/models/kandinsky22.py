@@ -118,6 +118,7 @@ class Kandinsky22:
         from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
         # Per-component loading bars from every actor drown Ray's own progress; the job reports progress.
+        logging.getLogger("transformers.utils.import_utils").addFilter(NO_TORCHVISION_NOTICE)
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -284,6 +285,17 @@ def latent_keep_mask(torch, repaint, size):
     repaint = torch.nn.functional.interpolate(repaint, tuple(size), mode="nearest")
     repaint = torch.nn.functional.max_pool2d(repaint, kernel_size=3, stride=1, padding=1)
     return 1 - repaint
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """transformers warns, at the first look-up of CLIPImageProcessor, that without torchvision it falls back to
+    the PIL processor: the one we want on every machine (torchvision is not a dependency). Nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+NO_TORCHVISION_NOTICE = _NoTorchvisionNotice()  # one instance: addFilter adds it once however many loads
 
 
 def _local_or_hub(cls, location: str, component: str, kwargs: dict):

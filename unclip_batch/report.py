@@ -1,0 +1,166 @@
+"""``unclip-batch report OUTPUT``: one HTML page that shows what a job made and what failed.
+
+Written to ``OUTPUT/report/index.html`` (local or object storage): the summary, a contact sheet per
+task (each image with its prompt, seed and, for variations and inpaints, thumbnails of the source and
+mask), and the error records by code with their messages. Images are linked relatively
+(``../images/<id>/<k>.png``) and source thumbnails are copied into ``report/sources/``, so the page
+works opened from disk or served as the folder is, wherever the sources were.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unclip_batch import storage
+from unclip_batch.sources import open_image
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "report"
+PER_TASK = 120  # images shown per task: a contact sheet, not a gallery of millions
+ERRORS_SHOWN = 200
+THUMBNAIL = 96  # px, the longer side of a source or mask thumbnail
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
+.sheet { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: 200px; } figure img.out { width: 200px; height: auto; image-rendering: pixelated; }
+figcaption { font-size: 12px; word-wrap: break-word; } .inputs img { width: 48px; margin-right: 4px; }
+.code { font-family: monospace; }
+"""
+
+
+def write_report(output: str, storage_options: dict | None = None) -> str:
+    """Write the report page (and source thumbnails) under ``output``; return the page's URL."""
+    fs, root = storage.filesystem(output, storage_options)
+    summary = _summary(fs, root)
+    metadata, errors = _read(fs, root, "metadata"), _read(fs, root, "errors")
+    objects: dict[str, bytes] = {}
+    body = [f"<h1>unclip-batch report: {html.escape(output)}</h1>", _summary_html(summary, metadata, errors)]
+    rows = metadata.to_pylist() if metadata is not None else []
+    for task in ("generate", "variation", "inpaint"):
+        task_rows = [r for r in rows if r["task"] == task]
+        if task_rows:
+            body.append(_sheet(task, task_rows, objects, storage_options))
+    body.append(_errors_html(errors))
+    page = (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>unclip-batch report</title>"
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    objects["index.html"] = page.encode()  # report-relative names, as the page links them
+    storage.write_many(fs, {storage.join(root, FOLDER, name): data for name, data in objects.items()}, root)
+    if summary is not None:  # the job is over: nothing else writes under the output now
+        storage.clear_partial(fs, root)
+    url = f"{output.rstrip('/')}/{FOLDER}/index.html"
+    logger.info("report: %s (%d images, %d error records)", url, len(rows), errors.num_rows if errors else 0)
+    return url
+
+
+def _summary(fs, root: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(storage.join(root, "_SUCCESS")))
+    except FileNotFoundError:
+        return None
+
+
+def _read(fs, root: str, folder: str) -> pa.Table | None:
+    path = storage.join(root, folder)
+    files = sorted(fs.glob(path + "/*.parquet")) if fs.exists(path) else []
+    tables = [pq.read_table(f, filesystem=fs) for f in files]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="permissive")
+    keys = ["id", "k"] if "k" in table.column_names else ["id"]
+    return table.sort_by([(key, "ascending") for key in keys])
+
+
+def _summary_html(summary: dict | None, metadata: pa.Table | None, errors: pa.Table | None) -> str:
+    rows = metadata.num_rows if metadata is not None else 0
+    ids = len(set(metadata["id"].to_pylist())) if metadata is not None else 0
+    failed = errors.num_rows if errors is not None else 0
+    facts = [("rows with images", ids), ("images", rows), ("rows failed", failed)]
+    if summary is None:
+        facts.insert(0, ("status", "incomplete: no _SUCCESS yet (the job is running, or stopped; rerun it to resume)"))
+    else:
+        facts = [("status", summary["status"]), ("model", summary["model"])] + facts
+        facts += [
+            (
+                "last run",
+                f"{summary['started']} to {summary['finished']}, {summary['wall_s']:.1f} s, "
+                f"{summary['images_per_s'] or 0:.2f} images/s",
+            ),
+            ("manifests", ", ".join(summary["manifests"])),
+        ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    return f"<h2>Summary</h2><table id='summary'>{cells}</table>"
+
+
+def _sheet(task: str, rows: list[dict], objects: dict, storage_options) -> str:
+    shown = rows[:PER_TASK]
+    more = f" (the first {len(shown)} of {len(rows)})" if len(rows) > len(shown) else ""
+    figures = []
+    for row in shown:
+        inputs = ""
+        if task != "generate" and row["k"] == 0:
+            inputs = (
+                "<div class='inputs'>"
+                + "".join(
+                    _thumbnail(row, what, objects, storage_options) for what in ("image", "mask") if row.get(what)
+                )
+                + "</div>"
+            )
+        caption = f"<b>{html.escape(row['id'])}</b> #{row['k']} seed {row['seed']}"
+        if row.get("prompt"):
+            caption += f"<br>{html.escape(row['prompt'])}"
+        figures.append(
+            f"<figure><a href='../{html.escape(row['image_key'])}'><img class='out' "
+            f"src='../{html.escape(row['image_key'])}' alt='{html.escape(row['id'])}'></a>"
+            f"<figcaption>{caption}{inputs}</figcaption></figure>"
+        )
+    return f"<h2 id='{task}'>{task}: {len(rows)} images{more}</h2><div class='sheet'>{''.join(figures)}</div>"
+
+
+def _thumbnail(row: dict, what: str, objects: dict, storage_options) -> str:
+    """A small copy of a row's source image or mask beside the page (the original may be anywhere)."""
+    name = f"sources/{row['id']}-{what}.png"
+    try:
+        image = open_image(row[what], what, storage_options, retry_for_s=5.0)
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    except Exception as exc:  # the row's source moved since the job ran: say so, keep the page
+        return f"<span title='{html.escape(str(exc))}'>({what} unreadable)</span>"
+    objects[name] = buffer.getvalue()
+    return f"<img src='{html.escape(name)}' alt='{what}' title='{what}: {html.escape(row[what])}'>"
+
+
+def _errors_html(errors: pa.Table | None) -> str:
+    if errors is None or errors.num_rows == 0:
+        return "<h2 id='errors'>Errors</h2><p>No error records.</p>"
+    records = errors.to_pylist()
+    counts = Counter(r["code"] for r in records)
+    by_code = "".join(
+        f"<tr><td class='code'>{html.escape(code)}</td><td>{n}</td></tr>" for code, n in counts.most_common()
+    )
+    lines = "".join(
+        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['stage'])}</td>"
+        f"<td class='code'>{html.escape(r['code'])}</td><td>{html.escape(r['message'])}</td></tr>"
+        for r in records[:ERRORS_SHOWN]
+    )
+    more = (
+        f"<p>The first {ERRORS_SHOWN} of {len(records)}; all are in errors/*.parquet.</p>"
+        if len(records) > ERRORS_SHOWN
+        else ""
+    )
+    return (
+        f"<h2 id='errors'>Errors: {len(records)} rows</h2><table id='codes'><tr><th>code</th><th>rows</th></tr>"
+        f"{by_code}</table><h3>Records</h3><table id='records'><tr><th>id</th><th>stage</th><th>code</th>"
+        f"<th>message</th></tr>{lines}</table>{more}"
+    )
