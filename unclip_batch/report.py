@@ -52,6 +52,7 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
     body.append(_errors_html(errors))
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>unclip-batch report</title>"
+        "<link rel='icon' href='data:,'>"
         f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     objects["index.html"] = page.encode()  # report-relative names, as the page links them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import functools
 import json
@@ -215,6 +216,17 @@ class _Credentials:
         }
 
 
+def _run_async(coroutine_function):
+    """asyncio.run, also where this thread already runs an event loop (a notebook, a browser driver): then
+    in a thread of its own, as asyncio.run cannot nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine_function())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(coroutine_function())).result()
+
+
 def _put_all(store, pending: dict[str, bytes]) -> None:
     """PUT every pending object concurrently; the ones stored are taken out of ``pending``, so a retry
     sends only the rest. Raises the first failure as the built-in error ``retrying`` understands."""
@@ -234,7 +246,7 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
 
     keys = list(pending)
     failures = []
-    for key, result in zip(keys, asyncio.run(put_all())):
+    for key, result in zip(keys, _run_async(put_all)):
         if isinstance(result, BaseException):
             failures.append(result)
         else:
