@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -184,7 +185,10 @@ class Sinks:
             desc="unclip-batch",
             file=bar_file,
             disable=not show,
-            dynamic_ncols=True,
+            # The terminal's size once; one that reports none (0 x 0, as some do) gets 100 x 20, where
+            # tqdm would draw nothing at all.
+            ncols=shutil.get_terminal_size((100, 20)).columns,
+            nrows=shutil.get_terminal_size((100, 20)).lines,
             smoothing=0.1,
         )
 

@@ -34,10 +34,10 @@ def run(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
 def put(config: JobConfig, block: pa.Table):
     """A validated block into Ray's object store as soon as it is made (Ray starts with the first one):
     the driver holds references, not also an Arrow copy of every validated row until the job ends."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        start_ray(config.address)  # before `import ray` here: see start_ray on token auth
     import ray
 
-    if not ray.is_initialized():
-        start_ray(config.address)
     return ray.put(block)
 
 
@@ -60,9 +60,14 @@ def ray_address(address: str | None) -> str | None:
 
 def start_ray(address: str | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a Ray for this job alone."""
+    address = ray_address(address)
+    if not address and "ray" not in sys.modules:
+        # Token auth on, as Ray 2.60 turns it on for a new local Ray by default, but said before Ray reads
+        # its config (at import): Ray then does not warn every user that it chose it for them. Only when
+        # Ray is not imported yet (else its cached config would disagree); an explicit RAY_AUTH_MODE stays.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    address = ray_address(address)
     if address:  # a cluster's settings are its own
         ray.init(address=address, logging_level=logging.WARNING)
         logger.info("joined the Ray cluster at %s", address)
@@ -74,9 +79,6 @@ def start_ray(address: str | None = None) -> None:
         # Ray keeps only as many idle workers as there are CPUs and kills the rest after a second idle; our
         # I/O tasks take a quarter CPU each, so it kept killing workers and starting new ones, each importing
         # Ray Data and the stage's libraries again. Keep one per I/O task slot (benchmarks/README.md).
-        # Token auth on, as Ray 2.60 turns it on by default, but said explicitly: Ray then does not warn every
-        # user that it did so (a warning about nothing they did). An explicit RAY_AUTH_MODE is kept.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(
             address="local",
             logging_level=logging.WARNING,
@@ -124,6 +126,7 @@ def placement(config: JobConfig, resources: dict) -> Placement:
 def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.util.debug import log_once
 
     from unclip_batch.predict import UnclipPredictor
 
@@ -132,6 +135,8 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True
     context.enable_progress_bars = False  # the job shows one bar of its own (job.Sinks), not one per operator
+    # Ray Data says once that its bars are off ("to enable, set ..."): the job chose so, not the user.
+    log_once("ray_data_progress_manager_disabled")
     _quiet_expected_failures()
     resources = ray.cluster_resources()
     place = placement(config, resources)

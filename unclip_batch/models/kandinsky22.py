@@ -112,13 +112,14 @@ class Kandinsky22:
     def __init__(
         self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32", scheduler: str = "default"
     ):
+        # Before diffusers' pipelines import transformers' image processor (the notice comes then).
+        logging.getLogger("transformers.utils.import_utils").addFilter(NO_TORCHVISION_NOTICE)
         import diffusers
         import torch
         import transformers
         from diffusers import KandinskyV22InpaintPipeline, KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
         # Per-component loading bars from every actor drown Ray's own progress; the job reports progress.
-        logging.getLogger("transformers.utils.import_utils").addFilter(NO_TORCHVISION_NOTICE)
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
