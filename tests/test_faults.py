@@ -124,11 +124,14 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
 
 
 def test_sigterm_saves_finished_rows_and_says_how_to_resume(workload, tmp_path):
-    """`kill`, `ray job stop` and Kubernetes stop a job with SIGTERM: one clear line, exit 143, rows kept."""
+    """`kill`, `ray job stop` and Kubernetes stop a job with SIGTERM: one clear line, exit 143, rows kept.
+    And a --quiet run says nothing else a user did not cause (no bar, no progress lines, no notices)."""
     manifest, _ = workload
     output = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    # As on a fresh shell: the session's own Ray set RAY_AUTH_MODE in this process's environment.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1")
     driver = cli_run(manifest, output, env)
     try:
         wait_for_first_shard(driver, output)
@@ -142,6 +145,14 @@ def test_sigterm_saves_finished_rows_and_says_how_to_resume(workload, tmp_path):
     assert 0 < saved < 36 and not (output / "_SUCCESS").exists()
     assert f"interrupted (SIGTERM): {saved} rows saved by this run; rerun the same command to resume" in log
     assert "Traceback" not in log and "core_worker" not in log.split("interrupted")[-1]
+    for noise in (
+        "Token authentication is enabled",
+        "requires torchvision",
+        "Progress bars disabled",
+        "progress:",
+        "%|",
+    ):
+        assert noise not in log, f"{noise!r} reached the user:\n{log[-3000:]}"
 
 
 def own_actors() -> list[psutil.Process]:
