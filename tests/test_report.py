@@ -19,9 +19,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def demo_output(ray_local, tmp_path_factory):
-    """The demo manifest (every task, and a row whose source is missing) through the tiny model."""
+    """The demo manifest (every task, and a row whose source is missing) through the null model: the page is
+    about what the job recorded, not about pixels (null draws noise, and returns a source as its variation)."""
     output = tmp_path_factory.mktemp("report") / "out"
-    run_job(job([str(REPO / "manifests" / "demo.parquet")], str(output)))
+    run_job(job([str(REPO / "manifests" / "demo.parquet")], str(output), model="null"))
     return output
 
 
