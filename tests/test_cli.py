@@ -230,3 +230,13 @@ def test_bad_options_are_setup_errors_and_a_bug_is_not_blamed_on_them(tmp_path, 
     monkeypatch.setattr(job, "run_job", buggy)  # a ValueError that is no option's fault: a traceback, not exit 2
     with pytest.raises(ValueError, match="a bug inside the job"):
         cli_module.main(["run", manifest, "-o", str(tmp_path / "out")])
+
+
+def test_validate_names_words_the_embedded_model_does_not_know(tmp_path):
+    rows = [{"id": "ok", "prompt": "a red circle"}, {"id": "cat", "prompt": "a photo of a cat"}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    result = cli("validate", manifest)  # the default model: a closed world, its words in unclip_batch.json
+    assert result.returncode == 0, result.stderr  # a warning, not an invalid row
+    assert "warning: 1 rows use words model 'default' does not know" in result.stdout
+    assert "'cat' (1)" in result.stdout and "(first rows: cat)" in result.stdout and "circle" in result.stdout
+    assert "warning" not in cli("validate", manifest, "--model", "tiny").stdout  # any text: nothing to say

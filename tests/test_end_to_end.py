@@ -260,3 +260,19 @@ def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_
     assert (retried["rows"]["done_before"], retried["rows"]["succeeded"], retried["rows"]["failed"]) == (2, 0, 1)
     metadata, errors = read_output(output)
     assert errors["id"].to_pylist() == ["c"] and metadata.num_rows == 3
+
+
+def test_the_job_warns_of_words_its_model_does_not_know_and_runs_the_rows(ray_local, sources, tmp_path, caplog):
+    import shutil
+
+    from unclip_batch.models import WEIGHTS
+
+    model = tmp_path / "closed-world"  # the tiny checkpoint, told it knows only a few words
+    shutil.copytree(WEIGHTS / "tiny", model)
+    (model / "unclip_batch.json").write_text(json.dumps({"vocabulary": ["a", "red", "circle"]}))
+    rows = [{"id": "known", "prompt": "a red circle"}, {"id": "unknown", "prompt": "a red cat"}]
+    manifest = write_manifest(sources / "m.parquet", rows)
+    with caplog.at_level("WARNING", logger="unclip_batch.job"):
+        summary = run_job(job([manifest], tmp_path / "out", model=str(model)))
+    assert summary["rows"]["succeeded"] == 2  # warned, not refused
+    assert "1 rows use words model" in caplog.text and "'cat' (1) (first rows: unknown)" in caplog.text

@@ -197,3 +197,25 @@ def test_input_hash_sees_what_the_images_depend_on(tmp_path):
         assert input_hash({**base, **change}) != input_hash(base), change
     good, _ = run_validate(tmp_path, [base])
     assert good[0].input_hash == input_hash(base)
+
+
+def test_words_outside_a_closed_world_model_vocabulary_are_counted_not_refused(tmp_path):
+    from unclip_batch.manifest import UnknownWords
+
+    rows, bad = run_validate(
+        tmp_path,
+        [
+            {"id": "ok", "prompt": "A red circle, on a white background!"},
+            {"id": "cat", "prompt": "a photo of a cat", "negative_prompt": "blurry photo"},
+            {"id": "star", "prompt": "a pink star"},
+        ],
+    )
+    assert len(rows) == 3 and bad == []  # valid rows: a warning, never an error
+    words = UnknownWords(frozenset("a red circle on white background".split()))
+    words.check(rows)
+    assert (words.rows, words.first_ids) == (2, ["cat", "star"])
+    assert words.words == {"photo": 1, "of": 1, "cat": 1, "blurry": 1, "pink": 1, "star": 1}
+    assert "2 rows use words model 'm' does not know" in words.message("m") and "'photo' (1)" in words.message("m")
+    anything = UnknownWords(None)  # a model that reads any text (Kandinsky 2.2's CLIP) says nothing
+    anything.check(rows)
+    assert anything.rows == 0 and anything.message("m") == ""

@@ -298,14 +298,15 @@ def _build(args) -> int:
 
 
 def _validate(args) -> int:
-    from unclip_batch.manifest import SizeRule, read_manifests, validate
+    from unclip_batch.manifest import SizeRule, UnknownWords, read_manifests, validate
     from unclip_batch.models import describe_model
 
-    _, info = describe_model(args.model, _storage_options(args))
+    spec, info = describe_model(args.model, _storage_options(args))
     table = read_manifests(args.manifests, _storage_options(args))
     size = SizeRule.of(info)
-    good, bad, codes = 0, [], Counter()
+    good, bad, codes, words = 0, [], Counter(), UnknownWords(info.vocabulary)
     for rows, errors in validate(table, info.defaults, size):
+        words.check(rows)
         errors += missing_local_sources(rows)
         good += len(rows) - len({e["row"] for e in errors if e["stage"] == "load"})
         codes.update(e["code"] for e in errors)
@@ -316,6 +317,8 @@ def _validate(args) -> int:
         print(f"  {code}: {n}")
     for e in bad:
         print(f"  row {e['row']} id={e['id']!r}: [{e['code']}] {e['message']}")
+    if words.rows:  # a warning: these rows are valid, and run
+        print(f"warning: {words.message(spec.spec)}")
     return EXIT_ROWS_FAILED if total_bad else 0
 
 

@@ -22,7 +22,16 @@ from unclip_batch import __version__, pipeline, plan, storage
 from unclip_batch.batches import NO_ERROR, rows_of
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable, caused_by
-from unclip_batch.manifest import MANIFEST, MANIFEST_ROW, ROW_FIELDS, SizeRule, extra_columns, read_manifests, validate
+from unclip_batch.manifest import (
+    MANIFEST,
+    MANIFEST_ROW,
+    ROW_FIELDS,
+    SizeRule,
+    UnknownWords,
+    extra_columns,
+    read_manifests,
+    validate,
+)
 from unclip_batch.models import ModelSpec, describe_model
 from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_json
 
@@ -95,12 +104,15 @@ def run_job(config: JobConfig) -> dict:
         # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
         # a bigger block would hold every image of it until the last one is made. Small blocks are written
         # as they are made (first images sooner; a crash loses only the batches in flight).
-        blocks, tasks = [], set()
+        blocks, tasks, words = [], set(), UnknownWords(info.vocabulary)
         for rows, errors in validate(todo, defaults, size):
             sinks.errors(errors)
+            words.check(rows)
             for block in plan.model_blocks(rows, config.batch_size):
                 tasks.update(row.task for row in block)
                 blocks.append(pipeline.put(config, rows_table(block)))  # the driver keeps a reference, not the rows
+        if words.rows:  # a warning, not an error: the rows run, and say what the model makes of them
+            logger.warning(words.message(spec.spec))
         # 5. Run the pipeline.
         if blocks:
             batches = pipeline.run(config, blocks, tuple(sorted(tasks)))

@@ -361,6 +361,45 @@ def _number(name: str, value, integer: bool):
     return float(value)
 
 
+_WORD = re.compile(r"[a-z]+")
+
+
+class UnknownWords:
+    """Words of valid rows' prompts that a closed-world model does not know (it draws as if they were not
+    there): counted per word, with the first rows that use them, for one warning per job or validate."""
+
+    def __init__(self, vocabulary: frozenset[str] | None):
+        self.vocabulary = vocabulary
+        self.words: dict[str, int] = {}
+        self.rows = 0
+        self.first_ids: list[str] = []
+
+    def check(self, rows: list[Row]) -> None:
+        if self.vocabulary is None:
+            return
+        for row in rows:
+            unknown = {w for text in (row.prompt, row.negative_prompt) for w in _WORD.findall(text.lower())}
+            unknown -= self.vocabulary
+            if unknown:
+                self.rows += 1
+                if len(self.first_ids) < 5:
+                    self.first_ids.append(row.id)
+                for word in unknown:
+                    self.words[word] = self.words.get(word, 0) + 1
+
+    def message(self, model: str) -> str:
+        """The warning, or "" when every word is known (or the model reads any text)."""
+        if not self.rows:
+            return ""
+        common = sorted(self.words.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{word!r} ({n})" for word, n in common[:12]) + (" ..." if len(common) > 12 else "")
+        return (
+            f"{self.rows} rows use words model {model!r} does not know, and it draws them as if those words "
+            f"were not there: {shown} (first rows: {', '.join(self.first_ids)}). Its words: "
+            f"{', '.join(sorted(self.vocabulary))}"
+        )
+
+
 def error_record(record: dict, stage: str, code: str, message: str) -> dict:
     """The errors/*.parquet row for a manifest record (its id may itself be the problem)."""
     return {

@@ -591,7 +591,8 @@ def choose_sampling(out: Path) -> None:
             decoder_scheduler().config, algorithm_type="dpmsolver++", solver_order=2
         ).save_pretrained(out / name / "scheduler")
         layout.write_decoder_index(out / name, pipeline, scheduler="DPMSolverMultistepScheduler")
-    (out / "unclip_batch.json").write_text(json.dumps({"defaults": SAMPLING}, indent=2) + "\n")
+    settings = {"defaults": SAMPLING, "vocabulary": world.vocabulary()}  # a closed world: validate names other words
+    (out / "unclip_batch.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _device_name(device: str) -> str:

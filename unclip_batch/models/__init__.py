@@ -53,6 +53,9 @@ class ModelInfo:
     max_size: int
     defaults: dict = field(default_factory=dict)
     tasks: tuple[str, ...] = ("generate", "variation", "inpaint")
+    # The words the model knows, for a model trained on a closed world (the embedded shapes model); None
+    # for one that reads any text (Kandinsky 2.2's CLIP): then nothing is said about words.
+    vocabulary: frozenset[str] | None = None
 
 
 @runtime_checkable

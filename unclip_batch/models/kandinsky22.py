@@ -83,27 +83,30 @@ def describe(location: str) -> ModelInfo:
     multiple = movq_scale * 2 ** (len(unet["block_out_channels"]) - 1)
     sample_size = unet.get("sample_size")
     default_size = sample_size * movq_scale if isinstance(sample_size, int) else 512
+    settings = _settings(location)
     return ModelInfo(
         family=FAMILY,
         location=location,
         default_size=default_size,
         size_multiple=multiple,
         max_size=MAX_SIZE,
-        defaults={**sampling.DEFAULTS, **_checkpoint_defaults(location)},
+        defaults={**sampling.DEFAULTS, **settings.get("defaults", {})},
+        vocabulary=frozenset(settings["vocabulary"]) if "vocabulary" in settings else None,
     )
 
 
-def _checkpoint_defaults(location: str) -> dict:
-    """Sampling defaults a checkpoint chose by measurement (``unclip_batch.json`` beside its three
-    folders, e.g. the embedded model's guidance); Hub checkpoints have none and keep diffusers' values."""
+def _settings(location: str) -> dict:
+    """What a checkpoint says of itself in ``unclip_batch.json`` beside its three folders: sampling
+    defaults chosen by measurement (the embedded model's guidance) and, for a model of a closed world, its
+    vocabulary. Hub checkpoints have none: diffusers' defaults, any words."""
     path = Path(location) / SETTINGS_FILE
     if not path.is_file():
         return {}
-    defaults = json.loads(path.read_text()).get("defaults", {})
-    unknown = set(defaults) - set(sampling.NAMES)
+    settings = json.loads(path.read_text())
+    unknown = set(settings.get("defaults", {})) - set(sampling.NAMES)
     if unknown:
         raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; known: {', '.join(sampling.NAMES)}")
-    return defaults
+    return settings
 
 
 class Kandinsky22:
