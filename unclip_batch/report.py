@@ -13,9 +13,9 @@ import html
 import io
 import json
 import logging
-from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unclip_batch import storage
@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 FOLDER = "report"
 PER_TASK = 120  # images shown per task: a contact sheet, not a gallery of millions
 ERRORS_SHOWN = 200
+SORTED_UP_TO = 1_000_000  # rows; more are shown in shard order
+METADATA_COLUMNS = ["id", "k", "task", "image_key", "prompt", "image", "mask", "seed"]
+ERROR_COLUMNS = ["id", "stage", "code", "message"]
 THUMBNAIL = 96  # px, the longer side of a source or mask thumbnail
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -41,14 +44,16 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
     """Write the report page (and source thumbnails) under ``output``; return the page's URL."""
     fs, root = storage.filesystem(output, storage_options)
     summary = _summary(fs, root)
-    metadata, errors = _read(fs, root, "metadata"), _read(fs, root, "errors")
+    metadata = _read(fs, root, "metadata", METADATA_COLUMNS)
+    errors = _read(fs, root, "errors", ERROR_COLUMNS)
     objects: dict[str, bytes] = {}
     body = [f"<h1>unclip-batch report: {html.escape(output)}</h1>", _summary_html(summary, metadata, errors)]
-    rows = metadata.to_pylist() if metadata is not None else []
     for task in ("generate", "variation", "inpaint"):
-        task_rows = [r for r in rows if r["task"] == task]
-        if task_rows:
-            body.append(_sheet(task, task_rows, objects, storage_options))
+        if metadata is not None:
+            of_task = metadata.filter(pc.equal(metadata["task"], task))
+            if of_task.num_rows:
+                shown = of_task.slice(0, PER_TASK).to_pylist()  # only what the page shows becomes Python
+                body.append(_sheet(task, shown, of_task.num_rows, objects, storage_options))
     body.append(_errors_html(errors))
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>unclip-batch report</title>"
@@ -60,7 +65,8 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
     if summary is not None:  # the job is over: nothing else writes under the output now
         storage.clear_partial(fs, root)
     url = f"{output.rstrip('/')}/{FOLDER}/index.html"
-    logger.info("report: %s (%d images, %d error records)", url, len(rows), errors.num_rows if errors else 0)
+    images = metadata.num_rows if metadata is not None else 0
+    logger.info("report: %s (%d images, %d error records)", url, images, errors.num_rows if errors else 0)
     return url
 
 
@@ -71,20 +77,22 @@ def _summary(fs, root: str) -> dict | None:
         return None
 
 
-def _read(fs, root: str, folder: str) -> pa.Table | None:
+def _read(fs, root: str, folder: str, columns: list[str]) -> pa.Table | None:
+    """The shards' columns the page uses (not the carried ones), in id order where that is cheap."""
     path = storage.join(root, folder)
     files = sorted(fs.glob(path + "/*.parquet")) if fs.exists(path) else []
-    tables = [pq.read_table(f, filesystem=fs) for f in files]
+    tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
-    keys = ["id", "k"] if "k" in table.column_names else ["id"]
-    return table.sort_by([(key, "ascending") for key in keys])
+    if table.num_rows > SORTED_UP_TO:  # a page for millions of rows shows shard order, not a sort of them all
+        return table
+    return table.sort_by([(key, "ascending") for key in columns[:2] if key in ("id", "k")])
 
 
 def _summary_html(summary: dict | None, metadata: pa.Table | None, errors: pa.Table | None) -> str:
     rows = metadata.num_rows if metadata is not None else 0
-    ids = len(set(metadata["id"].to_pylist())) if metadata is not None else 0
+    ids = pc.count_distinct(metadata["id"]).as_py() if metadata is not None else 0
     failed = errors.num_rows if errors is not None else 0
     facts = [("rows with images", ids), ("images", rows), ("rows failed", failed)]
     if summary is None:
@@ -103,9 +111,8 @@ def _summary_html(summary: dict | None, metadata: pa.Table | None, errors: pa.Ta
     return f"<h2>Summary</h2><table id='summary'>{cells}</table>"
 
 
-def _sheet(task: str, rows: list[dict], objects: dict, storage_options) -> str:
-    shown = rows[:PER_TASK]
-    more = f" (the first {len(shown)} of {len(rows)})" if len(rows) > len(shown) else ""
+def _sheet(task: str, shown: list[dict], total: int, objects: dict, storage_options) -> str:
+    more = f" (the first {len(shown)} of {total})" if total > len(shown) else ""
     figures = []
     for row in shown:
         inputs = ""
@@ -125,7 +132,7 @@ def _sheet(task: str, rows: list[dict], objects: dict, storage_options) -> str:
             f"src='../{html.escape(row['image_key'])}' alt='{html.escape(row['id'])}'></a>"
             f"<figcaption>{caption}{inputs}</figcaption></figure>"
         )
-    return f"<h2 id='{task}'>{task}: {len(rows)} images{more}</h2><div class='sheet'>{''.join(figures)}</div>"
+    return f"<h2 id='{task}'>{task}: {total} images{more}</h2><div class='sheet'>{''.join(figures)}</div>"
 
 
 def _thumbnail(row: dict, what: str, objects: dict, storage_options) -> str:
@@ -145,23 +152,23 @@ def _thumbnail(row: dict, what: str, objects: dict, storage_options) -> str:
 def _errors_html(errors: pa.Table | None) -> str:
     if errors is None or errors.num_rows == 0:
         return "<h2 id='errors'>Errors</h2><p>No error records.</p>"
-    records = errors.to_pylist()
-    counts = Counter(r["code"] for r in records)
+    counts = pc.value_counts(errors["code"]).to_pylist()
     by_code = "".join(
-        f"<tr><td class='code'>{html.escape(code)}</td><td>{n}</td></tr>" for code, n in counts.most_common()
+        f"<tr><td class='code'>{html.escape(c['values'])}</td><td>{c['counts']}</td></tr>"
+        for c in sorted(counts, key=lambda c: (-c["counts"], c["values"]))
     )
     lines = "".join(
         f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['stage'])}</td>"
         f"<td class='code'>{html.escape(r['code'])}</td><td>{html.escape(r['message'])}</td></tr>"
-        for r in records[:ERRORS_SHOWN]
+        for r in errors.slice(0, ERRORS_SHOWN).to_pylist()
     )
     more = (
-        f"<p>The first {ERRORS_SHOWN} of {len(records)}; all are in errors/*.parquet.</p>"
-        if len(records) > ERRORS_SHOWN
+        f"<p>The first {ERRORS_SHOWN} of {errors.num_rows}; all are in errors/*.parquet.</p>"
+        if errors.num_rows > ERRORS_SHOWN
         else ""
     )
     return (
-        f"<h2 id='errors'>Errors: {len(records)} rows</h2><table id='codes'><tr><th>code</th><th>rows</th></tr>"
+        f"<h2 id='errors'>Errors: {errors.num_rows} rows</h2><table id='codes'><tr><th>code</th><th>rows</th></tr>"
         f"{by_code}</table><h3>Records</h3><table id='records'><tr><th>id</th><th>stage</th><th>code</th>"
         f"<th>message</th></tr>{lines}</table>{more}"
     )

@@ -1,0 +1,47 @@
+"""The report page's content without a browser or a job: what it shows of large outputs."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unclip_batch import report
+
+
+def test_a_large_output_shows_a_sheet_and_says_how_many_there_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "PER_TASK", 2)
+    monkeypatch.setattr(report, "ERRORS_SHOWN", 1)
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "errors").mkdir()
+    ids = [f"r{i}" for i in range(5)]
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "k": [0] * 5,
+                "task": ["generate"] * 5,
+                "image_key": [f"images/{i}/0.png" for i in ids],
+                "prompt": ["a <b>bold</b> prompt"] * 5,
+                "image": [""] * 5,
+                "mask": [""] * 5,
+                "seed": list(range(5)),
+                "carried": [1.5] * 5,
+            }
+        ),
+        tmp_path / "metadata" / "part-1.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["x", "y", "z"],
+                "stage": ["load"] * 3,
+                "code": ["image_unreadable", "image_invalid", "image_unreadable"],
+                "message": ["m"] * 3,
+            }
+        ),
+        tmp_path / "errors" / "part-1.parquet",
+    )
+    report.write_report(str(tmp_path))
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "generate: 5 images (the first 2 of 5)" in page and page.count("<figure>") == 2
+    assert "incomplete: no _SUCCESS yet" in page and "rows with images</th><td>5" in page
+    assert "a &lt;b&gt;bold&lt;/b&gt; prompt" in page  # manifest text is escaped, never markup
+    assert "<td class='code'>image_unreadable</td><td>2</td>" in page and "The first 1 of 3" in page
