@@ -40,6 +40,8 @@ def test_each_task(ray_local, sources, tmp_path, task, extra):
     assert sorted(images_of(output)) == ["row-1/0.png", "row-1/1.png"]
     assert metadata.column("task").to_pylist() == [task, task]
     assert metadata.column("note").to_pylist() == ["kept", "kept"]
+    scores = metadata.column("clip_score").to_pylist()  # the model's CLIP on each image and its prompt
+    assert all(-1 <= s <= 1 for s in scores) if extra.get("prompt") else scores == [None, None]
     first, second = (pixels(d) for d in images_of(output).values())
     assert first.shape == (64, 64, 3) and not (first == second).all()
     if task == "inpaint":

@@ -217,3 +217,19 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
     assert today["sampling"] == committed["sampling"] and today["scheduler"] == committed["scheduler"]
     for name in FIGURES:
         assert today["per_case"][name] == committed["per_case"][name][:CHECKED_CASES], name
+
+
+@pytest.mark.slow
+def test_the_default_models_clip_score_prefers_the_prompt_that_names_the_picture():
+    """clip_score in the metadata is only useful for filtering if the model's CLIP tells pictures apart."""
+    import numpy as np
+
+    model = ModelSpec.parse("default").load(device="cpu", tasks=("generate",))
+    kinds = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+    rng = np.random.default_rng(0)
+    pictures = np.stack(
+        [world.render(world.random_scene(rng, colour=c, shape=s, background="white")) for c, s in kinds]
+    )
+    prompts = [f"a {c} {s}" for c, s in kinds]
+    scores = np.array([model.clip_scores(pictures, [prompt] * len(kinds)) for prompt in prompts])  # prompt x picture
+    assert (scores.argmax(axis=0) == np.arange(len(kinds))).all(), scores.round(3)

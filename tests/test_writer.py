@@ -119,6 +119,7 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
         width=8,
         height=8,
         sha256="x",
+        clip_score=0.5,
         row=1,
         num_inference_steps=4,
         guidance_scale=4.0,
@@ -132,6 +133,7 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
     writer.add([metadata_record(row, "tiny")])
     writer.flush()
     table = pq.read_table(tmp_path / "metadata")
+    assert table["clip_score"].to_pylist() == [0.5]
     assert table.schema.field("tags").type == pa.list_(pa.int16())
     assert table.schema.field("score").type == pa.float32()
     assert table.to_pylist()[0]["manifest_row"] == 1 and table.to_pylist()[0]["tags"] is None

@@ -25,6 +25,10 @@ from unclip_batch.sampling import Sampling, call_key
 
 logger = logging.getLogger(__name__)
 
+# Rows carry clip_score as a float between stages, NaN for none: a column of one type in every block
+# (None-only blocks would become Arrow's null type). The metadata stores it as null.
+NO_SCORE = float("nan")
+
 
 class UnclipPredictor:
     """Callable class for ``map_batches``: loads the model once in ``__init__``."""
@@ -98,18 +102,22 @@ class UnclipPredictor:
                 out.append(failed_row)
                 continue
             for k in range(int(row["num_images"])):
-                pixels, model_s = results[(row["id"], k)]
+                pixels, model_s, score = results[(row["id"], k)]
                 image_row = _without_inputs(row)
-                image_row.update(k=k, seed=int(row["seed"]) + k, pixels=pixels, model_s=model_s)
+                image_row.update(k=k, seed=int(row["seed"]) + k, pixels=pixels, model_s=model_s, clip_score=score)
                 out.append(image_row)
         return out
 
     def _timed_call(self, call: list[tuple[dict, int]]) -> dict:
         start = time.perf_counter()
         padded = call + [call[-1]] * (self.batch_size - len(call))  # fixed shape: see the module docstring
-        pixels = self._call(padded)
+        pixels = self._call(padded)[: len(call)]
+        scores = self.model.clip_scores(pixels, [row["prompt"] for row, _ in call])
         per_image = (time.perf_counter() - start) / len(call)
-        return {(row["id"], k): (pixels[i].tobytes(), per_image) for i, (row, k) in enumerate(call)}
+        return {
+            (row["id"], k): (pixels[i].tobytes(), per_image, NO_SCORE if scores[i] is None else scores[i])
+            for i, (row, k) in enumerate(call)
+        }
 
     def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
         first = call[0][0]
@@ -134,5 +142,5 @@ def _without_inputs(row: dict) -> dict:
     """The row without its source pixels (not needed downstream), with the image columns every
     output row carries."""
     out = {k: v for k, v in row.items() if k not in ("pixels", "repaint")}
-    out.update(k=-1, pixels=b"", model_s=0.0)
+    out.update(k=-1, pixels=b"", model_s=0.0, clip_score=NO_SCORE)
     return out

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Protocol
@@ -43,6 +44,7 @@ METADATA_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
+        ("clip_score", pa.float64()),
         ("model", pa.string()),
         ("parameters", PARAMETERS),
         ("timings", TIMINGS),
@@ -207,6 +209,7 @@ def metadata_record(row: dict, model: str) -> dict:
                 "input_hash",
             )
         },
+        "clip_score": None if math.isnan(row["clip_score"]) else row["clip_score"],  # NaN between stages
         "model": model,
         "parameters": {k: row[k] for k in PARAMETERS.names},
         "timings": {k: row[k] for k in TIMINGS.names},
