@@ -39,9 +39,27 @@ def test_a_large_output_shows_a_sheet_and_says_how_many_there_are(tmp_path, monk
         ),
         tmp_path / "errors" / "part-1.parquet",
     )
+    # A later run's shard has clip_score, the first one (from before the column existed) not: both read.
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a0"],
+                "k": [0],
+                "task": ["generate"],
+                "image_key": ["images/a0/0.png"],
+                "prompt": ["p"],
+                "image": [""],
+                "mask": [""],
+                "seed": [1],
+                "clip_score": [0.8406],
+            }
+        ),
+        tmp_path / "metadata" / "part-0.parquet",
+    )
     report.write_report(str(tmp_path))
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "generate: 5 images (the first 2 of 5)" in page and page.count("<figure>") == 2
-    assert "incomplete: no _SUCCESS yet" in page and "rows with images</th><td>5" in page
+    assert "generate: 6 images (the first 2 of 6)" in page and page.count("<figure>") == 2
+    assert "<b>a0</b> #0 seed 1, CLIP 0.84" in page
+    assert "incomplete: no _SUCCESS yet" in page and "rows with images</th><td>6" in page
     assert "a &lt;b&gt;bold&lt;/b&gt; prompt" in page  # manifest text is escaped, never markup
     assert "<td class='code'>image_unreadable</td><td>2</td>" in page and "The first 1 of 3" in page

@@ -27,7 +27,7 @@ FOLDER = "report"
 PER_TASK = 120  # images shown per task: a contact sheet, not a gallery of millions
 ERRORS_SHOWN = 200
 SORTED_UP_TO = 1_000_000  # rows; more are shown in shard order
-METADATA_COLUMNS = ["id", "k", "task", "image_key", "prompt", "image", "mask", "seed"]
+METADATA_COLUMNS = ["id", "k", "task", "image_key", "prompt", "image", "mask", "seed", "clip_score"]
 ERROR_COLUMNS = ["id", "stage", "code", "message"]
 THUMBNAIL = 96  # px, the longer side of a source or mask thumbnail
 STYLE = """
@@ -81,7 +81,11 @@ def _read(fs, root: str, folder: str, columns: list[str]) -> pa.Table | None:
     """The shards' columns the page uses (not the carried ones), in id order where that is cheap."""
     path = storage.join(root, folder)
     files = sorted(fs.glob(path + "/*.parquet")) if fs.exists(path) else []
-    tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
+    # Shards written before a column existed (clip_score) lack it: read what each has.
+    tables = [
+        pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in pq.read_schema(f, filesystem=fs).names])
+        for f in files
+    ]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -125,6 +129,8 @@ def _sheet(task: str, shown: list[dict], total: int, objects: dict, storage_opti
                 + "</div>"
             )
         caption = f"<b>{html.escape(row['id'])}</b> #{row['k']} seed {row['seed']}"
+        if row.get("clip_score") is not None:
+            caption += f", CLIP {row['clip_score']:.2f}"
         if row.get("prompt"):
             caption += f"<br>{html.escape(row['prompt'])}"
         figures.append(
