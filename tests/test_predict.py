@@ -79,6 +79,7 @@ def test_companions_do_not_change_a_rows_images(predictor):
     assert [r["pixels"] for r in crowd if r["id"] == "r1"] == [r["pixels"] for r in alone]
 
 
+@pytest.mark.slow  # a fresh interpreter that loads the model: ~10 s of the fast suite's minute
 def test_model_runs_on_the_configured_threads_from_any_calling_thread():
     """Ray Data calls an actor from another thread than the one that built it, where Ray's
     OMP_NUM_THREADS=1 rules (an actor holding one CPU): the model must still get its ``threads``. Read
