@@ -278,3 +278,25 @@ def test_the_job_warns_of_words_its_model_does_not_know_and_runs_the_rows(ray_lo
         summary = run_job(job([manifest], tmp_path / "out", model=str(model)))
     assert summary["rows"]["succeeded"] == 2  # warned, not refused
     assert "1 rows use words model" in caplog.text and "'cat' (1) (first rows: unknown)" in caplog.text
+
+
+def test_embeddings_are_the_clip_image_embeddings_of_the_stored_images(ray_local, sources, tmp_path):
+    from unclip_batch.models import ModelSpec
+
+    rows = [
+        {"id": "g", "prompt": "a red circle", "num_images": 2},
+        {"id": "v", "task": "variation", "image": "img/scene.png"},
+    ]
+    manifest = write_manifest(sources / "m.parquet", rows)
+    output = tmp_path / "out"
+    run_job(job([manifest], output, embeddings=True))
+    metadata, _ = read_output(output)
+    model = ModelSpec.parse("tiny").load(device="cpu", tasks=("generate",))
+    stored = images_of(output)
+    for record in metadata.to_pylist():
+        image = pixels(stored[record["image_key"].removeprefix("images/")])
+        _, embeds = model.clip(image[None], [""])
+        assert record["embedding"] == embeds[0].tolist()  # float32 values, exactly: one per image, alone
+    # A dataset has embeddings for every image or for none: resuming without the option is another job.
+    with pytest.raises(SetupError, match="embeddings True there, False here"):
+        run_job(job([manifest], output))

@@ -24,6 +24,7 @@ def image_row(row_id, k, n, row=0, code=""):
         height=8,
         sha256="s",
         clip_score=0.25 if k else float("nan"),  # NaN between stages = no score
+        embedding=b"",
         num_inference_steps=4,
         guidance_scale=4.0,
         prior_num_inference_steps=2,
@@ -51,6 +52,7 @@ def test_a_block_delivered_twice_records_each_row_once(tmp_path):
     sinks.close()
     metadata = pq.read_table(tmp_path / "metadata")
     assert set(zip(metadata["k"].to_pylist(), metadata["clip_score"].to_pylist())) == {(0, None), (1, 0.25)}
+    assert set(metadata["embedding"].to_pylist()) == {None}  # not asked for
     assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [
         ("a", 0),
         ("a", 1),

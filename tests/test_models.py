@@ -131,10 +131,12 @@ def test_every_family_keeps_the_declared_interface():
     assert isinstance(ModelSpec.parse("tiny").load(device="cpu", tasks=("generate",)), Model)
 
 
-def test_clip_scores_are_cosines_of_each_image_alone(model):
+def test_clip_scores_and_embeddings_of_each_image_alone(model):
     images = model.generate(["a red circle", "a blue square"], ["", ""], [1, 2], S)
-    scores = model.clip_scores(images, ["a red circle", "a blue square"])
+    scores, embeds = model.clip(images, ["a red circle", "a blue square"])
     assert all(isinstance(s, float) and -1 <= s <= 1 for s in scores)
-    assert model.clip_scores(images[1:], ["a blue square"]) == scores[1:]  # alone = in company: bit for bit
-    assert model.clip_scores(images, ["", "a blue square"]) == [None, scores[1]]  # no prompt, no score
-    assert ModelSpec.parse("null").load().clip_scores(images, ["a", "b"]) == [None, None]
+    assert embeds.shape == (2, 32) and embeds.dtype == np.float32  # the tiny CLIP's projection width
+    alone_scores, alone_embeds = model.clip(images[1:], ["a blue square"])
+    assert alone_scores == scores[1:] and (alone_embeds == embeds[1:]).all()  # alone = in company: bit for bit
+    assert model.clip(images, ["", "a blue square"])[0] == [None, scores[1]]  # no prompt, no score
+    assert ModelSpec.parse("null").load().clip(images, ["a", "b"]) == ([None, None], None)

@@ -231,5 +231,5 @@ def test_the_default_models_clip_score_prefers_the_prompt_that_names_the_picture
         [world.render(world.random_scene(rng, colour=c, shape=s, background="white")) for c, s in kinds]
     )
     prompts = [f"a {c} {s}" for c, s in kinds]
-    scores = np.array([model.clip_scores(pictures, [prompt] * len(kinds)) for prompt in prompts])  # prompt x picture
+    scores = np.array([model.clip(pictures, [prompt] * len(kinds))[0] for prompt in prompts])  # prompt x picture
     assert (scores.argmax(axis=0) == np.arange(len(kinds))).all(), scores.round(3)

@@ -120,6 +120,7 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
         height=8,
         sha256="x",
         clip_score=0.5,
+        embedding=np.array([0.1, -2.5], np.float32).tobytes(),
         row=1,
         num_inference_steps=4,
         guidance_scale=4.0,
@@ -134,6 +135,8 @@ def test_shards_carry_manifest_columns_with_their_types(tmp_path):
     writer.flush()
     table = pq.read_table(tmp_path / "metadata")
     assert table["clip_score"].to_pylist() == [0.5]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    assert (np.array(table["embedding"].to_pylist()[0], np.float32) == np.array([0.1, -2.5], np.float32)).all()
     assert table.schema.field("tags").type == pa.list_(pa.int16())
     assert table.schema.field("score").type == pa.float32()
     assert table.to_pylist()[0]["manifest_row"] == 1 and table.to_pylist()[0]["tags"] is None

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULERS,
         help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)",
     )
+    run.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="store each image's CLIP image embedding in the metadata (column embedding, float32), for "
+        "deduplication and nearest-neighbour search",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     run.add_argument(
         "--flush-seconds",
@@ -207,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         dtype=args.dtype,
         scheduler=args.scheduler,
         progress_bar=False if args.quiet else None,
+        embeddings=args.embeddings,
         flush_every_s=args.flush_seconds,
         storage_retry_s=args.storage_retry_seconds,
     )

@@ -33,6 +33,7 @@ class JobConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     scheduler: str = "default"  # decoder sampler: the checkpoint's own, or ddpm | ddim | dpm++
+    embeddings: bool = False  # store each image's CLIP image embedding (metadata column `embedding`)
     progress_bar: bool | None = None  # None: a progress bar when stderr is a terminal; else log lines only
     flush_every_s: float = 30.0  # metadata/errors shard cadence: the most work a killed driver loses
     storage_retry_s: float = storage.RETRY_FOR_S  # how long object-storage failures are retried before the job stops

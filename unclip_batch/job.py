@@ -52,7 +52,7 @@ def run_job(config: JobConfig) -> dict:
     size = SizeRule.of(info)
     table = read_manifests(config.manifests, so, config.limit)
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
-    record = plan.job_record(spec.spec, defaults, config.batch_size, config.scheduler)
+    record = plan.job_record(spec.spec, defaults, config.batch_size, config.scheduler, config.embeddings)
     try:
         if config.overwrite:
             plan.clear_output(config.output, so)

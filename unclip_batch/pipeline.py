@@ -161,6 +161,7 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
             scheduler=config.scheduler,
             threads=place.threads,
             storage_options=so,
+            embeddings=config.embeddings,
         ),
         compute=ActorPoolStrategy(size=place.workers),
         batch_size=None,

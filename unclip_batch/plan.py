@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 JOB_RECORD = "_job.json"
 SUCCESS = "_SUCCESS"
 POSITION_CODES = ("invalid_id", "duplicate_id")  # errors whose id cannot key them
-RECORDED = ("model", "batch_size", "scheduler")  # the job record's settings besides its defaults
+RECORDED = ("model", "batch_size", "scheduler", "embeddings")  # the job record's settings besides its defaults
 # Model calls per Ray block (one block is one batch of the model actor): enough that a block's calls are
 # full, few enough that its images are written soon (an actor hands a block's outputs on together).
 CALLS_PER_BLOCK = 4
@@ -208,10 +208,11 @@ def _flat(array) -> pa.Array:
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
-def job_record(model: str, defaults: dict, batch_size: int, scheduler: str) -> dict:
+def job_record(model: str, defaults: dict, batch_size: int, scheduler: str, embeddings: bool = False) -> dict:
     """What makes two runs one job: the model, the sampling defaults, the batch size (model calls have
-    exactly batch_size images, and the call shape decides the last bits of every pixel, see predict.py)
-    and the sampler. Its fingerprint is compared on resume (check_job_record)."""
+    exactly batch_size images, and the call shape decides the last bits of every pixel, see predict.py),
+    the sampler and whether embeddings are stored (a dataset has them for every image or for none). Its
+    fingerprint is compared on resume (check_job_record)."""
     from unclip_batch import __version__
 
     record = {
@@ -219,11 +220,14 @@ def job_record(model: str, defaults: dict, batch_size: int, scheduler: str) -> d
         "defaults": defaults,
         "batch_size": batch_size,
         "scheduler": scheduler,
+        "embeddings": embeddings,
         "unclip_batch": __version__,
     }
     settings = [model, defaults, batch_size]
     if scheduler != "default":  # jobs from before the option keep their fingerprint
         settings.append(scheduler)
+    if embeddings:  # the same for jobs from before this option
+        settings.append("embeddings")
     settings = json.dumps(settings, sort_keys=True)
     record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     return record

@@ -44,6 +44,7 @@ class UnclipPredictor:
         scheduler: str = "default",
         threads: int | None = None,
         storage_options: dict | None = None,
+        embeddings: bool = False,
     ):
         # The family imports its own libraries (the null model: none).
         self.model = ModelSpec.parse(model).load(
@@ -52,6 +53,7 @@ class UnclipPredictor:
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
         self.batch_size = batch_size
+        self.embeddings = embeddings  # hand each image's CLIP image embedding on (float32 bytes)
         self.threads, self._threaded = threads, set()
 
     def _use_threads(self):
@@ -102,9 +104,16 @@ class UnclipPredictor:
                 out.append(failed_row)
                 continue
             for k in range(int(row["num_images"])):
-                pixels, model_s, score = results[(row["id"], k)]
+                pixels, model_s, score, embedding = results[(row["id"], k)]
                 image_row = _without_inputs(row)
-                image_row.update(k=k, seed=int(row["seed"]) + k, pixels=pixels, model_s=model_s, clip_score=score)
+                image_row.update(
+                    k=k,
+                    seed=int(row["seed"]) + k,
+                    pixels=pixels,
+                    model_s=model_s,
+                    clip_score=score,
+                    embedding=embedding,
+                )
                 out.append(image_row)
         return out
 
@@ -112,10 +121,16 @@ class UnclipPredictor:
         start = time.perf_counter()
         padded = call + [call[-1]] * (self.batch_size - len(call))  # fixed shape: see the module docstring
         pixels = self._call(padded)[: len(call)]
-        scores = self.model.clip_scores(pixels, [row["prompt"] for row, _ in call])
+        scores, embeds = self.model.clip(pixels, [row["prompt"] for row, _ in call])
         per_image = (time.perf_counter() - start) / len(call)
+        kept = self.embeddings and embeds is not None
         return {
-            (row["id"], k): (pixels[i].tobytes(), per_image, NO_SCORE if scores[i] is None else scores[i])
+            (row["id"], k): (
+                pixels[i].tobytes(),
+                per_image,
+                NO_SCORE if scores[i] is None else scores[i],
+                embeds[i].astype(np.float32).tobytes() if kept else b"",
+            )
             for i, (row, k) in enumerate(call)
         }
 
@@ -142,5 +157,5 @@ def _without_inputs(row: dict) -> dict:
     """The row without its source pixels (not needed downstream), with the image columns every
     output row carries."""
     out = {k: v for k, v in row.items() if k not in ("pixels", "repaint")}
-    out.update(k=-1, pixels=b"", model_s=0.0, clip_score=NO_SCORE)
+    out.update(k=-1, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"")
     return out

@@ -45,6 +45,7 @@ METADATA_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("sha256", pa.string()),
         ("clip_score", pa.float64()),
+        ("embedding", pa.list_(pa.float32())),
         ("model", pa.string()),
         ("parameters", PARAMETERS),
         ("timings", TIMINGS),
@@ -210,6 +211,8 @@ def metadata_record(row: dict, model: str) -> dict:
             )
         },
         "clip_score": None if math.isnan(row["clip_score"]) else row["clip_score"],  # NaN between stages
+        # float32 bytes between stages; values through numpy, so each is the model's float32 exactly
+        "embedding": np.frombuffer(row["embedding"], np.float32).tolist() if row.get("embedding") else None,
         "model": model,
         "parameters": {k: row[k] for k in PARAMETERS.names},
         "timings": {k: row[k] for k in TIMINGS.names},

@@ -70,9 +70,10 @@ class Model(Protocol):
 
     def variation(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], s: Sampling) -> np.ndarray: ...
 
-    def clip_scores(self, images: np.ndarray, prompts: list[str]) -> list[float | None]:
+    def clip(self, images: np.ndarray, prompts: list[str]) -> tuple[list[float | None], np.ndarray | None]:
         """Per image: the cosine similarity of its CLIP image embedding and its prompt's text embedding, in
-        [-1, 1]; None for an empty prompt (or a model without CLIP)."""
+        [-1, 1] (None for an empty prompt), and the image embeddings (N x D float32); a model without CLIP
+        gives no scores (all None) and no embeddings (None)."""
 
     def inpaint(
         self,

@@ -172,13 +172,14 @@ class Kandinsky22:
         pixels = pixels.to(self.device, self.prior.image_encoder.dtype)
         return self.torch.cat([self.prior.image_encoder(p[None]).image_embeds for p in pixels])
 
-    def clip_scores(self, images: np.ndarray, prompts: list[str]) -> list[float | None]:
-        """Cosine similarity of each image's CLIP image embedding and its prompt's CLIP text embedding (the
-        joint space the prior maps across), None without a prompt. Each image and prompt encoded alone, so
-        a score never depends on the call's other images (see image_embeds)."""
+    def clip(self, images: np.ndarray, prompts: list[str]) -> tuple[list[float | None], np.ndarray]:
+        """Each image's CLIP image embedding, and its cosine similarity with its prompt's CLIP text embedding
+        (the joint space the prior maps across; None without a prompt). Each image and prompt is encoded
+        alone, so neither depends on the call's other images (see image_embeds)."""
         torch, tokenizer, texts, scores = self.torch, self.prior.tokenizer, {}, []
         with torch.inference_mode():
-            for image, prompt in zip(self.image_embeds(list(images)), prompts):
+            embeds = self.image_embeds(list(images)).float()
+            for image, prompt in zip(embeds, prompts):
                 if not prompt:
                     scores.append(None)
                     continue
@@ -190,10 +191,9 @@ class Kandinsky22:
                         truncation=True,
                         return_tensors="pt",
                     ).input_ids
-                    texts[prompt] = self.prior.text_encoder(ids.to(self.device)).text_embeds[0]
-                similarity = torch.nn.functional.cosine_similarity(image.float(), texts[prompt].float(), dim=0)
-                scores.append(float(similarity))
-        return scores
+                    texts[prompt] = self.prior.text_encoder(ids.to(self.device)).text_embeds[0].float()
+                scores.append(float(torch.nn.functional.cosine_similarity(image, texts[prompt], dim=0)))
+        return scores, embeds.cpu().numpy()
 
     def zero_embeds(self, n: int):
         if self._zero_embed is None:  # the prior pipeline's unconditional embedding: CLIP of a black image

@@ -36,8 +36,8 @@ class NullModel:
             self._noise[key] = np.random.default_rng(0).integers(0, 256, (*key, 3), dtype=np.uint8)
         return np.broadcast_to(self._noise[key], (len(seeds), *key, 3))
 
-    def clip_scores(self, images, prompts) -> list[float | None]:
-        return [None] * len(images)  # no CLIP: no score
+    def clip(self, images, prompts) -> tuple[list[float | None], None]:
+        return [None] * len(images), None  # no CLIP: no score, no embedding
 
     def variation(self, images, prompts, seeds, s: Sampling) -> np.ndarray:
         return np.stack(images)
