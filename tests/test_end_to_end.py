@@ -221,15 +221,32 @@ def test_resume_runs_only_what_is_left(ray_local, sources, tmp_path):
     assert read_output(output)[0].num_rows == 6
 
 
-def test_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_path):
-    manifest = write_manifest(sources / "m.parquet", [{"id": "a", "prompt": "p"}])
-    run_job(job([manifest], tmp_path / "out"))
+def test_embeddings_are_stored_and_other_settings_on_the_same_output_are_refused(ray_local, sources, tmp_path):
+    from unclip_batch.models import ModelSpec
+
+    rows = [
+        {"id": "g", "prompt": "a red circle", "num_images": 2},
+        {"id": "v", "task": "variation", "image": "img/scene.png"},
+    ]
+    manifest = write_manifest(sources / "m.parquet", rows)
+    output = tmp_path / "out"
+    run_job(job([manifest], output, embeddings=True))
+    # --embeddings: the CLIP image embedding of each stored image, the model's float32 values exactly.
+    metadata, _ = read_output(output)
+    model = ModelSpec.parse("tiny").load(device="cpu", tasks=("generate",))
+    stored = images_of(output)
+    for record in metadata.to_pylist():
+        _, embeds = model.clip(pixels(stored[record["image_key"].removeprefix("images/")])[None], [""])
+        assert record["embedding"] == embeds[0].tolist()
+    # Each of these would mix two jobs' results in one output (a dataset has embeddings for all or none).
+    with pytest.raises(SetupError, match="embeddings True there, False here"):
+        run_job(job([manifest], output))
     with pytest.raises(SetupError, match="another job .*guidance_scale.*7.0 here"):
-        run_job(job([manifest], tmp_path / "out", defaults={"guidance_scale": 7.0}))
+        run_job(job([manifest], output, embeddings=True, defaults={"guidance_scale": 7.0}))
     with pytest.raises(SetupError, match=f"another job .*batch_size {JobConfig.batch_size} there, 2 here"):
-        run_job(job([manifest], tmp_path / "out", batch_size=2))
+        run_job(job([manifest], output, embeddings=True, batch_size=2))
     with pytest.raises(SetupError, match="another job .*model 'tiny' there, 'null' here"):
-        run_job(dataclasses.replace(job([manifest], tmp_path / "out"), model="null"))
+        run_job(dataclasses.replace(job([manifest], output, embeddings=True), model="null"))
 
 
 def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_local, sources, tmp_path):
@@ -278,25 +295,3 @@ def test_the_job_warns_of_words_its_model_does_not_know_and_runs_the_rows(ray_lo
         summary = run_job(job([manifest], tmp_path / "out", model=str(model)))
     assert summary["rows"]["succeeded"] == 2  # warned, not refused
     assert "1 rows use words model" in caplog.text and "'cat' (1) (first rows: unknown)" in caplog.text
-
-
-def test_embeddings_are_the_clip_image_embeddings_of_the_stored_images(ray_local, sources, tmp_path):
-    from unclip_batch.models import ModelSpec
-
-    rows = [
-        {"id": "g", "prompt": "a red circle", "num_images": 2},
-        {"id": "v", "task": "variation", "image": "img/scene.png"},
-    ]
-    manifest = write_manifest(sources / "m.parquet", rows)
-    output = tmp_path / "out"
-    run_job(job([manifest], output, embeddings=True))
-    metadata, _ = read_output(output)
-    model = ModelSpec.parse("tiny").load(device="cpu", tasks=("generate",))
-    stored = images_of(output)
-    for record in metadata.to_pylist():
-        image = pixels(stored[record["image_key"].removeprefix("images/")])
-        _, embeds = model.clip(image[None], [""])
-        assert record["embedding"] == embeds[0].tolist()  # float32 values, exactly: one per image, alone
-    # A dataset has embeddings for every image or for none: resuming without the option is another job.
-    with pytest.raises(SetupError, match="embeddings True there, False here"):
-        run_job(job([manifest], output))
