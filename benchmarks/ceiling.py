@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--local", action="store_true", help="local disk instead of S3")
+    parser.add_argument("--format", default="files", choices=["files", "webdataset", "parquet"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ray.data import DataContext
@@ -81,6 +82,7 @@ def main() -> None:
                     model="null",
                     batch_size=args.batch_size,
                     storage_options=options,
+                    format=args.format,
                 )
             )
             wall = time.perf_counter() - start
@@ -90,6 +92,7 @@ def main() -> None:
     result = {
         "rows": args.rows,
         "storage": "local" if args.local else "s3 (SeaweedFS)",
+        "format": args.format,
         "wall_s": round(wall, 1),
         "ray_start_s": round(ray_s, 1),
         "images": summary["images"],

@@ -1,6 +1,6 @@
 """Scale: the same null-model job at growing row counts; memory and time per row must stay flat.
 
-    python benchmarks/scale.py --rows 1000 10000 100000            # one fresh job per size
+    python benchmarks/scale.py --rows 1000 10000 100000            # one fresh job per size (webdataset)
     python benchmarks/scale.py --rows 100000 --resume-from 0.99      # + resume a 99%-done job
 
 Each size runs ``unclip-batch run --model null`` in its own process on a PartiPrompts manifest (local
@@ -81,7 +81,7 @@ class PeakMemory:
         }
 
 
-def run(manifest: Path, output: Path, limit: int | None = None, first_key: Path | None = None) -> dict:
+def run(manifest: Path, output: Path, format: str, limit: int | None = None, first_key: Path | None = None) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -95,6 +95,8 @@ def run(manifest: Path, output: Path, limit: int | None = None, first_key: Path 
         "--batch-size",
         "64",
         "--quiet",
+        "--format",
+        format,
     ]
     if limit is not None:
         command += ["--limit", str(limit)]
@@ -125,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--resume-from", type=float, help="also resume a job this much done (0.99)")
+    parser.add_argument("--format", default="webdataset", choices=["files", "webdataset", "parquet"])
     args = parser.parse_args()
     texts = prompts()
     for rows in args.rows:
@@ -140,11 +143,17 @@ def main() -> None:
             result = {"rows": rows}
             if args.resume_from:
                 done = int(rows * args.resume_from)
-                result["first_part"] = run(manifest, output, limit=done)
-                first_new = output / "images" / f"p{done:07d}" / "0.png"
-                result["resume"] = run(manifest, output, first_key=first_new)
+                result["first_part"] = run(manifest, output, args.format, limit=done)
+                # The first new image: in files format its PNG; in the shard formats, its shard's part.
+                shard = f"{done // 1000:05d}"
+                first_new = (
+                    output / "images" / f"p{done:07d}" / "0.png"
+                    if args.format == "files"
+                    else output / "_parts" / shard / "0.parquet"
+                )
+                result["resume"] = run(manifest, output, args.format, first_key=first_new)
             else:
-                result.update(run(manifest, output))
+                result.update(run(manifest, output, args.format))
                 result["ms_per_row"] = round(1000 * result["job_s"] / rows, 3)
             print(json.dumps(result), flush=True)
 

@@ -72,8 +72,23 @@ def read_output(output) -> tuple[pa.Table, pa.Table]:
 
 
 def images_of(output: Path) -> dict[str, bytes]:
-    root = Path(output) / "images"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+    """Every image of a local output as {"<id>/<k>.png": PNG bytes}, whatever its format."""
+    import json
+    import tarfile
+
+    root = Path(output)
+    found = {str(p.relative_to(root / "images")): p.read_bytes() for p in sorted(root.glob("images/**/*.png"))}
+    for shard in sorted(root.glob("shards/*.tar")):  # webdataset: each sample's .json names its row
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                record = json.loads(data)
+                found[f"{record['id']}/{record['k']}.png"] = members[name.removesuffix(".json") + ".png"]
+    for shard in sorted(root.glob("data/*.parquet")):  # parquet: the image column's bytes
+        table = pq.read_table(shard, columns=["id", "k", "image"]).to_pylist()
+        found.update({f"{r['id']}/{r['k']}.png": r["image"]["bytes"] for r in table})
+    return dict(sorted(found.items()))
 
 
 def pixels(data: bytes) -> np.ndarray:

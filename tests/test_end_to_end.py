@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import time
 
 import numpy as np
@@ -84,24 +85,17 @@ def mixed_rows(n_good=48):
     return rows, {code: 1 for _, code in bad}
 
 
-def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path, monkeypatch):
-    from unclip_batch import storage
-
+def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):
     rows, expected_codes = mixed_rows()
     manifest = write_manifest(sources / "m.parquet", rows)
     output = tmp_path / "out"
-    written, write_whole = [], storage.write_whole  # the driver's writes, in order
-
-    def spy(fs, path, data, root, *args, **kwargs):
-        write_whole(fs, path, data, root, *args, **kwargs)
-        written.append((path.removeprefix(str(output) + "/"), len(list(output.rglob("*.png")))))
-
-    monkeypatch.setattr(storage, "write_whole", spy)
-    summary = run_job(job([manifest], output, batch_size=4))
+    summary = run_job(job([manifest], output, batch_size=4, rows_per_shard=20))
     metadata, errors = read_output(output)
-    # _SUCCESS last of all: after every metadata and error shard, and with every image already stored.
-    assert written[-1] == ("_SUCCESS", summary["images"]) and [p for p, _ in written].count("_SUCCESS") == 1
-    assert {p.split("/")[0] for p, _ in written[:-1]} == {"_job.json", "metadata", "errors"}
+    # _SUCCESS last of all: after every image, shard and stats file; the parts of the shards are gone.
+    files = {p.relative_to(output).as_posix(): p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
+    assert max(files, key=files.get) == "_SUCCESS" and not (output / "_parts").exists()
+    shards = [f"{i:05d}" for i in range(math.ceil(len(rows) / 20))]
+    assert [p for p in sorted(files) if p.endswith("_stats.json")] == [f"stats/{s}_stats.json" for s in shards]
     # The full schemas the README lists, then the carried-through columns.
     assert metadata.column_names == readme_columns("Metadata columns:") + ["tag"]
     assert errors.column_names == readme_columns("Error columns:") + ["tag"]
@@ -117,7 +111,7 @@ def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path, mon
         i for i, r in enumerate(rows) if not r["id"].startswith("good-") or r.get("prompt") == "dup"
     )
     # The manifest and a rerun agree: nothing is left to do, nothing is written twice.
-    again = run_job(job([manifest], output, batch_size=4))
+    again = run_job(job([manifest], output, batch_size=4, rows_per_shard=20))
     assert again["rows"]["done_before"] == len(rows) and again["images"] == 0
     assert (again["rows"]["total_succeeded"], again["rows"]["total_failed"]) == (
         summary["rows"]["succeeded"],

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -23,11 +24,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 # More steps than the other tests: the job must last long enough to be killed in the middle.
 STEPS = {"num_inference_steps": 6, "prior_num_inference_steps": 3}
+WEBDATASET = ["--format", "webdataset", "--rows-per-shard", "12"]  # the reference's layout
 
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory, ray_local):
-    """A 36-row mixed manifest and the output of one uninterrupted run of it."""
+    """A 36-row mixed manifest and the output of one uninterrupted run of it, in WebDataset shards of 12
+    rows (the driver kill compares shard bytes; images_of reads a tar's images as any output's)."""
     folder = make_sources(tmp_path_factory.mktemp("faults"))
     kinds = [
         {"task": "generate", "prompt": "a red circle", "num_images": 2},
@@ -37,7 +40,7 @@ def workload(tmp_path_factory, ray_local):
     rows = [{"id": f"row-{i:02d}", "seed": i, **kinds[i % 3]} for i in range(36)]
     manifest = write_manifest(folder / "m.parquet", rows)
     reference = folder / "reference"
-    run_job(job([manifest], reference, defaults=STEPS, batch_size=4))
+    run_job(job([manifest], reference, defaults=STEPS, batch_size=4, format="webdataset", rows_per_shard=12))
     return manifest, reference
 
 
@@ -49,6 +52,8 @@ def assert_same_result(output: Path, reference: Path) -> None:
     assert keys == sorted(zip(expected.column("id").to_pylist(), expected.column("k").to_pylist()))
     assert len(set(keys)) == len(keys), "a row was recorded twice"
     assert images_of(output) == images_of(reference)
+    for tar in sorted(output.glob("shards/*.tar")):  # the shards of a webdataset output, byte for byte
+        assert tar.read_bytes() == (reference / "shards" / tar.name).read_bytes(), tar.name
     assert not (output / "_partial").exists(), "a half-written file was left behind"
 
 
@@ -95,7 +100,7 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     output = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # this run's own Ray, found again to clean up
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
-    driver = cli_run(manifest, output, env, start_new_session=True)
+    driver = cli_run(manifest, output, env, extra=WEBDATASET, start_new_session=True)
     try:
         wait_for_first_shard(driver, output)
         os.killpg(driver.pid, signal.SIGKILL)
@@ -108,7 +113,7 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     recorded_before = len(set(metadata.column("id").to_pylist()))
     assert 0 < recorded_before < 36
 
-    rerun = cli_run(manifest, output, env)
+    rerun = cli_run(manifest, output, env, extra=WEBDATASET)
     try:
         log = rerun.communicate(timeout=600)[0].decode()
     finally:
@@ -120,6 +125,8 @@ def test_driver_killed_mid_job_resumes_to_the_same_result(workload, tmp_path):
     assert summary["rows"]["done_before"] == recorded_before
     assert summary["rows"]["succeeded"] == 36 - recorded_before
     assert summary["rows"]["total_succeeded"] == 36
+    keys = [name.split(".")[0] for tar in sorted(output.glob("shards/*.tar")) for name in tarfile.open(tar).getnames()]
+    assert len(keys) == 3 * 48 and len(set(keys)) == 48  # every sample once: png, json, txt
     assert_same_result(output, reference)
 
 

@@ -1,42 +1,112 @@
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import write_manifest
 
 from unclip_batch import plan
-from unclip_batch.errors import SetupError
-from unclip_batch.manifest import read_manifests
+from unclip_batch.errors import ManifestError, SetupError
+from unclip_batch.manifest import manifest_files
 
 
-def shard(folder, rows):
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{len(list(folder.iterdir()))}.parquet")
+def test_shards_are_planned_from_footers_and_cover_every_row_once(tmp_path):
+    folder = tmp_path / "manifests"
+    write_manifest(folder / "a.parquet", [{"id": f"a{i}"} for i in range(5)])
+    write_manifest(folder / "b.parquet", [{"id": f"b{i}"} for i in range(3)])
+    files = manifest_files([str(folder)])
+    assert [(f.rows, f.first) for f in files] == [(5, 0), (3, 5)]  # a folder's rows count on across its files
+    shards = plan.plan_shards(files, rows_per_shard=2, limit=6)
+    assert [(s.name, s.path.rsplit("/", 1)[1], s.start, s.stop, s.limit) for s in shards] == [
+        ("00000", "a.parquet", 0, 2, 2),
+        ("00001", "a.parquet", 2, 4, 4),
+        ("00002", "a.parquet", 4, 5, 5),
+        ("00003", "b.parquet", 0, 2, 1),  # --limit 6 ends the job inside it
+        ("00004", "b.parquet", 2, 3, 2),  # planned (the output may hold it), nothing to do this run
+    ]
+    assert [(s.first, s.offset) for s in shards] == [(0, 0), (2, 2), (4, 4), (5, 5), (7, 7)]
+    with pytest.raises(ManifestError, match="has no rows"):
+        manifest_files([write_manifest(tmp_path / "empty.parquet", [], schema=pa.schema([("id", pa.string())]))])
 
 
-def test_pending_skips_done_ids_and_positions(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", [{"id": i} for i in ["a", "b", "c", "a", "bad id", "d"]])
-    table = read_manifests([manifest])
+def work(out, **kwargs) -> plan.Work:
+    from unclip_batch.manifest import SizeRule
+
+    return plan.Work(output=str(out), defaults={}, size=SizeRule(64, 8, 1024), batch_size=4, **kwargs)
+
+
+def test_a_shard_read_keeps_what_is_recorded_and_redoes_the_rest(tmp_path):
+    from unclip_batch.manifest import input_hash
+
+    rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}, {"id": "c", "prompt": "green"}]
+    rows += [{"id": "a", "prompt": "again"}, {"id": "bad id", "prompt": "x"}, {"id": "d", "prompt": "grey"}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    (shard,) = plan.plan_shards(manifest_files([manifest]), rows_per_shard=10)
     out = tmp_path / "out"
-    shard(out / "metadata", [{"id": "a", "k": 0}, {"id": "a", "k": 1}])
-    shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": manifest, "manifest_row": 1}])
-    shard(
-        out / "errors",
-        [
-            {"id": "bad id", "code": "invalid_id", "manifest": manifest, "manifest_row": 4},
-            {"id": "a", "code": "duplicate_id", "manifest": manifest, "manifest_row": 3},
-        ],
+    h = [input_hash(r) for r in rows]
+
+    def record(i, **more):
+        return {
+            "id": rows[i]["id"],
+            "manifest": manifest,
+            "manifest_row": i,
+            "input_hash": h[i],
+            **more,
+        }
+
+    (out / "metadata").mkdir(parents=True)
+    (out / "errors").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist([record(0, k=0), record(0, k=1), record(2, k=0)]), out / "metadata/00000.parquet"
     )
-    (out / "metadata" / "part-broken.parquet").write_bytes(b"PAR1 truncated")
-    done = plan.load_done(str(out))
-    assert (done.succeeded, done.failed) == (1, 3)
-    assert plan.pending(table, done)["id"].to_pylist() == ["c", "d"]
+    pq.write_table(pa.Table.from_pylist([record(1, code="image_invalid")]), out / "errors/00000.parquet")
+    duplicates = {bytes(manifest_digest("a")): 0}
+    blocks, errors, report = plan.read_shard(shard, work(out, duplicates=duplicates))
+    # a, b (an error: skipped) and c are recorded; the second "a" is a duplicate, "bad id" invalid, d to do.
+    assert [e["code"] for e in errors] == ["duplicate_id", "invalid_id"]
+    assert [row for block in blocks for row in block["id"].to_pylist()] == ["d"]
+    assert (report["rows"], report["kept"], report["kept_failed"], report["changed"]) == (6, 3, 1, 0)
+    assert plan.changed_rows(shard, output=str(out), duplicates=duplicates) == []
+    # --retry-errors redoes b; a row edited in place (c) is a changed row.
+    blocks, _, report = plan.read_shard(shard, work(out, duplicates=duplicates, retry_errors=True))
+    assert [r for b in blocks for r in b["id"].to_pylist()] == ["b", "d"] and report["retried"] == 1
+    rows[2]["prompt"] = "yellow"
+    write_manifest(tmp_path / "m.parquet", rows)
+    (shard,) = plan.plan_shards(manifest_files([manifest]), rows_per_shard=10)
+    assert plan.changed_rows(shard, output=str(out), duplicates=duplicates) == ["c"]
+    blocks, _, report = plan.read_shard(shard, work(out, duplicates=duplicates))
+    assert sorted(r for b in blocks for r in b["id"].to_pylist()) == ["c", "d"] and report["changed"] == 1
 
 
-def test_a_duplicate_is_not_done_when_its_first_row_is(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a"}, {"id": "a"}])
+def manifest_digest(row_id: str):
+    from unclip_batch.manifest import id_digests
+
+    return id_digests(pa.array([row_id]))[0].tobytes()
+
+
+def test_the_output_says_which_shards_are_finished_and_refuses_strange_ones(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}"} for i in range(5)])
+    shards = plan.plan_shards(manifest_files([manifest]), rows_per_shard=2)
     out = tmp_path / "out"
-    shard(out / "metadata", [{"id": "a", "k": 0}])
-    assert plan.pending(read_manifests([manifest]), plan.load_done(str(out)))["_manifest_row"].to_pylist() == [1]
+    (out / "shards").mkdir(parents=True)
+    (out / "metadata").mkdir()
+    stats = {k: getattr(shards[0], k) for k in ("manifest", "path", "start", "stop", "version")}
+    (out / "shards" / "00000_stats.json").write_text(json.dumps({**stats, "rows": 2, "failed": 0}))
+    (out / "shards" / "00001_stats.json").write_text(
+        json.dumps({**stats, "start": 2, "stop": 4, "version": "9:old", "failed": 1})
+    )
+    pq.write_table(pa.table({"id": ["r4"]}), out / "metadata" / "00002.parquet")
+    state = plan.output_state(str(out), "shards")
+    assert sorted(state.stats) == ["00000", "00001"] and state.recorded == {"00002"}
+    visit, skipped = plan.to_visit(shards, state, retry_errors=False)
+    # 00001's stats are of another version of the file (its manifest was written again): read again.
+    assert [s.name for s in visit] == ["00001", "00002"] and len(skipped) == 1
+    visit, _ = plan.to_visit(shards[:1], plan.output_state(str(out), "shards"), retry_errors=True)
+    assert visit == []  # finished, and no errors to retry
+    plan.check_layout(shards, state, str(out))
+    pq.write_table(pa.table({"id": ["x"]}), out / "metadata" / "part-0f3a-00000.parquet")  # an older layout
+    with pytest.raises(SetupError, match="do not plan .*part-0f3a-00000"):
+        plan.check_layout(shards, plan.output_state(str(out), "shards"), str(out))
 
 
 def test_another_job_on_the_same_output_is_refused(tmp_path):
@@ -102,64 +172,3 @@ def test_model_blocks_end_only_where_a_call_ends():
         assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + max(r.num_images for r in rows)
     assert calls == sum(math.ceil(n / batch) for n in per_group.values())  # no call padded twice
     assert len(blocks) > 5  # and still small blocks, written as they are made
-
-
-def test_rows_changed_under_their_id_are_found_and_forgotten(tmp_path):
-    from unclip_batch.manifest import input_hash
-
-    # A carried list column too: the comparison must not need to carry it through a join.
-    rows = [
-        {"id": "a", "prompt": "red", "tags": [1, 2]},
-        {"id": "b", "prompt": "blue"},
-        {"id": "bad id", "prompt": "x"},
-        {"id": "c", "prompt": "green"},
-    ]
-    old = write_manifest(tmp_path / "m.parquet", rows)
-    out = tmp_path / "out"
-    h = {r["id"]: input_hash(r) for r in rows}
-    shard(
-        out / "metadata",
-        [
-            {"id": "a", "k": 0, "input_hash": h["a"]},
-            {"id": "a", "k": 1, "input_hash": h["a"]},
-            {"id": "c", "k": 0, "input_hash": h["c"]},
-        ],
-    )
-    shard(out / "metadata", [{"id": "old", "k": 0, "input_hash": None}])  # before fingerprints: never "changed"
-    shard(
-        out / "errors",
-        [
-            {"id": "b", "code": "image_invalid", "manifest": old, "manifest_row": 1, "input_hash": h["b"]},
-            {"id": "bad id", "code": "invalid_id", "manifest": old, "manifest_row": 2, "input_hash": h["bad id"]},
-        ],
-    )
-    for k in (0, 1):
-        (out / "images" / "a").mkdir(parents=True, exist_ok=True)
-        (out / "images" / "a" / f"{k}.png").write_bytes(b"png")
-    assert plan.changed_rows(read_manifests([old]), plan.load_done(str(out))).num_rows == 0
-
-    # Same ids, same file: a's prompt changed, b's seed set, the bad id fixed; c and old untouched.
-    rows[0]["prompt"], rows[1]["seed"], rows[2]["id"] = "yellow", 3, "fixed"
-    table = read_manifests([write_manifest(tmp_path / "m.parquet", rows)])
-    done = plan.load_done(str(out))
-    changed = plan.changed_rows(table, done)
-    assert changed["key"].to_pylist() == ["a", "b", f"{old}#2"] and changed["tags"][0].as_py() == [1, 2]
-    assert plan.pending(table, done)["id"].to_pylist() == []
-    plan.forget(str(out), changed)
-    assert not (out / "images" / "a").exists()
-    done = plan.load_done(str(out))
-    assert plan.pending(table, done)["id"].to_pylist() == ["a", "b", "fixed"]
-    assert sorted(pq.read_table(out / "metadata")["id"].to_pylist()) == ["c", "old"]
-    assert pq.read_table(out / "errors").num_rows == 0
-
-
-def test_rows_recorded_as_errors_are_counted_and_can_be_redone(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", [{"id": i} for i in "abc"])
-    out = tmp_path / "out"
-    shard(out / "metadata", [{"id": "a", "k": 0}])
-    shard(out / "errors", [{"id": "b", "code": "image_invalid", "manifest": manifest, "manifest_row": 1}])
-    table = read_manifests([manifest])
-    assert plan.skipped_errors(table, plan.load_done(str(out))) == 1
-    plan.discard_errors(str(out))
-    done = plan.load_done(str(out))
-    assert plan.skipped_errors(table, done) == 0 and plan.pending(table, done)["id"].to_pylist() == ["b", "c"]

@@ -5,36 +5,53 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_manifest
 
-from unclip_batch.batches import rows_of, to_batch
-from unclip_batch.writer import (
-    ERROR_SCHEMA,
-    METADATA_SCHEMA,
-    ShardWriter,
-    image_key,
-    metadata_record,
-    write_images,
-    write_json,
-)
+from unclip_batch import plan
+from unclip_batch.manifest import manifest_files
+from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, commit_shard, image_key, write_json, write_part
 
 
-def image_row(i, **kw):
-    pixels = np.full((8, 8, 3), i, np.uint8).tobytes()
-    return {
-        "id": f"r{i}",
-        "k": 0,
-        "width": 8,
-        "height": 8,
-        "pixels": pixels,
-        "code": "",
-        "message": "",
-        "stage": "",
+def image_row(i, k=0, n=1, code="", **kw):
+    """A row as the model stage hands it on: image k of manifest row i (of n images)."""
+    return dict(
+        id=kw.pop("id", f"r{i}"),
+        k=k,
+        num_images=n,
+        row=i,
+        task="generate",
+        prompt=f"prompt {i}",
+        negative_prompt="",
+        image="",
+        mask="",
+        seed=7 + k,
+        width=8,
+        height=8,
+        pixels=b"" if code else np.full((8, 8, 3), 10 * i + k, np.uint8).tobytes(),
+        clip_score=0.25 if k else float("nan"),  # NaN between stages = no score
+        embedding=b"",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        prior_num_inference_steps=2,
+        prior_guidance_scale=4.0,
+        load_s=0.0,
+        model_s=0.0,
+        input_hash=f"h{i}",
+        code=code,
+        stage="predict" if code else "",
+        message="boom" if code else "",
         **kw,
-    }
+    )
+
+
+def write_images(rows, output, block=0, format="files"):
+    """The write stage on one block of shard 00000 (manifest rows = job rows here)."""
+    write_part(rows, shard="00000", first=0, offset=0, block=block, output=str(output), format=format)
+    return rows
 
 
 def test_images_are_written_whole_with_checksums(tmp_path):
-    out = rows_of(write_images(to_batch([image_row(1), image_row(2, k=3)]), str(tmp_path)))
+    out = write_images([image_row(1), image_row(2, k=3, n=4)], tmp_path)
     assert [r["image_key"] for r in out] == ["images/r1/0.png", "images/r2/3.png"]
     for r in out:
         data = (tmp_path / r["image_key"]).read_bytes()
@@ -42,17 +59,19 @@ def test_images_are_written_whole_with_checksums(tmp_path):
     # Staged files are renamed into place: nothing is left in the staging folder, and nothing else exists.
     assert not list((tmp_path / "_partial").iterdir())
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["images/r1/0.png", "images/r2/3.png"]
+    assert files == ["_parts/00000/0.parquet", "images/r1/0.png", "images/r2/3.png"]
 
 
 def test_a_storage_failure_stops_the_job_instead_of_recording_rows(tmp_path):
     (tmp_path / "images").write_text("a file where a folder should be")
     with pytest.raises(OSError):
-        write_images(to_batch([image_row(1)]), str(tmp_path))
+        write_images([image_row(1)], tmp_path)
 
 
 def test_unencodable_pixels_are_a_row_error(tmp_path):
-    (out,) = rows_of(write_images(to_batch([image_row(1, pixels=b"short")]), str(tmp_path)))
+    row = image_row(1)
+    row["pixels"] = b"short"
+    (out,) = write_images([row], tmp_path)
     assert (out["code"], out["stage"]) == ("write_failed", "write")
 
 
@@ -76,7 +95,7 @@ def test_storage_outage_is_retried_then_reported():
 
 
 def test_error_rows_are_not_written(tmp_path):
-    (out,) = rows_of(write_images(to_batch([image_row(1, code="model_error", pixels=b"")]), str(tmp_path)))
+    (out,) = write_images([image_row(1, code="model_error")], tmp_path)
     assert out["image_key"] == "" and not (tmp_path / "images").exists()
 
 
@@ -94,84 +113,59 @@ def test_keys_stay_inside_the_output():
     assert image_key("a.b-c_d", 2) == "images/a.b-c_d/2.png"
 
 
-def test_shards_carry_manifest_columns_with_their_types(tmp_path):
-    lookup = pa.table(
-        {
-            "_manifest": ["m.parquet"] * 2,
-            "_manifest_row": [0, 1],
-            "tags": pa.array([[1, 2], None], pa.list_(pa.int16())),
-            "score": pa.array([0.5, None], pa.float32()),
-        }
-    )
-    writer = ShardWriter(
-        output=str(tmp_path), folder="metadata", schema=METADATA_SCHEMA, lookup=lookup, rows_per_shard=1
-    )
-    row = dict(
-        id="b",
-        k=0,
-        task="generate",
-        image_key="images/b/0.png",
-        prompt="p",
-        negative_prompt="",
-        image="",
-        mask="",
-        seed=3,
-        width=8,
-        height=8,
-        sha256="x",
-        clip_score=0.5,
-        embedding=np.array([0.1, -2.5], np.float32).tobytes(),
-        row=1,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        prior_num_inference_steps=2,
-        prior_guidance_scale=4.0,
-        load_s=0.0,
-        model_s=1.0,
-        write_s=0.1,
-        input_hash="0123456789abcdef",
-    )
-    writer.add([metadata_record(row, "tiny")])
-    writer.flush()
-    table = pq.read_table(tmp_path / "metadata")
-    assert table["clip_score"].to_pylist() == [0.5]
-    assert table.schema.field("embedding").type == pa.list_(pa.float32())
-    assert (np.array(table["embedding"].to_pylist()[0], np.float32) == np.array([0.1, -2.5], np.float32)).all()
-    assert table.schema.field("tags").type == pa.list_(pa.int16())
-    assert table.schema.field("score").type == pa.float32()
-    assert table.to_pylist()[0]["manifest_row"] == 1 and table.to_pylist()[0]["tags"] is None
-    assert table.to_pylist()[0]["parameters"]["num_inference_steps"] == 4
+def commit(manifest, output, parts, rows_per_shard=10, format="files"):
+    (shard, *_) = plan.plan_shards(manifest_files([manifest]), rows_per_shard)
+    return commit_shard(shard, parts, output=str(output), format=format, model="tiny")
 
 
-def test_errors_shard(tmp_path):
-    lookup = pa.table({"_manifest": ["m"], "_manifest_row": [0]})
-    writer = ShardWriter(output=str(tmp_path), folder="errors", schema=ERROR_SCHEMA, lookup=lookup)
-    writer.add(
-        [
-            {
-                "id": None,
-                "task": "generate",
-                "stage": "validate",
-                "code": "invalid_id",
-                "message": "m",
-                "row": 0,
-                "input_hash": "h",
-            }
-        ]
-    )
-    writer.flush()
-    assert pq.read_table(tmp_path / "errors").to_pylist() == [
-        {
-            "id": None,
-            "task": "generate",
-            "stage": "validate",
-            "code": "invalid_id",
-            "message": "m",
-            "input_hash": "h",
-            "manifest": "m",
-            "manifest_row": 0,
-        }
-    ]
+def test_a_commit_records_each_row_once_in_manifest_order_with_its_manifest_columns(tmp_path):
+    tags = pa.array([[1, 2], None, [3], None], pa.list_(pa.int16()))
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "tags": tags[i].as_py()} for i in range(4)])
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(4)], "tags": tags}), manifest)
+    out = tmp_path / "out"
+    write_images([image_row(2), image_row(0, k=1, n=2), image_row(0, k=0, n=2)], out, block=0)
+    write_images([image_row(1, code="model_error")], out, block=1)
+    parts = [str(out / "_parts/00000/0.parquet"), str(out / "_parts/00000/1.parquet")]
+    # Ray retried the task of block 0 and delivered it twice: each row still once. Row 3 not done yet.
+    stats = commit(manifest, out, parts + parts[:1])
+    metadata = pq.read_table(out / "metadata/00000.parquet")
+    assert list(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [("r0", 0), ("r0", 1), ("r2", 0)]
+    assert metadata["clip_score"].to_pylist() == [None, 0.25, None] and set(metadata["embedding"].to_pylist()) == {None}
+    assert metadata.schema.field("tags").type == pa.list_(pa.int16())
+    assert metadata["tags"].to_pylist() == [[1, 2], [1, 2], [3]] and metadata["manifest_row"].to_pylist() == [0, 0, 2]
+    assert metadata.to_pylist()[0]["parameters"]["num_inference_steps"] == 4
+    errors = pq.read_table(out / "errors/00000.parquet").to_pylist()
+    assert [(e["id"], e["code"], e["manifest_row"], e["tags"]) for e in errors] == [("r1", "model_error", 1, None)]
+    assert (stats["complete"], stats["succeeded"], stats["failed"]) == (False, 2, 1)
+    assert not (out / "stats/00000_stats.json").exists()
+    # The next commit of the shard: row 3 done, row 1 redone (--retry-errors) and now fine; the rest kept.
+    write_images([image_row(3), image_row(1)], out, block=2)
+    stats = commit(manifest, out, [str(out / "_parts/00000/2.parquet")])
+    metadata = pq.read_table(out / "metadata/00000.parquet")
+    assert metadata["id"].to_pylist() == ["r0", "r0", "r1", "r2", "r3"] and not (out / "errors/00000.parquet").exists()
+    assert (stats["complete"], stats["rows"], stats["images"]) == (True, 4, 5)
+    assert json.loads((out / "stats/00000_stats.json").read_text())["succeeded"] == 4
+
+
+def test_webdataset_and_parquet_shards_repeat_byte_for_byte(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}.x", "prompt": f"p{i}"} for i in range(3)])
+    rows = lambda: [image_row(i, id=f"r{i}.x") for i in range(3)]  # noqa: E731 (ids with dots: never keys)
+    for format, data in (("webdataset", "shards/00000.tar"), ("parquet", "data/00000.parquet")):
+        one, two = tmp_path / f"{format}-one", tmp_path / f"{format}-two"
+        write_images(rows(), one, format=format)
+        commit(manifest, one, [str(one / "_parts/00000/0.parquet")], format=format)
+        # The same rows in two runs: the first commits two rows, the second the third.
+        (first, second, third) = rows()
+        write_images([first, second], two, block=0, format=format)
+        commit(manifest, two, [str(two / "_parts/00000/0.parquet")], format=format)
+        write_images([third], two, block=1, format=format)
+        commit(manifest, two, [str(two / "_parts/00000/1.parquet")], format=format)
+        assert (one / data).read_bytes() == (two / data).read_bytes(), format
+        assert (one / ("shards" if format == "webdataset" else "stats") / "00000_stats.json").exists()
+    import tarfile
+
+    names = tarfile.open(tmp_path / "webdataset-one/shards/00000.tar").getnames()
+    assert names[:3] == ["00000_000000_00.png", "00000_000000_00.json", "00000_000000_00.txt"]
 
 
 def test_json(tmp_path):

@@ -6,6 +6,8 @@ row's own width/height giving the shape: a plain binary column, cheap for Arrow 
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
 NO_ERROR = ""
@@ -48,3 +50,12 @@ def mask_of(row: dict) -> np.ndarray:
 
 def mark_error(row: dict, stage: str, code: str, message: str) -> None:
     row["stage"], row["code"], row["message"] = stage, code, message
+
+
+def pack(batch: dict) -> bytes:
+    """A whole model block as one value: pipeline.py moves each block as one Ray Data row."""
+    return pickle.dumps(batch, protocol=5)
+
+
+def unpack(payload: bytes) -> dict:
+    return pickle.loads(payload)

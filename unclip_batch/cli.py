@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 
 from unclip_batch import __version__, sampling
-from unclip_batch.config import DEVICES, DTYPES, SCHEDULERS, JobConfig, default
+from unclip_batch.config import DEVICES, DTYPES, FORMATS, SCHEDULERS, JobConfig, default
 from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 
 # Exit codes (README, "Exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
@@ -122,12 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="store each image's CLIP image embedding in the metadata (column embedding, float32), for "
         "deduplication and nearest-neighbour search",
     )
+    run.add_argument(
+        "--format",
+        default=default("format"),
+        choices=FORMATS,
+        help="files: a PNG per image (images/<id>/<k>.png); webdataset: tar shards (shards/*.tar: <key>.png, "
+        ".json, .txt) for open_clip and webdataset; parquet: data/*.parquet with the images' bytes, for "
+        "Hugging Face datasets",
+    )
+    run.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=default("rows_per_shard"),
+        help=f"manifest rows per shard: each is read by one task and written as one output shard, whole "
+        f"(default {default('rows_per_shard')})",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     run.add_argument(
         "--flush-seconds",
         type=float,
         default=default("flush_every_s"),
-        help="write metadata/error "
+        help="commit unfinished "
         f"shards at least this often: the most work a killed run loses (default {default('flush_every_s'):g})",
     )
     run.add_argument(
@@ -214,6 +229,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         scheduler=args.scheduler,
         progress_bar=False if args.quiet else None,
         embeddings=args.embeddings,
+        format=args.format,
+        rows_per_shard=args.rows_per_shard,
         flush_every_s=args.flush_seconds,
         storage_retry_s=args.storage_retry_seconds,
     )

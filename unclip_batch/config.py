@@ -11,6 +11,7 @@ from unclip_batch.errors import ConfigError
 SCHEDULERS = ("default", "ddpm", "ddim", "dpm++")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+FORMATS = ("files", "webdataset", "parquet")  # writer.FORMATS: kept here so the CLI imports no writer
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,13 @@ class JobConfig:
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     scheduler: str = "default"  # decoder sampler: the checkpoint's own, or ddpm | ddim | dpm++
     embeddings: bool = False  # store each image's CLIP image embedding (metadata column `embedding`)
+    format: str = "files"  # files (a PNG per image) | webdataset (tar shards) | parquet (image bytes in Parquet)
+    # Manifest rows per shard: one input shard (read and validated by one task) becomes one output shard
+    # (written whole). img2dataset uses 10,000 for downloads; generating is far slower per row, and a
+    # shard is also what a crash loses, so fewer.
+    rows_per_shard: int = 1000
     progress_bar: bool | None = None  # None: a progress bar when stderr is a terminal; else log lines only
-    flush_every_s: float = 30.0  # metadata/errors shard cadence: the most work a killed driver loses
+    flush_every_s: float = 30.0  # how often unfinished shards are committed: the most work a killed driver loses
     storage_retry_s: float = storage.RETRY_FOR_S  # how long object-storage failures are retried before the job stops
 
     def __post_init__(self):
@@ -64,6 +70,10 @@ class JobConfig:
             raise ConfigError("flush_every_s must be positive and storage_retry_s not negative")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(FORMATS)}")
+        if self.rows_per_shard < 1:
+            raise ConfigError("rows_per_shard must be at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
 

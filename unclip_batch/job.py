@@ -1,11 +1,12 @@
-"""The job, start to end: every whole-job check first, then the rows left to do through the pipeline, each
-row recorded exactly once (metadata or error record), and the summary written last. Plain Python: the
-Ray wiring is pipeline.py's.
+"""The job, start to end: every whole-job check first, then the shards left to do through the pipeline, each
+shard committed whole as its blocks come in (and now and then before), and the summary written last. Plain
+Python: the Ray wiring is pipeline.py's. The driver holds shards and a few numbers per shard, never rows.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -14,115 +15,97 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
-import pyarrow as pa
 from tqdm import tqdm
 
 from unclip_batch import __version__, pipeline, plan, storage
-from unclip_batch.batches import NO_ERROR, rows_of
+from unclip_batch.batches import rows_of
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable, caused_by
-from unclip_batch.manifest import (
-    MANIFEST,
-    MANIFEST_ROW,
-    ROW_FIELDS,
-    SizeRule,
-    UnknownWords,
-    extra_columns,
-    read_manifests,
-    validate,
-)
+from unclip_batch.manifest import SizeRule, UnknownWords, manifest_files
 from unclip_batch.models import ModelSpec, describe_model
-from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, ShardWriter, metadata_record, write_json
+from unclip_batch.writer import FORMATS, part_path, write_json
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
 VERSIONED = ("ray", "torch", "diffusers", "transformers")  # recorded in the summary
+SAVE_TIMEOUT_S = 120.0  # how long a stopped job waits for its last commits
 
 
 def run_job(config: JobConfig) -> dict:
     """Run a job to completion (or resume it); return the summary also written to ``_SUCCESS``."""
     started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
     so = config.storage_options
-    # 1. Model config (no weights) and manifests: every whole-job problem surfaces here.
+    # 1. Model config (no weights) and manifests (footers, no rows): every whole-job problem surfaces here.
     pipeline.ray_address(config.address)  # a Ray Client address is refused before anything else
     spec, info = describe_model(config.model, so)
     defaults = {**info.defaults, **config.defaults}
-    size = SizeRule.of(info)
-    table = read_manifests(config.manifests, so, config.limit)
+    files = manifest_files(config.manifests, so)
+    shards = plan.plan_shards(files, config.rows_per_shard, config.limit)
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
-    record = plan.job_record(spec.spec, defaults, config.batch_size, config.scheduler, config.embeddings)
-    try:
-        if config.overwrite:
-            plan.clear_output(config.output, so)
-        resuming = plan.check_job_record(config.output, record, so)
-        write_json(config.output, plan.JOB_RECORD, record, so)
-        fs, root = storage.filesystem(config.output, so)
-        storage.clear_partial(fs, root)
-        if fs.exists(storage.join(root, plan.SUCCESS)):  # an earlier run's summary; this run writes its own
-            fs.rm(storage.join(root, plan.SUCCESS))
-    except SetupError:
-        raise
-    except PermissionError as exc:
-        raise SetupError(
-            f"cannot write to output {config.output}: access denied ({exc}); the credentials "
-            "need write access there (nothing was computed)"
-        ) from exc
-    except Exception as exc:
-        raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
-    # 3. What is left to do.
-    if resuming and config.retry_errors:
-        plan.discard_errors(config.output, so)
-    done = plan.load_done(config.output, so) if resuming else plan.Done.nothing()
-    changed = plan.changed_rows(table, done)
-    if changed.num_rows:
-        first = ", ".join(changed["id"].to_pylist()[:5])
+    record = plan.job_record(
+        spec.spec,
+        defaults,
+        config.batch_size,
+        config.scheduler,
+        config.embeddings,
+        config.format,
+        config.rows_per_shard,
+    )
+    _prepare_output(config, record)
+    # 3. What the output holds (listings and stats files): the shards to read, and those finished.
+    state = plan.output_state(config.output, FORMATS[config.format].stats_folder, so)
+    plan.check_layout(shards, state, config.output)
+    visit, skipped = plan.to_visit(shards, state, config.retry_errors)
+    # 4. The ids of every row, in tasks: duplicates (the first occurrence runs), and the tasks asked for.
+    duplicates, tasks = pipeline.scan_ids(config, files)
+    # 5. Rows changed under their records since an earlier run: refused (or redone) before any compute.
+    checked = [s for s in visit if s.name in state.recorded or s.name in state.stats]
+    changed = pipeline.changed_rows(config, checked, duplicates) if checked else []
+    if changed:
+        first = ", ".join(str(c) for c in changed[:5])
         if not config.redo_changed:
             raise SetupError(
-                f"{changed.num_rows} manifest rows changed since an earlier run recorded them under "
+                f"{len(changed)} manifest rows changed since an earlier run recorded them under "
                 f"the same id (first: {first}); their old results would be kept. Rerun with "
                 "--redo-changed to redo them, or use a new --output (nothing was computed)"
             )
-        logger.warning("%d rows changed since they were recorded (first: %s): redoing them", changed.num_rows, first)
-        plan.forget(config.output, changed, so)
-        done = plan.load_done(config.output, so)
-    todo = plan.pending(table, done)
-    skipped_errors = plan.skipped_errors(table, done)
-    if skipped_errors:
-        logger.info(
-            "%d rows recorded as errors by earlier runs are skipped (--retry-errors redoes them)", skipped_errors
-        )
+        logger.warning("%d rows changed since they were recorded (first: %s): redoing them", len(changed), first)
     logger.info(
-        "%d manifest rows, %d done earlier, %d to do", table.num_rows, table.num_rows - todo.num_rows, todo.num_rows
+        "%d manifest rows in %d shards: %d shards finished earlier, %d to read",
+        sum(s.limit - s.start for s in shards),
+        len(shards),
+        len(skipped),
+        len(visit),
     )
-    # 4. Validate in the driver; invalid rows are recorded at once, valid ones become Ray blocks.
-    lookup = table.select([MANIFEST, MANIFEST_ROW] + extra_columns(table))
-    sinks = Sinks(config, lookup, spec.spec, total=todo.num_rows)
+    # 6. Run the pipeline; commit each shard as its blocks come in.
+    work = plan.Work(
+        output=config.output,
+        defaults=defaults,
+        size=SizeRule.of(info),
+        batch_size=config.batch_size,
+        retry_errors=config.retry_errors,
+        vocabulary=info.vocabulary,
+        duplicates=duplicates,
+        storage_options=so,
+        retry_for_s=config.storage_retry_s,
+    )
+    progress = Progress(config, total=sum(s.limit - s.start for s in visit), vocabulary=info.vocabulary)
+    commits = Commits(config, visit, spec.spec, progress)
     batches = None
     try:
-        # One block is one model batch: a Ray Data task hands its outputs on as one block, so an actor given
-        # a bigger block would hold every image of it until the last one is made. Small blocks are written
-        # as they are made (first images sooner; a crash loses only the batches in flight).
-        blocks, tasks, words = [], set(), UnknownWords(info.vocabulary)
-        for rows, errors in validate(todo, defaults, size):
-            sinks.errors(errors)
-            words.check(rows)
-            for block in plan.model_blocks(rows, config.batch_size):
-                tasks.update(row.task for row in block)
-                blocks.append(pipeline.put(config, rows_table(block)))  # the driver keeps a reference, not the rows
-        if words.rows:  # a warning, not an error: the rows run, and say what the model makes of them
-            logger.warning(words.message(spec.spec))
-        # 5. Run the pipeline.
-        if blocks:
-            batches = pipeline.run(config, blocks, tuple(sorted(tasks)))
+        if visit:
+            batches = pipeline.run(config, visit, work, tasks)
             for batch in batches:
-                sinks.add(rows_of(batch))
+                commits.add(rows_of(batch))
+        commits.finish()
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted): keep the finished rows, then stop
-        _save_what_finished(sinks)
-        raise Interrupted(getattr(exc, "signum", signal.SIGINT), saved=sinks.done) from None
+        _save_what_finished(commits)
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), saved=progress.done) from None
     except Exception as exc:
-        _save_what_finished(sinks)
+        _save_what_finished(commits)
         if isinstance(exc, SetupError):  # found once Ray told what the cluster has (e.g. no GPU)
             raise
         outage = caused_by(exc, StorageUnavailable)
@@ -132,30 +115,139 @@ def run_job(config: JobConfig) -> dict:
     finally:
         if batches is not None:
             batches.close()  # stop the execution now, not when the iterator is garbage-collected
-    sinks.close()
-    # 6. The summary, written last: its presence means every row is accounted for.
-    summary = _summary(config, spec, table.num_rows, done, sinks, started, time.perf_counter() - clock)
-    summary["rows"].update(skipped_errors=skipped_errors, changed_redone=changed.num_rows)
+    progress.close()
+    if progress.words.rows:  # a warning, not an error: the rows ran, and say what the model makes of them
+        logger.warning(progress.words.message(spec.spec))
+    # 7. The summary, written last: its presence means every row is accounted for.
+    summary = _summary(config, spec, shards, skipped, commits, progress, started, time.perf_counter() - clock)
+    fs, root = storage.filesystem(config.output, so)
+    storage.remove(fs, storage.join(root, plan.PARTS))
     write_json(config.output, plan.SUCCESS, summary, so)
-    storage.clear_partial(*storage.filesystem(config.output, so))  # the empty staging folder
+    storage.clear_partial(fs, root)  # the empty staging folder
     return summary
 
 
-def _save_what_finished(sinks: Sinks) -> None:
-    """Keep every finished row of a stopped run: the rerun resumes after them."""
+def _prepare_output(config: JobConfig, record: dict) -> None:
+    """--overwrite, the job record check and write, and what a killed run left half-done."""
+    so = config.storage_options
     try:
-        sinks.close(finished=False)
+        if config.overwrite:
+            plan.clear_output(config.output, so)
+        plan.check_job_record(config.output, record, so)
+        write_json(config.output, plan.JOB_RECORD, record, so)
+        fs, root = storage.filesystem(config.output, so)
+        storage.clear_partial(fs, root)
+        for name in (plan.SUCCESS, plan.PARTS):  # an earlier run's summary (this run writes its own), parts
+            storage.remove(fs, storage.join(root, name))
+    except SetupError:
+        raise
+    except PermissionError as exc:
+        raise SetupError(
+            f"cannot write to output {config.output}: access denied ({exc}); the credentials "
+            "need write access there (nothing was computed)"
+        ) from exc
+    except Exception as exc:
+        raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
+
+
+def _save_what_finished(commits: Commits) -> None:
+    """Commit every finished block of a stopped run: the rerun resumes after them."""
+    try:
+        commits.save()
     except Exception as exc:  # storage may be what failed; the rows are redone on resume
         logger.warning("could not save the last finished rows: %s", exc)
 
 
-def rows_table(rows) -> pa.Table:
-    return (
-        pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS})
-        .append_column("code", pa.array([NO_ERROR] * len(rows), pa.string()))
-        .append_column("message", pa.array([""] * len(rows), pa.string()))
-        .append_column("stage", pa.array([""] * len(rows), pa.string()))
-    )
+@dataclass
+class _Shard:
+    """A shard in flight: the parts of its blocks in so far, and its commit."""
+
+    shard: plan.Shard
+    blocks: int | None = None  # how many blocks it has (known from its first report)
+    seen: set = field(default_factory=set)
+    parts: list = field(default_factory=list)
+    committed: int = -1  # parts in its last commit
+    commit: object = None  # the commit in flight
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def all_in(self) -> bool:
+        return self.blocks is not None and len(self.seen) == self.blocks
+
+
+class Commits:
+    """Each visited shard's blocks as they are reported; a shard is committed once all are in, and its
+    finished blocks every flush_every_s before that (a killed driver loses at most that much work)."""
+
+    def __init__(self, config: JobConfig, shards: list[plan.Shard], model: str, progress: Progress):
+        self.config, self.model, self.progress = config, model, progress
+        self.fs, self.root = storage.filesystem(config.output, config.storage_options)
+        self.shards = {s.name: _Shard(s) for s in shards}
+        self.results: dict[str, dict] = {}  # stats of each shard's final commit
+        self.last_flush = time.monotonic()
+
+    def add(self, reports: list[dict]) -> None:
+        for report in reports:
+            name = json.loads(report["shard"])["name"]
+            state = self.shards[name]
+            block = int(report["block"])
+            if block in state.seen:
+                continue  # a block Ray delivered again after a retry: its part is the same file
+            state.seen.add(block)
+            state.blocks = int(report["blocks"])
+            if report["report"]:
+                read = json.loads(report["report"])
+                self.progress.read(read)
+                if read.get("invalid_codes"):
+                    state.parts.append(part_path(self.root, name, "invalid"))
+            counts = json.loads(report["counts"])
+            if counts["part"]:
+                state.parts.append(part_path(self.root, name, block))
+            self.progress.block(counts)
+        self.poll()
+
+    def poll(self) -> None:
+        for state in self.shards.values():
+            if state.commit is not None and pipeline.finished([state.commit]):
+                stats = pipeline.result(state.commit)  # raises the commit's error
+                state.commit = None
+                if state.all_in and state.committed == len(state.parts):
+                    self.results[state.shard.name] = stats
+        for name in list(self.results):
+            self.shards.pop(name, None)
+        flush = time.monotonic() - self.last_flush >= self.config.flush_every_s
+        for state in self.shards.values():
+            if state.commit is None and (state.all_in or flush and len(state.parts) > max(state.committed, 0)):
+                self._commit(state)
+        if flush:
+            self.last_flush = time.monotonic()
+
+    def _commit(self, state: _Shard) -> None:
+        state.committed = len(state.parts)
+        state.commit = pipeline.commit(self.config, state.shard, list(state.parts), self.model)
+
+    def finish(self) -> None:
+        """Wait until every shard is committed whole."""
+        while self.shards:
+            self.poll()
+            pending = [s.commit for s in self.shards.values() if s.commit is not None]
+            pipeline.finished(pending, timeout=1.0)
+
+    def save(self) -> None:
+        """A stopped run: commit what each shard has, and wait (a while) for it."""
+        deadline = time.monotonic() + SAVE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            waiting = False
+            for state in self.shards.values():
+                if state.commit is not None and pipeline.finished([state.commit]):
+                    pipeline.result(state.commit)
+                    state.commit = None
+                if state.commit is None and len(state.parts) > max(state.committed, 0):
+                    self._commit(state)
+                waiting |= state.commit is not None
+            if not waiting:
+                return
+            pipeline.finished([s.commit for s in self.shards.values() if s.commit is not None], timeout=1.0)
 
 
 def _duration(seconds: float) -> str:
@@ -166,29 +258,19 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-class Sinks:
-    """Turns finished image rows into metadata and failed rows into errors, each row exactly once."""
+class Progress:
+    """Rows done, images, failures, rate and time left, from the read and block reports: one bar on a
+    terminal (stderr), replacing Ray Data's per-operator bars; in a log, a line every PROGRESS_EVERY_S
+    seconds with the same facts."""
 
-    def __init__(self, config: JobConfig, lookup: pa.Table, model: str, total: int, bar_file=None):
-        self.model, self.total = model, total
-        shards = dict(
-            output=config.output,
-            lookup=lookup,
-            storage_options=config.storage_options,
-            flush_every_s=config.flush_every_s,
-            retry_for_s=config.storage_retry_s,
-        )
-        self.metadata = ShardWriter(folder="metadata", schema=METADATA_SCHEMA, **shards)
-        self.failed = ShardWriter(folder="errors", schema=ERROR_SCHEMA, **shards)
-        self.partial: dict[str, list[dict]] = {}  # images of rows not yet complete
-        # Rows already recorded: a block that Ray re-delivers after a retry must not record a row twice.
-        self.recorded: set[str] = set()
+    def __init__(self, config: JobConfig, total: int, vocabulary: frozenset | None = None, bar_file=None):
+        self.total = total
+        self.kept = self.kept_failed = self.changed = self.retried = 0  # from the read reports
         self.succeeded = self.images = 0
         self.codes: Counter = Counter()
+        self.words = UnknownWords(vocabulary)  # what the shards' reports found
         self.clock = self.last_report = time.perf_counter()
         self.last_counts = None
-        # One bar on a terminal (stderr), replacing Ray Data's per-operator bars; in a log, a line every
-        # PROGRESS_EVERY_S seconds with the same facts.
         bar_file = bar_file or sys.stderr
         show = config.progress_bar if config.progress_bar is not None else bar_file.isatty()
         self.bar = tqdm(
@@ -209,35 +291,27 @@ class Sinks:
         """Rows this run recorded, as output or as error."""
         return self.succeeded + sum(self.codes.values())
 
-    def errors(self, records: list[dict]) -> None:
-        self.codes.update(r["code"] for r in records)
-        self.failed.add(records)
+    def read(self, report: dict) -> None:
+        """A shard's read report: rows kept from earlier runs, rows that failed validation."""
+        self.kept += report["kept"]
+        self.kept_failed += report["kept_failed"]
+        self.changed += report["changed"]
+        self.retried += report["retried"]
+        self.codes.update(report.get("invalid_codes") or {})
+        self.words.add(report["words"])
+        self._report()
 
-    def add(self, rows: list[dict]) -> None:
-        for row in rows:
-            if row["id"] in self.recorded:
-                continue
-            if row["code"]:
-                self.partial.pop(row["id"], None)
-                self.recorded.add(row["id"])
-                self.errors([{k: row[k] for k in ("id", "task", "stage", "code", "message", "row", "input_hash")}])
-                continue
-            images = self.partial.setdefault(row["id"], {})
-            images[int(row["k"])] = row  # keyed by k: a re-delivered image replaces, never adds
-            if len(images) == int(row["num_images"]):
-                del self.partial[row["id"]]
-                self.recorded.add(row["id"])
-                images = list(images.values())
-                self.metadata.add([metadata_record(r, self.model) for r in sorted(images, key=lambda r: r["k"])])
-                self.succeeded += 1
-                self.images += len(images)
+    def block(self, counts: dict) -> None:
+        self.succeeded += counts["succeeded"]
+        self.images += counts["images"]
+        self.codes.update(counts["codes"])
         self._report()
 
     def _report(self, final: bool = False) -> None:
         now = time.perf_counter()
         failed = sum(self.codes.values())
         if not self.bar.disable:
-            self.bar.update(self.succeeded + failed - self.bar.n)
+            self.bar.update(self.kept + self.succeeded + failed - self.bar.n)
             rate = self.images / max(now - self.clock, 1e-9)
             self.bar.set_postfix_str(f"{self.images} images, {rate:.2f} images/s, {failed} failed")  # redraws
             if not final:
@@ -247,9 +321,10 @@ class Sinks:
             self.last_report = now
             counts = (self.succeeded, failed, self.images)
             if counts != self.last_counts:  # the final report repeats nothing already said
-                done, elapsed = self.succeeded + failed, max(now - self.clock, 1e-9)
+                done, elapsed = self.kept + self.succeeded + failed, max(now - self.clock, 1e-9)
                 left = self.total - done
-                eta = f", about {_duration(left * elapsed / done)} left" if done and left else ""
+                made = self.succeeded + failed  # the rate of this run's rows, not of rows kept from earlier ones
+                eta = f", about {_duration(left * elapsed / made)} left" if made and left else ""
                 logger.info(
                     "progress: %d/%d rows done (%d failed), %d images, %.2f images/s%s",
                     done,
@@ -261,60 +336,47 @@ class Sinks:
                 )
                 self.last_counts = counts
 
-    def close(self, finished: bool = True) -> None:
-        """Flush the shards. After a finished run, a row still missing images (a stage dropped some:
-        a bug) is recorded rather than lost; after a failed run it is simply redone on resume."""
-        for row_id, images in self.partial.items() if finished else ():
-            first = next(iter(images.values()))
-            self.errors(
-                [
-                    {
-                        "id": row_id,
-                        "task": first["task"],
-                        "stage": "write",
-                        "code": "write_failed",
-                        "message": f"only {len(images)} of {first['num_images']} images arrived",
-                        "row": first["row"],
-                        "input_hash": first["input_hash"],
-                    }
-                ]
-            )
-        self.metadata.flush()
-        self.failed.flush()
+    def close(self) -> None:
         self._report(final=True)
 
 
 def _summary(
     config: JobConfig,
     spec: ModelSpec,
-    manifest_rows: int,
-    done: plan.Done,
-    sinks: Sinks,
+    shards: list[plan.Shard],
+    skipped: list[dict],
+    commits: Commits,
+    progress: Progress,
     started: dt.datetime,
     wall_s: float,
 ) -> dict:
     from importlib.metadata import version  # not `import torch`: that alone takes seconds in the driver
 
-    failed = sum(sinks.codes.values())
+    failed = sum(progress.codes.values())
+    finished = skipped + list(commits.results.values())
     return {
         "status": "complete",
         "output": config.output,
         "manifests": list(config.manifests),
         "model": spec.spec,
+        "format": config.format,
         "rows": {
-            "manifest": manifest_rows,
-            "done_before": manifest_rows - sinks.total,
-            "succeeded": sinks.succeeded,
+            "manifest": sum(s.limit - s.start for s in shards),
+            "done_before": progress.kept + sum(s["rows"] for s in skipped),
+            "succeeded": progress.succeeded,
             "failed": failed,
-            "total_succeeded": done.succeeded + sinks.succeeded,
-            "total_failed": done.failed + failed,
+            "total_succeeded": sum(s["succeeded"] for s in finished),
+            "total_failed": sum(s["failed"] for s in finished),
+            "skipped_errors": progress.kept_failed + sum(s["failed"] for s in skipped),
+            "changed_redone": progress.changed,
         },
-        "images": sinks.images,
-        "errors_by_code": dict(sorted(sinks.codes.items())),
+        "shards": {"planned": len(shards), "finished_before": len(skipped), "written": len(commits.results)},
+        "images": progress.images,
+        "errors_by_code": dict(sorted(progress.codes.items())),
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 3),
-        "images_per_s": round(sinks.images / wall_s, 3) if wall_s > 0 else None,
+        "images_per_s": round(progress.images / wall_s, 3) if wall_s > 0 else None,
         "versions": {
             "unclip_batch": __version__,
             **{name: version(name) for name in VERSIONED},

@@ -6,6 +6,7 @@ Whole-manifest problems (unreadable, no ``id``, a column of the wrong type, no r
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 import hashlib
 import json
@@ -17,6 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -197,6 +199,124 @@ def _read_one(url: str, storage_options: dict | None) -> pa.Table:
     )
 
 
+@dataclass(frozen=True)
+class ManifestFile:
+    """One Parquet file of a job's manifests, known from its footer alone (no rows read)."""
+
+    manifest: str  # the manifest as the job names it: this file, or the folder it is in
+    path: str  # the file, as its filesystem names it
+    folder: str  # relative source paths in its rows resolve against this
+    rows: int
+    first: int  # manifest_row of its first row: a folder's files count on from each other, in name order
+    version: str  # size and ETag or mtime: a file written again has another
+
+
+def manifest_files(urls, storage_options: dict | None = None) -> list[ManifestFile]:
+    """Every Parquet file of the job's manifests, in order, from footers only: whole-manifest problems
+    (unreadable, no ``id``, a column of the wrong type, no rows) raise ManifestError here, before any
+    row is read. The footers are read side by side: a folder of thousands of files on S3 takes seconds."""
+    found = []
+    for url in urls:
+        if "://" not in url:  # workers may run in another folder: relative sources must not depend on it
+            url = os.path.abspath(url)
+        fs, path, is_dir = _locate(url, storage_options)
+        paths = parquet_files(fs, path, url) if is_dir else [path]
+        folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
+        found.append((url, fs, paths, folder))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # footers side by side: S3 round trips add up
+        footers = [
+            list(
+                pool.map(_footer, [fs] * len(paths), paths, [url if len(paths) == 1 else f"{url} ({p})" for p in paths])
+            )
+            for url, fs, paths, _ in found
+        ]
+    files = []
+    for (url, _, paths, folder), meta in zip(found, footers):
+        first = 0
+        columns = dict.fromkeys(name for schema, _, _ in meta for name in schema.names)
+        _warn_near_misses(url, list(columns))
+        for path, (_, rows, version) in zip(paths, meta):
+            files.append(ManifestFile(url, path, folder, rows, first, version))
+            first += rows
+        if first == 0:
+            raise ManifestError(f"manifest {url} has no rows")
+    return files
+
+
+def _locate(url: str, storage_options):
+    try:
+        fs, path = storage.filesystem(url, storage_options)
+        is_dir = fs.isdir(path)
+        if not is_dir and not fs.exists(path):
+            raise ManifestError(f"manifest {url} does not exist")
+    except ManifestError:
+        raise
+    except PermissionError as exc:
+        raise ManifestError(
+            f"manifest {url}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
+        ) from exc
+    except Exception as exc:
+        raise ManifestError(f"manifest {url} could not be read: {type(exc).__name__}: {exc}") from exc
+    if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
+        raise ManifestError(
+            f"manifest {url} is text, not Parquet: convert it with `unclip-batch manifest build {url} "
+            f"-o {url.rsplit('.', 1)[0]}.parquet` (.txt a prompt a line, .csv, or .jsonl a row a line)"
+        )
+    return fs, path, is_dir
+
+
+def _footer(fs, path: str, where: str) -> tuple[pa.Schema, int, str]:
+    """(schema, rows, version) of one Parquet file, checked; its footer is all that is read."""
+    try:
+        info = fs.info(path)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
+    except PermissionError as exc:
+        raise ManifestError(
+            f"manifest {where}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
+        ) from exc
+    except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
+        raise ManifestError(f"manifest {where} could not be read as Parquet: {exc}") from exc
+    _check_schema(where, schema)
+    version = f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+    return schema, meta.num_rows, version
+
+
+def read_rows(manifest: str, path: str, start: int, stop: int, columns, storage_options=None) -> pa.Table:
+    """Rows [start, stop) of a manifest's Parquet file, the given columns that it has (string columns as
+    plain strings, whatever string type was written); only the row groups holding them are read."""
+    fs, _ = storage.filesystem(manifest, storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        present = names if columns is None else [c for c in columns if c in names]
+        groups, at, offset = [], 0, None
+        for i in range(parquet.metadata.num_row_groups):
+            n = parquet.metadata.row_group(i).num_rows
+            if at < stop and at + n > start:
+                groups.append(i)
+                offset = at if offset is None else offset
+            at += n
+        table = parquet.read_row_groups(groups, columns=present) if groups else parquet.schema_arrow.empty_table()
+    table = table.slice(start - (offset or 0), stop - start)
+    for name in ("id",) + STRING_COLUMNS:
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], pa.string()))
+    return table
+
+
+def id_digests(ids: pa.Array) -> np.ndarray:
+    """A 128-bit digest of each id (null ids: zeros), as two uint64 columns: duplicates are found by
+    digest across every manifest file, in tasks, without any one process holding the ids."""
+    out = np.zeros(len(ids), dtype=[("a", "<u8"), ("b", "<u8")])
+    raw = out.view(np.uint8).reshape(len(ids), 16)
+    for i, value in enumerate(ids.to_pylist()):
+        if value is not None:
+            raw[i] = np.frombuffer(hashlib.blake2b(str(value).encode(), digest_size=16).digest(), np.uint8)
+    return out
+
+
 def parquet_files(fs, path: str, url: str) -> list[str]:
     """The ``*.parquet`` files under a manifest folder, sorted; other files (source images beside the
     manifests, scripts, ``_SUCCESS``) are skipped and named once. Hidden and ``_``-prefixed entries are
@@ -286,13 +406,18 @@ def validate(
     """Yield (valid rows, error records) per chunk of the table: memory stays flat for any manifest."""
     table = table.select([c for c in KNOWN_COLUMNS + BOOKKEEPING if c in table.column_names])
     for batch in table.to_batches(max_chunksize=chunk_rows):
-        rows, errors = [], []
-        for record in batch.to_pylist():
-            try:
-                rows.append(parse_row(record, defaults, size))
-            except RowError as err:
-                errors.append(error_record(record, "validate", err.code, err.message))
-        yield rows, errors
+        yield parse_records(batch.to_pylist(), defaults, size)
+
+
+def parse_records(records: list[dict], defaults: dict, size: SizeRule) -> tuple[list[Row], list[dict]]:
+    """(valid rows, error records) of raw manifest records with their bookkeeping columns."""
+    rows, errors = [], []
+    for record in records:
+        try:
+            rows.append(parse_row(record, defaults, size))
+        except RowError as err:
+            errors.append(error_record(record, "validate", err.code, err.message))
+    return rows, errors
 
 
 @dataclass(frozen=True)
@@ -386,6 +511,16 @@ class UnknownWords:
                     self.first_ids.append(row.id)
                 for word in unknown:
                     self.words[word] = self.words.get(word, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "words": self.words, "first_ids": self.first_ids}
+
+    def add(self, found: dict) -> None:
+        """Count in what another UnknownWords found (a shard's, read in a task)."""
+        self.rows += found["rows"]
+        for word, n in found["words"].items():
+            self.words[word] = self.words.get(word, 0) + n
+        self.first_ids.extend(found["first_ids"][: 5 - len(self.first_ids)])
 
     def message(self, model: str) -> str:
         """The warning, or "" when every word is known (or the model reads any text)."""

@@ -1,12 +1,20 @@
 """The Ray wiring, and the only library module importing Ray: joining or starting a Ray, placing the model
-actors, and the Ray Data pipeline over validated blocks (job.py decides what goes in and records what
-comes out):
+actors, the tasks before the pipeline (duplicate ids, changed rows), the Ray Data pipeline over shards,
+and the shard commits (job.py decides what goes in and what is committed when):
 
-    blocks -> load_sources (CPU tasks) -> UnclipPredictor (actor pool, GPU) -> write_images (CPU tasks)
+    shards -> read_shard (CPU tasks) -> load_sources (CPU tasks) -> UnclipPredictor (actor pool, GPU)
+           -> write_part (CPU tasks) -> a few numbers per block to the driver -> commit_shard (CPU tasks)
+
+One Ray Data row is one model block, packed (``batches.pack``): Ray Data merges a task's outputs into blocks
+of up to 128 MiB, which would hand a whole shard to one actor call and hold its images until the last one
+is made; a row per model block, split into one Ray block each right after the read, keeps blocks exactly
+as ``plan.model_blocks`` cut them (calls full, images written as soon as their block is done).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -14,31 +22,106 @@ import sys
 import threading
 from dataclasses import dataclass
 
-import pyarrow as pa
+import numpy as np
 
+from unclip_batch import plan, writer
+from unclip_batch.batches import pack, rows_of, unpack
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, caused_by
+from unclip_batch.manifest import ManifestFile, id_digests, read_rows
 from unclip_batch.sources import load_sources
-from unclip_batch.writer import write_images
 
 logger = logging.getLogger(__name__)
 
 IO_TASK_CPUS = 0.25  # load and write tasks mostly wait on storage; on 2 cores whole CPUs would starve them
 
 
-def run(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
-    """The pipeline's output batches (numpy dicts of finished rows) as they come; close() stops it."""
-    return iter(_dataset(config, blocks, tasks).iter_batches(batch_size=None, batch_format="numpy"))
+def run(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks: tuple[str, ...]):
+    """The pipeline's reports as they come: a few numbers per finished block (``write_part``'s), the first
+    block of each shard with its read report; close() stops it."""
+    return iter(_dataset(config, shards, work, tasks).iter_batches(batch_size=None, batch_format="numpy"))
 
 
-def put(config: JobConfig, block: pa.Table):
-    """A validated block into Ray's object store as soon as it is made (Ray starts with the first one):
-    the driver holds references, not also an Arrow copy of every validated row until the job ends."""
+def ensure_ray(config: JobConfig) -> None:
     if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
         start_ray(config.address)  # before `import ray` here: see start_ray on token auth
+
+
+def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[str, ...]]:
+    """(duplicate ids, tasks) of the job's rows, in tasks: each file's ids are digested where it is read,
+    and one task finds the digests that occur twice, with the job-wide row of the first occurrence (the
+    one that runs). The driver gets only the duplicates, and the set of tasks the rows ask for."""
     import ray
 
-    return ray.put(block)
+    ensure_ray(config)
+    left, spans = config.limit if config.limit is not None else float("inf"), []
+    for file in files:
+        rows = int(min(file.rows, max(0, left)))
+        if rows:
+            spans.append((file, rows))
+        left -= rows
+    scan = ray.remote(num_cpus=IO_TASK_CPUS, num_returns=2)(_scan_file)
+    refs = [scan.remote(file, rows, config.storage_options) for file, rows in spans]
+    digests, tasks = [r[0] for r in refs], [r[1] for r in refs]
+    duplicates = ray.remote(num_cpus=IO_TASK_CPUS)(_duplicates).remote(*digests)
+    return ray.get(duplicates), tuple(sorted(set().union(*ray.get(tasks))))
+
+
+def _scan_file(file: ManifestFile, rows: int, storage_options):
+    table = read_rows(file.manifest, file.path, 0, rows, ["id", "task"], storage_options)
+    tasks = set(table["task"].to_pylist()) if "task" in table.column_names else set()
+    tasks = {(t or "generate").strip() for t in tasks} or {"generate"}
+    return id_digests(table["id"].combine_chunks()), tasks
+
+
+def _duplicates(*digests: np.ndarray) -> dict[bytes, int]:
+    every = np.concatenate(digests) if digests else np.zeros(0, dtype=[("a", "<u8"), ("b", "<u8")])
+    unique, first, counts = np.unique(every, return_index=True, return_counts=True)
+    twice = counts > 1
+    return {u.tobytes(): int(i) for u, i in zip(unique[twice], first[twice])}
+
+
+def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) -> list:
+    """Rows of these shards changed since an earlier run recorded them (a task per shard)."""
+    import ray
+
+    check = ray.remote(num_cpus=IO_TASK_CPUS)(plan.changed_rows)
+    dup = ray.put(duplicates)
+    refs = [
+        check.remote(s, output=config.output, duplicates=dup, storage_options=config.storage_options) for s in shards
+    ]
+    return [row for found in ray.get(refs) for row in found]
+
+
+def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):
+    """Start a shard's commit (writer.commit_shard) as a task; its reference, for ``finished``."""
+    import ray
+
+    task = ray.remote(num_cpus=IO_TASK_CPUS, max_retries=3)(writer.commit_shard)
+    return task.remote(
+        shard,
+        parts,
+        output=config.output,
+        format=config.format,
+        model=model,
+        storage_options=config.storage_options,
+        retry_for_s=config.storage_retry_s,
+    )
+
+
+def finished(refs: list, timeout: float = 0) -> list:
+    """The references among ``refs`` whose task is done (ray.get them for the result or the error)."""
+    import ray
+
+    if not refs:
+        return []
+    return ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)[0]
+
+
+def result(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 def ray_address(address: str | None) -> str | None:
@@ -123,18 +206,16 @@ def placement(config: JobConfig, resources: dict) -> Placement:
     return Placement("cpu", workers, worker_cpus, max(1, int(cpus // workers)))
 
 
-def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
+def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks: tuple[str, ...]):
     import ray
     from ray.data import ActorPoolStrategy
     from ray.util.debug import log_once
-
-    from unclip_batch.predict import UnclipPredictor
 
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True
-    context.enable_progress_bars = False  # the job shows one bar of its own (job.Sinks), not one per operator
+    context.enable_progress_bars = False  # the job shows one bar of its own (job.Progress), not one per operator
     # Ray Data says once that its bars are off ("to enable, set ..."): the job chose so, not the user.
     log_once("ray_data_progress_manager_disabled")
     _quiet_expected_failures()
@@ -147,11 +228,19 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
         "one GPU each" if place.device == "cuda" else f"CPU, {place.threads} threads each",
     )
     so = config.storage_options
-    ds = ray.data.from_arrow_refs(blocks)
     io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
-    ds = ds.map_batches(load_sources, fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS, batch_format="numpy")
+    # One input block per shard: a read task's blocks reach the model as soon as its shard is read.
+    items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # A Ray block per model block (module docstring). Ray Data fuses the read with the split into one task
+    # only when both ask for the same CPUs, and its split asks for a whole one: so does the read.
+    ds = ds.map_batches(read_stage, fn_kwargs={"work": work, "format": config.format}, batch_size=1, num_cpus=1)
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
-        UnclipPredictor,
+        _packed(load_sources), fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS, batch_format="numpy"
+    )
+    ds = ds.map_batches(
+        UnclipPredictorOnBlocks,
         fn_constructor_kwargs=dict(
             model=config.model,
             tasks=tasks,
@@ -170,12 +259,97 @@ def _dataset(config: JobConfig, blocks: list, tasks: tuple[str, ...]):
         num_cpus=place.worker_cpus,
     )
     return ds.map_batches(
-        write_images,
-        fn_kwargs={"output": config.output, **io_kwargs},
+        write_stage,
+        fn_kwargs={"output": config.output, "format": config.format, **io_kwargs},
         batch_size=None,
         num_cpus=IO_TASK_CPUS,
         batch_format="numpy",
     )
+
+
+def read_stage(batch: dict, work: plan.Work, format: str) -> dict:
+    """Shards in, their model blocks out (a packed row each; an empty one for a shard with nothing to do, so
+    the driver still hears of it). Rows that fail validation are stored as a part of their shard here."""
+    out = {"shard": [], "block": [], "blocks": [], "report": [], "payload": []}
+    for text in batch["shard"]:
+        shard = plan.Shard(**json.loads(text))
+        blocks, errors, report = plan.read_shard(shard, work)
+        if errors:
+            rows = [{**e, "k": -1, "num_images": 0} for e in errors]
+            report["invalid_codes"] = writer.write_part(
+                rows,
+                shard=shard.name,
+                first=shard.first,
+                offset=shard.offset,
+                block="invalid",
+                output=work.output,
+                format=format,
+                storage_options=work.storage_options,
+                retry_for_s=work.retry_for_s,
+            )["codes"]
+        payloads = [pack(b.to_pydict()) for b in blocks] or [pack({})]
+        for i, payload in enumerate(payloads):
+            out["shard"].append(text)
+            out["block"].append(i)
+            out["blocks"].append(len(payloads))
+            out["report"].append(json.dumps(report) if i == 0 else "")
+            out["payload"].append(payload)
+    return {k: np.array(v, dtype=object) if k != "block" and k != "blocks" else np.array(v) for k, v in out.items()}
+
+
+def _packed(stage):
+    """A stage on plain batches, run on each packed model block of a Ray batch."""
+
+    def run(batch: dict, **kwargs) -> dict:
+        out = dict(batch)
+        out["payload"] = _objects([pack(stage(unpack(p), **kwargs)) for p in batch["payload"]])
+        return out
+
+    run.__name__ = stage.__name__
+    return run
+
+
+class UnclipPredictorOnBlocks:
+    """UnclipPredictor on each packed model block (a Ray batch holds one)."""
+
+    def __init__(self, **kwargs):
+        from unclip_batch.predict import UnclipPredictor
+
+        self.predictor = UnclipPredictor(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["payload"] = _objects([pack(self.predictor(unpack(p))) for p in batch["payload"]])
+        return out
+
+
+def write_stage(batch: dict, output: str, format: str, storage_options=None, retry_for_s=None) -> dict:
+    """Each block's images stored and its rows stored as a part; only its numbers go on to the driver."""
+    counts = []
+    for text, block, payload in zip(batch["shard"], batch["block"], batch["payload"]):
+        shard = json.loads(text)
+        rows = rows_of(unpack(payload))
+        found = writer.write_part(
+            rows,
+            shard=shard["name"],
+            first=shard["first"],
+            offset=shard["offset"],
+            block=int(block),
+            output=output,
+            format=format,
+            storage_options=storage_options,
+            retry_for_s=retry_for_s,
+        )
+        counts.append(json.dumps({**found, "part": bool(rows)}))
+    out = {k: batch[k] for k in ("shard", "block", "blocks", "report")}
+    out["counts"] = _objects(counts)
+    return out
+
+
+def _objects(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 class _ExpectedFailures(logging.Filter):

@@ -1,218 +1,304 @@
-"""Plan stage: what is already done under the output, what is left, whether this job may continue it, and
-how the rest is cut into model-sized blocks.
+"""Plan stage: the job's input shards, what is already done under the output, whether this job may continue
+it, and each shard's rows left to do, cut into model-sized blocks.
 
-A row is done when its id has metadata or an error record. Rows whose id is itself the problem
-(invalid or duplicate) are recorded by their position in their manifest instead.
+A shard is a range of rows of one manifest file, planned from Parquet footers alone; it becomes one output
+shard, written whole (writer.commit_shard). The driver holds shards, never rows: reading, validating and
+sorting out what is done happen in ``read_shard``, a Ray task per shard. A row is done when its shard's
+metadata or errors hold a record at its position (``manifest_row``) under the same id and fingerprint; a
+shard whose every row is done has a stats file, and a resume skips it without reading anything of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unclip_batch import storage
 from unclip_batch.errors import SetupError
-from unclip_batch.manifest import FIRST, KNOWN_COLUMNS, MANIFEST, MANIFEST_ROW, input_hash
+from unclip_batch.manifest import (
+    FIRST,
+    FOLDER,
+    KNOWN_COLUMNS,
+    MANIFEST,
+    MANIFEST_ROW,
+    ROW,
+    ROW_FIELDS,
+    ManifestFile,
+    SizeRule,
+    UnknownWords,
+    id_digests,
+    input_hash,
+    parse_records,
+    read_rows,
+)
 from unclip_batch.sampling import call_key
 
 logger = logging.getLogger(__name__)
 
 JOB_RECORD = "_job.json"
 SUCCESS = "_SUCCESS"
-POSITION_CODES = ("invalid_id", "duplicate_id")  # errors whose id cannot key them
-RECORDED = ("model", "batch_size", "scheduler", "embeddings")  # the job record's settings besides its defaults
+PARTS = "_parts"  # each finished model block's results, until its shard is committed
+# The job record's settings besides its defaults: each changes what the output holds or how it is laid out.
+RECORDED = ("model", "batch_size", "scheduler", "embeddings", "format", "rows_per_shard")
 # Model calls per Ray block (one block is one batch of the model actor): enough that a block's calls are
 # full, few enough that its images are written soon (an actor hands a block's outputs on together).
 CALLS_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
-class Done:
-    ids: pa.Array  # ids with metadata
-    error_ids: pa.Array  # ids with a keyed error record
-    positions: pa.Array  # "manifest#row" of errors keyed by position
-    succeeded: int
-    failed: int
-    # (key, input_hash): the fingerprint each done row had when recorded; key is the id, or the position
-    # for errors keyed by position. Outputs from before fingerprints have none (null).
-    hashes: pa.Table = field(
-        default_factory=lambda: pa.table({"key": pa.array([], pa.string()), "input_hash": pa.array([], pa.string())})
-    )
+class Shard:
+    """Rows [start, stop) of one manifest file: one output shard. ``limit`` < stop when --limit ends the
+    job inside it (the shard stays unfinished until a run without the limit)."""
 
-    @classmethod
-    def nothing(cls) -> Done:
-        empty = pa.array([], pa.string())
-        return cls(empty, empty, empty, 0, 0)
+    name: str  # "00042": the output shard's files are named after it
+    manifest: str
+    path: str
+    folder: str
+    version: str
+    start: int
+    stop: int
+    limit: int
+    first: int  # manifest_row of row `start`
+    offset: int  # the job-wide position of row `start` (duplicates: the first occurrence wins)
 
-
-def position_keys(manifests, manifest_rows) -> pa.Array:
-    return pc.binary_join_element_wise(pc.cast(manifests, pa.string()), pc.cast(manifest_rows, pa.string()), "#")
-
-
-def load_done(output: str, storage_options: dict | None = None) -> Done:
-    metadata = _read_column_sets(output, "metadata", ["id", "input_hash"], storage_options)
-    errors = _read_column_sets(
-        output, "errors", ["id", "code", "manifest", "manifest_row", "input_hash"], storage_options
-    )
-    by_position = pc.fill_null(pc.is_in(errors["code"], value_set=pa.array(POSITION_CODES)), False)
-    keyed, positioned = errors.filter(pc.invert(by_position)), errors.filter(by_position)
-    positions = position_keys(positioned["manifest"], positioned["manifest_row"])
-    hashes = pa.concat_tables(
-        [
-            pa.table({"key": metadata["id"], "input_hash": metadata["input_hash"]}),
-            pa.table({"key": keyed["id"], "input_hash": keyed["input_hash"]}),
-            pa.table({"key": positions, "input_hash": positioned["input_hash"]}),
+    def matches(self, stats: dict) -> bool:
+        """Whether a stats file describes this shard of this very file (not another, not an older copy)."""
+        return [stats.get(k) for k in ("manifest", "path", "start", "stop", "version")] == [
+            self.manifest,
+            self.path,
+            self.start,
+            self.stop,
+            self.version,
         ]
-    )
-    ids = pc.unique(metadata["id"])
-    return Done(
-        ids=_flat(ids),
-        error_ids=_flat(pc.unique(keyed["id"])),
-        positions=_flat(positions),
-        succeeded=len(ids),
-        failed=errors.num_rows,
-        hashes=hashes,
-    )
 
 
-def changed_rows(table: pa.Table, done: Done) -> pa.Table:
-    """Done rows whose manifest row is not what was recorded (same id, other prompt, seed ...): the
-    manifest table's rows, with a ``key`` column naming their records (see ``Done.hashes``)."""
-    succeeded, failed = _done_masks(table, done)
-    done_rows = table.filter(pc.or_(succeeded, failed))
-    if done_rows.num_rows == 0:
-        return done_rows.append_column("key", pa.array([], pa.string()))
-    by_id = pc.and_(done_rows[FIRST], pc.is_in(done_rows["id"], value_set=pa.concat_arrays([done.ids, done.error_ids])))
-    keys = pc.if_else(
-        pc.fill_null(by_id, False), done_rows["id"], position_keys(done_rows[MANIFEST], done_rows[MANIFEST_ROW])
-    )
-    known = [c for c in KNOWN_COLUMNS if c in done_rows.column_names]
-    now = pa.array([input_hash(r) for r in done_rows.select(known).to_pylist()], pa.string())
-    # The join sees only keys, hashes and positions: carried columns may be of types joins cannot carry.
-    probe = pa.table({"key": keys, "now": now, "at": pa.array(range(done_rows.num_rows), pa.int64())})
-    recorded = (
-        done.hashes.filter(pc.is_valid(done.hashes["input_hash"])).group_by("key").aggregate([("input_hash", "min")])
-    )  # one hash per key (a row's images share it)
-    joined = probe.join(recorded, "key", join_type="inner", use_threads=False)
-    changed = joined.filter(pc.not_equal(joined["now"], joined["input_hash_min"]))
-    changed = changed.take(pc.sort_indices(changed["at"]))  # manifest order
-    return done_rows.take(changed["at"]).append_column("key", changed["key"])
-
-
-def forget(output: str, changed: pa.Table, storage_options: dict | None = None) -> None:
-    """Remove the records and images of changed rows, so that they run again.
-
-    Each shard that holds one of them is rewritten whole under its own name (an atomic replace), so a
-    crash part-way leaves every row either still recorded (and still changed: the next run finds it
-    again) or pending, never half of each."""
-    fs, root = storage.filesystem(output, storage_options)
-    keys = pc.unique(changed["key"])
-    for folder in ("metadata", "errors"):
-        for file in _shard_files(fs, storage.join(root, folder)):
-            shard = pq.read_table(file, filesystem=fs)
-            gone = pc.is_in(_record_keys(shard), value_set=keys)
-            if pc.any(gone).as_py():
-                kept = shard.filter(pc.invert(gone))
-                buffer = io.BytesIO()
-                pq.write_table(kept, buffer)
-                storage.write_whole(fs, file, buffer.getvalue(), root)
-    for row_id in set(changed.filter(pc.equal(changed["key"], changed["id"]))["id"].to_pylist()):
-        folder = storage.join(root, "images", row_id)  # ids are validated: never outside the output
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
-    logger.info("%d changed rows forgotten: they run again", changed.num_rows)
-
-
-def _record_keys(shard: pa.Table) -> pa.Array:
-    """The key of each record of a metadata or errors shard (see ``Done.hashes``)."""
-    if "code" not in shard.column_names:
-        return shard["id"]
-    by_position = pc.fill_null(pc.is_in(shard["code"], value_set=pa.array(POSITION_CODES)), False)
-    return pc.if_else(by_position, position_keys(shard["manifest"], shard["manifest_row"]), shard["id"])
-
-
-def _done_masks(table: pa.Table, done: Done) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """(rows with output, rows with an error record) of the manifest table."""
-    first = table[FIRST]
-    succeeded = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.ids)), False)
-    failed = pc.fill_null(pc.and_(first, pc.is_in(table["id"], value_set=done.error_ids)), False)
-    if len(done.positions):
-        failed = pc.or_(failed, pc.is_in(position_keys(table[MANIFEST], table[MANIFEST_ROW]), value_set=done.positions))
-    return succeeded, failed
-
-
-def pending(table: pa.Table, done: Done) -> pa.Table:
-    """Rows of the manifest table not yet done. Vectorised: stays fast at millions of rows."""
-    if len(done.ids) == 0 and len(done.error_ids) == 0 and len(done.positions) == 0:
-        return table
-    succeeded, failed = _done_masks(table, done)
-    return table.filter(pc.invert(pc.or_(succeeded, failed)))
-
-
-def skipped_errors(table: pa.Table, done: Done) -> int:
-    """Manifest rows a resumed run skips because an earlier run recorded them as errors."""
-    if len(done.error_ids) == 0 and len(done.positions) == 0:
-        return 0
-    return pc.sum(_done_masks(table, done)[1]).as_py() or 0
-
-
-def discard_errors(output: str, storage_options: dict | None = None) -> None:
-    """--retry-errors: forget the error records, so their rows are pending again. Safe at any point: a row
-    whose record is gone is simply redone, and recorded anew if it fails again."""
-    fs, root = storage.filesystem(output, storage_options)
-    path = storage.join(root, "errors")
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    logger.info("--retry-errors: rows recorded as errors earlier will be redone")
-
-
-def _shard_files(fs, path: str) -> list[str]:
-    return sorted(fs.glob(storage.join(path, "*.parquet")) if fs.exists(path) else [])
-
-
-def _read_column_sets(output: str, folder: str, columns: list[str], storage_options) -> pa.Table:
-    """The given columns of every shard in a folder as strings; a column a shard lacks is null."""
-    fs, root = storage.filesystem(output, storage_options)
-    tables = []
-    for file in _shard_files(fs, storage.join(root, folder)):
-        try:
-            with fs.open(file, "rb") as f:
-                shard = pq.ParquetFile(f)
-                present = [c for c in columns if c in shard.schema_arrow.names]
-                table = shard.read(columns=present)
-        except Exception as exc:  # shards are written whole, so this is damage from outside: say so, go on
-            logger.warning("ignoring unreadable shard %s: %s", file, exc)
-            continue
-        tables.append(
-            pa.table(
-                {
-                    c: pc.cast(table[c], pa.string()) if c in present else pa.nulls(table.num_rows, pa.string())
-                    for c in columns
-                }
-            )
+def plan_shards(files: list[ManifestFile], rows_per_shard: int, limit: int | None = None) -> list[Shard]:
+    """Every shard of the job, in manifest order: ``rows_per_shard`` rows of a file each (a file's last
+    shard may be shorter). Shards past ``limit`` rows are planned too, for the check of what the output
+    holds, with limit == start (nothing to do this run)."""
+    cuts, offset = [], 0
+    for file in files:
+        for start in range(0, file.rows, rows_per_shard):
+            cuts.append((file, start, min(start + rows_per_shard, file.rows), offset + start))
+        offset += file.rows
+    width = max(5, len(str(len(cuts) - 1)))  # img2dataset's 00000 ... grows past 99999 shards
+    left = float("inf") if limit is None else limit
+    shards = []
+    for i, (file, start, stop, at) in enumerate(cuts):
+        end = int(min(stop, max(start, start + left - at)))
+        name = f"{i:0{width}d}"
+        shards.append(
+            Shard(name, file.manifest, file.path, file.folder, file.version, start, stop, end, file.first + start, at)
         )
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pa.concat_tables(tables)
+    return shards
 
 
-def _flat(array) -> pa.Array:
-    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+@dataclass(frozen=True)
+class OutputState:
+    """What an output holds, from listings and stats files only."""
+
+    stats: dict  # shard name -> its stats (shards whose every row is recorded)
+    recorded: frozenset  # names of shards with a metadata or errors file (done in part, or whole)
 
 
-def job_record(model: str, defaults: dict, batch_size: int, scheduler: str, embeddings: bool = False) -> dict:
+def output_state(output: str, stats_folder: str, storage_options: dict | None = None) -> OutputState:
+    fs, root = storage.filesystem(output, storage_options)
+    fs.invalidate_cache()  # what is there now, not what this process listed before
+    names = {}
+    for folder, suffix in (("metadata", ".parquet"), ("errors", ".parquet"), (stats_folder, "_stats.json")):
+        path = storage.join(root, folder)
+        files = fs.find(path) if fs.exists(path) else []
+        names[folder, suffix] = sorted(f for f in files if f.endswith(suffix))
+    stats_files = names[stats_folder, "_stats.json"]
+    blobs = fs.cat(stats_files) if stats_files else {}  # a list: fetched side by side on object storage
+    stats = {path.rsplit("/", 1)[-1].removesuffix("_stats.json"): json.loads(blob) for path, blob in blobs.items()}
+    recorded = {
+        p.rsplit("/", 1)[-1].removesuffix(".parquet")
+        for key in (("metadata", ".parquet"), ("errors", ".parquet"))
+        for p in names[key]
+    }
+    return OutputState(stats=stats, recorded=frozenset(recorded))
+
+
+def check_layout(shards: list[Shard], state: OutputState, output: str) -> None:
+    """Refuse an output holding shards this job's manifests do not plan: files were added, removed or
+    reordered, so a shard's name now means other rows, and rows would be lost or recorded twice."""
+    planned = {s.name for s in shards}
+    strange = sorted((set(state.stats) | state.recorded) - planned)
+    if strange:
+        shown = ", ".join(strange[:5]) + (" ..." if len(strange) > 5 else "")
+        raise SetupError(
+            f"{output} holds shards that these manifests do not plan ({shown}): the manifests gained or lost "
+            "rows or files since that output was written, or it comes from an older unclip-batch. Use a new "
+            "--output, or --overwrite to discard the old results (nothing was computed)"
+        )
+
+
+def to_visit(shards: list[Shard], state: OutputState, retry_errors: bool) -> tuple[list[Shard], list[dict]]:
+    """(shards this run reads, stats of the finished shards it skips). A finished shard is read again only
+    when its manifest file changed since (its rows are checked) or its errors are to be retried."""
+    visit, skipped = [], []
+    for shard in shards:
+        stats = state.stats.get(shard.name)
+        if stats and shard.matches(stats) and not (retry_errors and stats.get("failed")):
+            skipped.append(stats)
+        elif shard.limit > shard.start or stats:
+            visit.append(shard)
+    return visit, skipped
+
+
+def previous_records(output: str, name: str, storage_options: dict | None = None) -> dict[int, dict]:
+    """The records an earlier run committed for a shard, by manifest_row: id, input_hash, manifest and code
+    (None for output)."""
+    fs, root = storage.filesystem(output, storage_options)
+    fs.invalidate_cache()  # a worker's filesystem may have listed the output before this shard's commit
+    found = {}
+    for folder in ("metadata", "errors"):
+        path = storage.join(root, folder, f"{name}.parquet")
+        try:
+            with fs.open(path, "rb") as f:
+                shard = pq.ParquetFile(f)
+                columns = [
+                    c for c in ("id", "input_hash", "manifest", "manifest_row", "code") if c in shard.schema_arrow.names
+                ]
+                table = shard.read(columns=columns)
+        except FileNotFoundError:
+            continue
+        for record in table.to_pylist():
+            found[record["manifest_row"]] = {**record, "code": record.get("code")}
+    return found
+
+
+@dataclass
+class Sorted:
+    """A shard's rows sorted out against what an earlier run recorded for it."""
+
+    todo: list[dict]
+    kept: int = 0  # rows whose record stands
+    kept_failed: int = 0  # of them, error records (skipped; --retry-errors redoes them)
+    retried: int = 0  # error records redone (--retry-errors)
+    changed: list = dataclasses.field(default_factory=list)  # ids (or positions) of rows changed under their record
+
+
+def sort_out(records: list[dict], previous: dict[int, dict], manifest: str, retry_errors: bool) -> Sorted:
+    """Split a shard's raw manifest records into kept and to do. A record is kept when it sits at the row's
+    position under the same id and fingerprint (records from before fingerprints have none: kept)."""
+    out = Sorted(todo=[])
+    seen = set()
+    for record in records:
+        position = record[MANIFEST_ROW]
+        seen.add(position)
+        old = previous.get(position)
+        if old is None:
+            out.todo.append(record)
+            continue
+        now = input_hash(record)
+        same = old.get("manifest") in (None, manifest) and old.get("id") == record.get("id")
+        if not same or old.get("input_hash") not in (None, now):
+            out.changed.append(record.get("id") or f"{manifest}#{position}")
+            out.todo.append(record)
+        elif old["code"] and retry_errors:
+            out.retried += 1
+            out.todo.append(record)
+        else:
+            out.kept += 1
+            out.kept_failed += bool(old["code"])
+    return out
+
+
+def shard_records(shard: Shard, duplicates: dict, storage_options: dict | None = None) -> list[dict]:
+    """The shard's rows this run covers, as raw manifest records with their bookkeeping columns."""
+    table = read_rows(shard.manifest, shard.path, shard.start, shard.limit, KNOWN_COLUMNS, storage_options)
+    n = table.num_rows
+    positions = pa.array(range(shard.offset, shard.offset + n), pa.int64())
+    digests = id_digests(table["id"].combine_chunks() if n else pa.array([], pa.string()))
+    first = [duplicates.get(digests[i].tobytes(), shard.offset + i) == shard.offset + i for i in range(n)]
+    table = (
+        table.append_column(ROW, positions)
+        .append_column(MANIFEST, pa.array([shard.manifest] * n, pa.string()))
+        .append_column(MANIFEST_ROW, pa.array(range(shard.first, shard.first + n), pa.int64()))
+        .append_column(FOLDER, pa.array([shard.folder] * n, pa.string()))
+        .append_column(FIRST, pa.array(first, pa.bool_()))
+    )
+    return table.to_pylist()
+
+
+def changed_rows(shard: Shard, *, output: str, duplicates: dict, storage_options: dict | None = None) -> list:
+    """Rows of a shard changed since an earlier run recorded them (a task: for the check before compute)."""
+    records = shard_records(shard, duplicates, storage_options)
+    previous = previous_records(output, shard.name, storage_options)
+    found = sort_out(records, previous, shard.manifest, retry_errors=False).changed
+    gone = [p for p in previous if not shard.first <= p < shard.first + (shard.stop - shard.start)]
+    return found + [f"{shard.manifest}#{p}" for p in gone]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What ``read_shard`` needs besides the shard: the same for every shard of a job."""
+
+    output: str
+    defaults: dict
+    size: SizeRule
+    batch_size: int
+    retry_errors: bool = False
+    vocabulary: frozenset | None = None
+    duplicates: dict = dataclasses.field(default_factory=dict)  # id digest -> job-wide row of its first occurrence
+    storage_options: dict | None = None
+    retry_for_s: float = storage.RETRY_FOR_S
+
+
+def read_shard(shard: Shard, work: Work) -> tuple[list[pa.Table], list[dict], dict]:
+    """The read stage of one shard: its rows left to do, validated, cut into model blocks; the error
+    records of rows that failed validation; and a report (counts and unknown words) for the driver."""
+    records = shard_records(shard, work.duplicates, work.storage_options)
+    previous = previous_records(work.output, shard.name, work.storage_options)
+    sorted_out = sort_out(records, previous, shard.manifest, work.retry_errors)
+    rows, errors = parse_records(sorted_out.todo, work.defaults, work.size)
+    words = UnknownWords(work.vocabulary)
+    words.check(rows)
+    blocks = [rows_table(block) for block in model_blocks(rows, work.batch_size)]
+    report = {
+        "rows": len(records),
+        "kept": sorted_out.kept,
+        "kept_failed": sorted_out.kept_failed,
+        "retried": sorted_out.retried,
+        "changed": len(sorted_out.changed),
+        "invalid": len(errors),
+        "words": words.to_dict(),
+    }
+    return blocks, errors, report
+
+
+def rows_table(rows) -> pa.Table:
+    """Valid rows as the pipeline's block: every Row field, and no error yet."""
+    return (
+        pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS})
+        .append_column("code", pa.array([""] * len(rows), pa.string()))
+        .append_column("message", pa.array([""] * len(rows), pa.string()))
+        .append_column("stage", pa.array([""] * len(rows), pa.string()))
+    )
+
+
+def job_record(
+    model: str,
+    defaults: dict,
+    batch_size: int,
+    scheduler: str = "default",
+    embeddings: bool = False,
+    format: str = "files",
+    rows_per_shard: int = 1000,
+) -> dict:
     """What makes two runs one job: the model, the sampling defaults, the batch size (model calls have
     exactly batch_size images, and the call shape decides the last bits of every pixel, see predict.py),
-    the sampler and whether embeddings are stored (a dataset has them for every image or for none). Its
-    fingerprint is compared on resume (check_job_record)."""
+    the sampler, whether embeddings are stored (a dataset has them for every image or for none), and the
+    output's layout (format, rows per shard). Its fingerprint is compared on resume (check_job_record)."""
     from unclip_batch import __version__
 
     record = {
@@ -221,14 +307,11 @@ def job_record(model: str, defaults: dict, batch_size: int, scheduler: str, embe
         "batch_size": batch_size,
         "scheduler": scheduler,
         "embeddings": embeddings,
+        "format": format,
+        "rows_per_shard": rows_per_shard,
         "unclip_batch": __version__,
     }
-    settings = [model, defaults, batch_size]
-    if scheduler != "default":  # jobs from before the option keep their fingerprint
-        settings.append(scheduler)
-    if embeddings:  # the same for jobs from before this option
-        settings.append("embeddings")
-    settings = json.dumps(settings, sort_keys=True)
+    settings = json.dumps([model, defaults, batch_size, scheduler, embeddings, format, rows_per_shard], sort_keys=True)
     record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     return record
 
@@ -263,7 +346,7 @@ def _settings(record: dict) -> dict:
 def clear_output(output: str, storage_options: dict | None = None) -> None:
     """--overwrite: remove what an earlier job wrote (only our own names, never the whole folder)."""
     fs, root = storage.filesystem(output, storage_options)
-    for name in ("images", "metadata", "errors", "report", JOB_RECORD, SUCCESS):
+    for name in ("images", "metadata", "errors", "shards", "data", "stats", "report", PARTS, JOB_RECORD, SUCCESS):
         path = storage.join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -53,6 +53,7 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
             of_task = metadata.filter(pc.equal(metadata["task"], task))
             if of_task.num_rows:
                 shown = of_task.slice(0, PER_TASK).to_pylist()  # only what the page shows becomes Python
+                _copy_from_shards(fs, root, shown, objects)
                 body.append(_sheet(task, shown, of_task.num_rows, objects, storage_options))
     body.append(_errors_html(errors))
     page = (
@@ -68,6 +69,21 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
     images = metadata.num_rows if metadata is not None else 0
     logger.info("report: %s (%d images, %d error records)", url, images, errors.num_rows if errors else 0)
     return url
+
+
+def _copy_from_shards(fs, root: str, shown: list[dict], objects: dict) -> None:
+    """Images inside shards (``shards/00000.tar#<key>.png``, ``data/00000.parquet#...``), which a browser
+    cannot open there: copied beside the page, and the rows point at the copies."""
+    from unclip_batch.writer import shard_pngs
+
+    inside = [row for row in shown if "#" in row["image_key"]]
+    for file in sorted({row["image_key"].split("#")[0] for row in inside}):
+        pngs = shard_pngs(fs, root, file)
+        for row in inside:
+            if row["image_key"].startswith(file + "#"):
+                copy = f"images/{row['image_key'].split('#')[1]}"
+                objects[copy] = pngs[row["image_key"]]
+                row["image_key"] = f"{FOLDER}/{copy}"  # the page links ../<image_key>
 
 
 def _summary(fs, root: str) -> dict | None:

@@ -261,6 +261,16 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
         raise OSError(f"{len(failures)} of {len(keys)} PUTs failed, first: {reason}") from first
 
 
+def remove(fs, path: str) -> None:
+    """Remove a file or folder if it is there. Asked of the store, not of the filesystem's cache of
+    listings: other processes (the job's tasks) write under the output."""
+    fs.invalidate_cache(path)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def clear_partial(fs, root: str) -> None:
     """Remove what a killed run left half-written (local outputs only; object stores have none)."""
     staging = join(root, PARTIAL)

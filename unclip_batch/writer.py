@@ -1,9 +1,13 @@
-"""Write stage and output files.
+"""Write stage, output formats and shard commits.
 
-``write_images`` is the CPU stage after the model: it stores each image through the output format's
-writer (``FORMATS``; ``files``: a PNG object per image, whole, under a deterministic key).
-``ShardWriter`` runs in the driver and turns finished rows into ``metadata/*.parquet`` and
-``errors/*.parquet`` shards; ``_SUCCESS`` is written last of all.
+After the model, ``write_part`` (CPU tasks) encodes each image as PNG and hands a finished block's rows to
+its output format's ``ImageWriter``: ``files`` stores a PNG object per image at once, the shard formats
+keep the PNG bytes; either way the block's rows are stored whole as a part (``_parts/<shard>/<block>``).
+``commit_shard`` (a task the driver starts when a shard's parts are in, and now and then before) merges
+the parts with what earlier runs committed for the shard and writes the shard whole, in order: its data
+(a WebDataset tar, or Parquet with image bytes), ``metadata/<shard>.parquet``, ``errors/<shard>.parquet``
+and, once every row of the shard is recorded, ``<shard>_stats.json`` (img2dataset's convention; beside
+the tars, else in ``stats/``): the mark a resume skips the shard by. ``_SUCCESS`` is written last of all.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ import io
 import json
 import logging
 import math
+import tarfile
 import time
-import uuid
+from collections import Counter
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from unclip_batch import sampling, storage
-from unclip_batch.batches import image_of, mark_error, rows_of, to_batch
+from unclip_batch.batches import image_of, mark_error
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +68,23 @@ ERROR_SCHEMA = pa.schema(
         ("input_hash", pa.string()),
     ]
 )
+# Hugging Face's image feature: `datasets` decodes this column to PIL images (the other columns' features
+# follow from their Arrow types).
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+HF_FEATURES = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()
+ERROR_FIELDS = ("id", "task", "stage", "code", "message", "row", "input_hash")
 
 
 def image_key(row_id: str, k: int) -> str:
-    """Output key of image k of a row. Ids are validated ([A-Za-z0-9._-], no leading '.'), so a key
-    can never leave the output folder."""
+    """Output key of image k of a row in the files format. Ids are validated ([A-Za-z0-9._-], no leading
+    '.'), so a key can never leave the output folder."""
     return f"images/{row_id}/{k}.png"
+
+
+def sample_key(shard: str, position: int, k: int) -> str:
+    """A WebDataset sample's key: unique across the dataset, and dot-free (WebDataset splits member names
+    at the first dot, so ids, which may hold dots, cannot be keys)."""
+    return f"{shard}_{position:06d}_{k:02d}"
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -77,116 +94,348 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 class ImageWriter(Protocol):
-    """One output format's way of storing images: the write stage, on CPU workers beside the model.
-    ``write`` stores each row's pixels and sets its ``image_key`` and ``sha256`` (or marks it failed);
-    a storage failure is not the row's fault: it is retried, then fails the job (which resumes later)."""
+    """One output format: how the write stage stores a block's images, and how a commit writes a shard.
+
+    ``store`` (write stage, CPU workers beside the model) takes each row's PNG bytes: it stores them now
+    (files) or leaves them in the row for the shard (``png``). ``write_shard`` (commit) writes the shard's
+    data file from its metadata table, in order, with each image's PNG bytes. A storage failure is not the
+    row's fault: it is retried, then fails the job (which resumes later)."""
+
+    stats_folder: str  # where each shard's stats file goes
 
     def __init__(self, *, output: str, storage_options: dict | None, retry_for_s: float): ...
 
-    def write(self, rows: list[dict]) -> None: ...
+    def store(self, rows: list[dict]) -> None: ...
+
+    def image_key(self, shard: str, row: dict) -> str: ...
+
+    def write_shard(self, shard: str, metadata: pa.Table, pngs: list[bytes]) -> None: ...
+
+    def read_pngs(self, shard: str) -> dict[str, bytes]: ...
 
 
-class FilesWriter:
-    """``images/<id>/<k>.png``: one PNG object per image, written whole under a deterministic key."""
+class _Writer:
+    # Stats beside the shards (img2dataset's convention) where readers pick files by name (*.tar), else in a
+    # folder of their own: pyarrow, pandas and duckdb read a Parquet folder whole and would choke on JSON.
+    stats_folder = "stats"
 
     def __init__(self, *, output: str, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S):
         self.fs, self.root = storage.filesystem(output, storage_options)
         self.retry_for_s = retry_for_s
 
-    def write(self, rows: list[dict]) -> None:
-        objects = {}
-        for row in rows:
-            row["image_key"], row["sha256"] = "", ""
-            if row["code"]:
-                continue
-            try:
-                data = encode_png(image_of(row))
-            except Exception as exc:
-                mark_error(row, "write", "write_failed", f"{type(exc).__name__}: {exc}")
-            else:
-                row["image_key"] = image_key(row["id"], int(row["k"]))
-                row["sha256"] = hashlib.sha256(data).hexdigest()
-                objects[storage.join(self.root, row["image_key"])] = data
+    def store(self, rows: list[dict]) -> None:
+        pass  # the PNG bytes stay in the rows, for the shard
+
+    def _write(self, relative: str, data: bytes) -> None:
+        storage.write_whole(self.fs, storage.join(self.root, relative), data, self.root, self.retry_for_s)
+
+
+class FilesWriter(_Writer):
+    """``images/<id>/<k>.png``: one PNG object per image, written whole under a deterministic key as soon
+    as it is made; the shard is its metadata and errors alone."""
+
+    def store(self, rows: list[dict]) -> None:
+        objects = {storage.join(self.root, r["image_key"]): r.pop("png") for r in rows if r["image_key"]}
         storage.write_many(self.fs, objects, self.root, self.retry_for_s)
+        for row in rows:
+            row["png"] = b""
+
+    def image_key(self, shard: str, row: dict) -> str:
+        return image_key(row["id"], int(row["k"]))
+
+    def write_shard(self, shard: str, metadata: pa.Table, pngs: list[bytes]) -> None:
+        pass
+
+    def read_pngs(self, shard: str) -> dict[str, bytes]:
+        return {}
+
+
+class WebDatasetWriter(_Writer):
+    """``shards/<shard>.tar``: each image a sample ``<key>.png`` + ``<key>.json`` (its metadata record,
+    timings left out so the bytes repeat) + ``<key>.txt`` (the prompt), in manifest order; the tar's
+    headers are fixed (mtime 0, no owner), so a resumed job's tar is byte for byte an uninterrupted one's."""
+
+    stats_folder = "shards"
+
+    def image_key(self, shard: str, row: dict) -> str:
+        return f"shards/{shard}.tar#{sample_key(shard, row['position'], int(row['k']))}.png"
+
+    def write_shard(self, shard: str, metadata: pa.Table, pngs: list[bytes]) -> None:
+        buffer = io.BytesIO()
+        records = metadata.drop_columns(["timings"]).to_pylist()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for record, png in zip(records, pngs):
+                key = record["image_key"].rsplit("#", 1)[1].removesuffix(".png")
+                text = json.dumps(record, ensure_ascii=False, default=str).encode()
+                for suffix, data in (("png", png), ("json", text), ("txt", (record["prompt"] or "").encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        self._write(f"shards/{shard}.tar", buffer.getvalue())
+
+    def read_pngs(self, shard: str) -> dict[str, bytes]:
+        try:
+            data = self.fs.cat_file(storage.join(self.root, f"shards/{shard}.tar"))
+        except FileNotFoundError:
+            return {}
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return {
+                f"shards/{shard}.tar#{m.name}": tar.extractfile(m).read()
+                for m in tar.getmembers()
+                if m.name.endswith(".png")
+            }
+
+
+class ParquetWriter(_Writer):
+    """``data/<shard>.parquet``: the metadata columns (timings left out, so the bytes repeat; the source
+    URL ``image`` named ``source_image``) and an ``image`` column in Hugging Face's image layout, which
+    ``datasets`` reads as PIL images."""
+
+    def image_key(self, shard: str, row: dict) -> str:
+        return f"data/{shard}.parquet#{sample_key(shard, row['position'], int(row['k']))}.png"
+
+    def write_shard(self, shard: str, metadata: pa.Table, pngs: list[bytes]) -> None:
+        keys = metadata["image_key"].combine_chunks()
+        paths = pc.utf8_slice_codeunits(keys, len(f"data/{shard}.parquet#"), 1 << 20)
+        image = pa.StructArray.from_arrays(
+            [pa.array(pngs, pa.binary()), pc.cast(paths, pa.string())], fields=list(HF_IMAGE)
+        )
+        table = metadata.drop_columns(["timings"])
+        # `image` is the picture here, as Hugging Face names it; the metadata's `image` (a variation's or
+        # inpaint's source URL) is `source_image`.
+        table = table.rename_columns(["source_image" if c == "image" else c for c in table.column_names])
+        table = table.append_column("image", image)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"huggingface": HF_FEATURES})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self._write(f"data/{shard}.parquet", buffer.getvalue())
+
+    def read_pngs(self, shard: str) -> dict[str, bytes]:
+        return shard_pngs(self.fs, self.root, f"data/{shard}.parquet")
+
+
+def shard_pngs(fs, root: str, file: str) -> dict[str, bytes]:
+    """The PNGs in a shard file (``shards/<shard>.tar``, ``data/<shard>.parquet``) by image_key; none if
+    there is no such file yet."""
+    try:
+        data = fs.cat_file(storage.join(root, file))
+    except FileNotFoundError:
+        return {}
+    if file.endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return {f"{file}#{m.name}": tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
+    table = pq.read_table(io.BytesIO(data), columns=["image_key", "image"])
+    return dict(zip(table["image_key"].to_pylist(), pc.struct_field(table["image"], "bytes").to_pylist()))
 
 
 # Output formats by name: the pipeline asks for one and knows nothing of how it stores images.
-FORMATS: dict[str, type[ImageWriter]] = {"files": FilesWriter}
+FORMATS: dict[str, type[ImageWriter]] = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetWriter}
 
 
-def write_images(
-    batch: dict,
+def part_path(root: str, shard: str, block: int | str) -> str:
+    return storage.join(root, "_parts", shard, f"{block}.parquet")
+
+
+def write_part(
+    rows: list[dict],
+    *,
+    shard: str,
+    first: int,
+    offset: int,
+    block: int | str,
     output: str,
     format: str = "files",
     storage_options: dict | None = None,
     retry_for_s: float = storage.RETRY_FOR_S,
 ) -> dict:
-    """The write stage: store every generated image in the output's format; pixels are replaced by the
-    image's key and checksum."""
-    rows = rows_of(batch)
+    """The write stage of one block: encode every generated image, store it in the output's format, and
+    store the block's rows (pixels replaced by key, checksum and, for the shard formats, PNG bytes) as a
+    part of its shard. Returns the block's counts for the driver."""
     start = time.perf_counter()
-    FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s).write(rows)
+    writer = FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s)
+    for row in rows:
+        row["position"] = first + int(row["row"]) - offset  # manifest_row
+        row["image_key"], row["sha256"], row["png"] = "", "", b""
+        if row["code"]:
+            continue
+        try:
+            row["png"] = encode_png(image_of(row))
+        except Exception as exc:
+            mark_error(row, "write", "write_failed", f"{type(exc).__name__}: {exc}")
+        else:
+            row["image_key"] = writer.image_key(shard, row)
+            row["sha256"] = hashlib.sha256(row["png"]).hexdigest()
+    writer.store(rows)
     per_row = (time.perf_counter() - start) / max(len(rows), 1)
     for row in rows:
-        del row["pixels"]
+        row.pop("pixels", None)
+        row.pop("repaint", None)
         row["write_s"] = per_row
-    return to_batch(rows)
-
-
-class ShardWriter:
-    """Buffers finished records and writes them as Parquet shards (whole objects, unique names).
-
-    ``lookup`` is the manifest table (all rows, indexed by position): the bookkeeping and
-    carried-through columns are taken from it, so they keep their exact Arrow types.
-    """
-
-    def __init__(
-        self,
-        *,
-        output: str,
-        folder: str,
-        schema: pa.Schema,
-        lookup: pa.Table,
-        storage_options: dict | None = None,
-        rows_per_shard: int = 10_000,
-        flush_every_s: float = 30.0,
-        retry_for_s: float = storage.RETRY_FOR_S,
-    ):
-        self.fs, self.root = storage.filesystem(output, storage_options)
-        self.folder = storage.join(self.root, folder)
-        self.retry_for_s = retry_for_s
-        self.schema, self.lookup = schema, lookup
-        # Rows are "done" for a resume only once their shard is stored: flush by size and by time, so a
-        # crash costs at most flush_every_s of work however slow the job.
-        self.rows_per_shard, self.flush_every_s = rows_per_shard, flush_every_s
-        self.last_flush = time.monotonic()
-        self.run = uuid.uuid4().hex[:12]  # shards of different runs never collide
-        self.records: list[dict] = []
-        self.shards = 0
-        self.written = 0
-
-    def add(self, records: list[dict]) -> None:
-        self.records.extend(records)
-        if len(self.records) >= self.rows_per_shard or time.monotonic() - self.last_flush >= self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.records:
-            return
-        table = pa.Table.from_pylist(
-            [{f: r.get(f) for f in self.schema.names} for r in self.records], schema=self.schema
-        )
-        carried = self.lookup.take(pa.array([r["row"] for r in self.records], pa.int64()))
-        for name in carried.column_names:
-            table = table.append_column(name.lstrip("_"), carried[name])
+    if rows:
         buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        path = storage.join(self.folder, f"part-{self.run}-{self.shards:05d}.parquet")
-        storage.write_whole(self.fs, path, buffer.getvalue(), self.root, self.retry_for_s)
-        self.shards += 1
-        self.written += len(self.records)
-        self.records = []
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        storage.write_whole(
+            writer.fs, part_path(writer.root, shard, block), buffer.getvalue(), writer.root, retry_for_s
+        )
+    return block_counts(rows)
+
+
+def block_counts(rows: list[dict]) -> dict:
+    """Rows, images and errors by code among a block's (or a part's) rows: a row with an error counts
+    once, a row's images once each."""
+    failed = {r["row"]: r["code"] for r in rows if r["code"]}
+    images = sum(1 for r in rows if not r["code"])
+    succeeded = len({r["row"] for r in rows if not r["code"]} - {r["row"] for r in rows if r["code"]})
+    return {"succeeded": succeeded, "images": images, "codes": dict(Counter(failed.values()))}
+
+
+def commit_shard(
+    shard,
+    parts: list[str],
+    *,
+    output: str,
+    format: str,
+    model: str,
+    storage_options: dict | None = None,
+    retry_for_s: float = storage.RETRY_FOR_S,
+) -> dict:
+    """Write a shard whole: what earlier runs committed for it, with every row this run redid replaced by
+    its new records (``parts``), in manifest order. Files are written data first, stats last, so that a
+    crash at any point leaves records that the next run can trust (a record is only written after its
+    image). The stats file is written only once every row of the shard has its record. Returns the
+    shard's counts (``complete``: it has its stats file)."""
+    from unclip_batch.manifest import BOOKKEEPING, KNOWN_COLUMNS, read_rows
+
+    writer = FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s)
+    fs, root = writer.fs, writer.root
+    fs.invalidate_cache()  # listings this worker's filesystem cached may be older than the shard's files
+    rows = [r for part in parts for r in _read_part(fs, part)]
+    new_meta, new_errors = _new_records(rows, model)
+    # The manifest's rows of the shard: their ids, and the columns carried through to the records.
+    manifest = read_rows(shard.manifest, shard.path, shard.start, shard.stop, None, storage_options)
+    carried = manifest.drop_columns([c for c in manifest.column_names if c in KNOWN_COLUMNS or c in BOOKKEEPING])
+    old_meta, old_errors = (_read_shard_file(fs, root, folder, shard.name) for folder in ("metadata", "errors"))
+    redone = {r["position"] for r in new_meta} | {r["position"] for r in new_errors}
+    ids = manifest["id"].to_pylist() if "id" in manifest.column_names else []
+    kept_meta = _kept(old_meta, shard, ids, redone)
+    kept_errors = _kept(old_errors, shard, ids, redone | set((kept_meta or _EMPTY)["manifest_row"].to_pylist()))
+    metadata = _merge(kept_meta, new_meta, METADATA_SCHEMA, shard, carried, sort=["manifest_row", "k"])
+    errors = _merge(kept_errors, new_errors, ERROR_SCHEMA, shard, carried, sort=["manifest_row"])
+    # 1. The data, with each image's PNG: new ones from the parts, kept ones from the shard as written.
+    if format != "files" and metadata.num_rows:
+        pngs = {r["image_key"]: r["png"] for r in rows if r["image_key"]}
+        old = writer.read_pngs(shard.name) if kept_meta is not None and kept_meta.num_rows else {}
+        writer.write_shard(shard.name, metadata, [pngs.get(k) or old[k] for k in metadata["image_key"].to_pylist()])
+    # 2. The records.
+    _write_table(fs, root, f"metadata/{shard.name}.parquet", metadata, retry_for_s)
+    error_file = storage.join(root, "errors", f"{shard.name}.parquet")
+    if errors.num_rows:
+        _write_table(fs, root, f"errors/{shard.name}.parquet", errors, retry_for_s)
+    else:  # its rows are all done now (--retry-errors), or it never had errors
+        storage.remove(fs, error_file)
+    if format == "files" and old_meta is not None:  # images of records replaced by fewer images
+        gone = set(old_meta["image_key"].to_pylist()) - set(metadata["image_key"].to_pylist())
+        for key in sorted(gone):
+            fs.rm(storage.join(root, key))
+    # 3. The stats, once every row has its record.
+    recorded = set(metadata["manifest_row"].to_pylist()) | set(errors["manifest_row"].to_pylist())
+    codes = Counter(errors["code"].to_pylist())
+    stats = {
+        "shard": shard.name,
+        "manifest": shard.manifest,
+        "path": shard.path,
+        "start": shard.start,
+        "stop": shard.stop,
+        "version": shard.version,
+        "rows": len(recorded),
+        "succeeded": len(set(metadata["manifest_row"].to_pylist())),
+        "failed": errors.num_rows,
+        "images": metadata.num_rows,
+        "failures_by_code": dict(sorted(codes.items())),
+    }
+    stats["complete"] = len(recorded) == shard.stop - shard.start
+    if stats["complete"]:
+        path = storage.join(root, writer.stats_folder, f"{shard.name}_stats.json")
+        storage.write_whole(fs, path, (json.dumps(stats, indent=2) + "\n").encode(), root, retry_for_s)
+    return stats
+
+
+_EMPTY = pa.table({"manifest_row": pa.array([], pa.int64())})
+
+
+def _read_part(fs, path: str) -> list[dict]:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
+def _read_shard_file(fs, root: str, folder: str, name: str) -> pa.Table | None:
+    try:
+        with fs.open(storage.join(root, folder, f"{name}.parquet"), "rb") as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        return None
+
+
+def _kept(old: pa.Table | None, shard, ids: list, redone: set) -> pa.Table | None:
+    """An earlier commit's records that stand: rows not redone, still at their position under their id."""
+    if old is None or not old.num_rows:
+        return None
+    positions = old["manifest_row"].to_pylist()
+    same = [
+        p not in redone
+        and shard.first <= p < shard.first + len(ids)
+        and ids[p - shard.first] == i
+        and m == shard.manifest
+        for p, i, m in zip(positions, old["id"].to_pylist(), old["manifest"].to_pylist())
+    ]
+    return old.filter(pa.array(same, pa.bool_()))
+
+
+def _new_records(rows: list[dict], model: str) -> tuple[list[dict], list[dict]]:
+    """Metadata records (rows whose every image arrived) and error records from a shard's parts."""
+    by_row: dict[int, list[dict]] = {}
+    for row in rows:
+        by_row.setdefault(row["row"], []).append(row)
+    meta, errors = [], []
+    for images in by_row.values():
+        images = list({int(r["k"]): r for r in images}.values())  # a re-delivered block replaces, never adds
+        failed = [r for r in images if r["code"]]
+        first = images[0]
+        if not failed and len(images) != int(first["num_images"]):  # a stage dropped some: a bug, recorded
+            failed = [{**first, "stage": "write", "code": "write_failed"}]
+            failed[0]["message"] = f"only {len(images)} of {first['num_images']} images arrived"
+        if failed:
+            errors.append({**{k: failed[0].get(k) for k in ERROR_FIELDS}, "position": first["position"]})
+        else:
+            meta.extend(
+                {**metadata_record(r, model), "position": r["position"]} for r in sorted(images, key=lambda r: r["k"])
+            )
+    return meta, errors
+
+
+def _merge(kept: pa.Table | None, new: list[dict], schema: pa.Schema, shard, carried: pa.Table, sort) -> pa.Table:
+    """Kept records and new ones as one table in manifest order, each new one with its manifest position
+    and the manifest columns carried through."""
+    table = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in new], schema=schema)
+    positions = [r["position"] for r in new]
+    table = table.append_column("manifest", pa.array([shard.manifest] * len(new), pa.string()))
+    table = table.append_column("manifest_row", pa.array(positions, pa.int64()))
+    taken = carried.take(pa.array([p - shard.first for p in positions], pa.int64()))
+    for name in taken.column_names:
+        table = table.append_column(name, taken[name])
+    if kept is not None and kept.num_rows:
+        if kept.schema.names == table.schema.names:  # read back from Parquet, lists' items are "element"
+            kept = kept.cast(table.schema)
+        table = pa.concat_tables([kept, table], promote_options="permissive")
+    # One chunk: Parquet's pages follow Arrow's chunks, and a shard's bytes must not depend on how many
+    # runs it took.
+    return table.sort_by([(c, "ascending") for c in sort]).combine_chunks()
+
+
+def _write_table(fs, root: str, relative: str, table: pa.Table, retry_for_s: float) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_whole(fs, storage.join(root, relative), buffer.getvalue(), root, retry_for_s)
 
 
 def metadata_record(row: dict, model: str) -> dict:
