@@ -1,6 +1,7 @@
 """Each output format end to end on S3 (SeaweedFS) through a real Ray, read back by the readers trainers
 use: webdataset (as open_clip reads it) and ray.data.read_webdataset, Hugging Face datasets and duckdb,
-pyarrow. The null model: this is about how images are stored, not how they are made."""
+pyarrow. The null model: this is about how images are stored, not how they are made. (That a Parquet
+shard written over two runs is the bytes of one: tests/test_writer.py.)"""
 
 import glob
 import hashlib
@@ -55,7 +56,9 @@ def common_checks(fs, output: str, folder: str) -> list[dict]:
     return metadata
 
 
-def test_each_format_is_read_back_by_the_readers_trainers_use(ray_local, s3, manifest, tmp_path):
+def test_each_format_read_back_by_the_readers_trainers_use_and_resumed_to_the_same_bytes(
+    ray_local, s3, manifest, tmp_path
+):
     import datasets
     import duckdb
     import ray
@@ -86,6 +89,12 @@ def test_each_format_is_read_back_by_the_readers_trainers_use(ray_local, s3, man
     assert image.size == (64, 64) and text == "a red circle 3"
     assert by_id[("var", 0)][1] == ""  # a variation has no prompt: an empty caption, still a pair
     assert ray.data.read_webdataset(urls).count() == IMAGES
+    # The same job over two runs (--limit stops the first inside the second shard): the same tar bytes.
+    first = run(s3, manifest, "s3://formats/wds-resumed", format="webdataset", limit=6)
+    second = run(s3, manifest, "s3://formats/wds-resumed", format="webdataset")
+    assert (first["rows"]["manifest"], second["rows"]["done_before"]) == (6, 6)
+    for name in ("00000", "00001", "00002"):
+        assert fs.cat(f"formats/wds/shards/{name}.tar") == fs.cat(f"formats/wds-resumed/shards/{name}.tar"), name
 
     # parquet: Hugging Face datasets gives PIL images; duckdb reads the rest
     run(s3, manifest, "s3://formats/parquet", format="parquet")
@@ -101,17 +110,3 @@ def test_each_format_is_read_back_by_the_readers_trainers_use(ray_local, s3, man
     assert (count, sources) == (IMAGES, 1)
     png = pq.read_table(files[0]).to_pylist()[0]["image"]["bytes"]
     assert Image.open(io.BytesIO(png)).format == "PNG"
-
-
-def test_a_shard_written_over_two_runs_is_the_bytes_of_one(ray_local, s3, manifest):
-    fs = s3.filesystem()
-    for format, folder, suffix in (("webdataset", "shards", "tar"), ("parquet", "data", "parquet")):
-        whole, resumed = f"s3://formats/{format}-whole", f"s3://formats/{format}-resumed"
-        run(s3, manifest, whole, format=format)
-        first = run(s3, manifest, resumed, format=format, limit=6)  # stops inside the second shard
-        second = run(s3, manifest, resumed, format=format)
-        assert (first["rows"]["manifest"], second["rows"]["done_before"]) == (6, 6)
-        for name in ("00000", "00001", "00002"):
-            a = fs.cat(f"{whole.removeprefix('s3://')}/{folder}/{name}.{suffix}")
-            b = fs.cat(f"{resumed.removeprefix('s3://')}/{folder}/{name}.{suffix}")
-            assert a == b, (format, name)

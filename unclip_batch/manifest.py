@@ -520,7 +520,7 @@ class UnknownWords:
         self.rows += found["rows"]
         for word, n in found["words"].items():
             self.words[word] = self.words.get(word, 0) + n
-        self.first_ids.extend(found["first_ids"][: 5 - len(self.first_ids)])
+        self.first_ids.extend(found["first_ids"][: max(0, 5 - len(self.first_ids))])
 
     def message(self, model: str) -> str:
         """The warning, or "" when every word is known (or the model reads any text)."""

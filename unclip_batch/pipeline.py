@@ -51,9 +51,9 @@ def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[
     """(duplicate ids, tasks) of the job's rows, in tasks: each file's ids are digested where it is read,
     and one task finds the digests that occur twice, with the job-wide row of the first occurrence (the
     one that runs). The driver gets only the duplicates, and the set of tasks the rows ask for."""
+    ensure_ray(config)  # before `import ray` here: see start_ray on token auth
     import ray
 
-    ensure_ray(config)
     left, spans = config.limit if config.limit is not None else float("inf"), []
     for file in files:
         rows = int(min(file.rows, max(0, left)))

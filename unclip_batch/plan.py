@@ -143,13 +143,14 @@ def check_layout(shards: list[Shard], state: OutputState, output: str) -> None:
 
 def to_visit(shards: list[Shard], state: OutputState, retry_errors: bool) -> tuple[list[Shard], list[dict]]:
     """(shards this run reads, stats of the finished shards it skips). A finished shard is read again only
-    when its manifest file changed since (its rows are checked) or its errors are to be retried."""
+    when its manifest file changed since (its rows are checked) or its errors are to be retried. Shards
+    past --limit are neither: this run does not cover them."""
     visit, skipped = [], []
     for shard in shards:
         stats = state.stats.get(shard.name)
         if stats and shard.matches(stats) and not (retry_errors and stats.get("failed")):
             skipped.append(stats)
-        elif shard.limit > shard.start or stats:
+        elif shard.limit > shard.start:  # (past --limit a shard is left as it is)
             visit.append(shard)
     return visit, skipped
 
