@@ -14,6 +14,7 @@ as ``plan.model_blocks`` cut them (calls full, images written as soon as their b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -60,10 +61,9 @@ def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[
         if rows:
             spans.append((file, rows))
         left -= rows
-    scan = ray.remote(num_cpus=IO_TASK_CPUS, num_returns=2)(_scan_file)
-    refs = [scan.remote(file, rows, config.storage_options) for file, rows in spans]
+    refs = [_task(_scan_file, num_returns=2).remote(file, rows, config.storage_options) for file, rows in spans]
     digests, tasks = [r[0] for r in refs], [r[1] for r in refs]
-    duplicates = ray.remote(num_cpus=IO_TASK_CPUS)(_duplicates).remote(*digests)
+    duplicates = _task(_duplicates).remote(*digests)
     return ray.get(duplicates), tuple(sorted(set().union(*ray.get(tasks))))
 
 
@@ -95,10 +95,8 @@ def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) 
 
 def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):
     """Start a shard's commit (writer.commit_shard) as a task; its reference, for ``finished``."""
-    import ray
 
-    task = ray.remote(num_cpus=IO_TASK_CPUS, max_retries=3)(writer.commit_shard)
-    return task.remote(
+    return _task(writer.commit_shard).remote(
         shard,
         parts,
         output=config.output,
@@ -107,6 +105,14 @@ def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):
         storage_options=config.storage_options,
         retry_for_s=config.storage_retry_s,
     )
+
+
+@functools.cache
+def _task(function, num_returns: int = 1):
+    """A function as a Ray task on an I/O slot, defined once (each definition is exported to the cluster)."""
+    import ray
+
+    return ray.remote(num_cpus=IO_TASK_CPUS, num_returns=num_returns, max_retries=3)(function)
 
 
 def finished(refs: list, timeout: float = 0) -> list:

@@ -161,17 +161,12 @@ class WebDatasetWriter(_Writer):
         return f"shards/{shard}.tar#{sample_key(shard, row['position'], int(row['k']))}.png"
 
     def write_shard(self, shard: str, metadata: pa.Table, pngs: list[bytes]) -> None:
-        buffer = io.BytesIO()
-        records = metadata.drop_columns(["timings"]).to_pylist()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for record, png in zip(records, pngs):
-                key = record["image_key"].rsplit("#", 1)[1].removesuffix(".png")
-                text = json.dumps(record, ensure_ascii=False, default=str).encode()
-                for suffix, data in (("png", png), ("json", text), ("txt", (record["prompt"] or "").encode())):
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        self._write(f"shards/{shard}.tar", buffer.getvalue())
+        members = []
+        for record, png in zip(metadata.drop_columns(["timings"]).to_pylist(), pngs):
+            key = record["image_key"].rsplit("#", 1)[1].removesuffix(".png")
+            text = json.dumps(record, ensure_ascii=False, default=str).encode()
+            members += [(f"{key}.png", png), (f"{key}.json", text), (f"{key}.txt", (record["prompt"] or "").encode())]
+        self._write(f"shards/{shard}.tar", tar_bytes(members))
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
         try:
@@ -212,6 +207,27 @@ class ParquetWriter(_Writer):
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
         return shard_pngs(self.fs, self.root, f"data/{shard}.parquet")
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A POSIX (ustar) tar of regular files with fixed headers (mode 644, mtime 0, no owner): the same
+    members give the same bytes. Headers packed here: tarfile's own take ~0.5 ms each in Python, a third
+    of a WebDataset shard's commit (py-spy, ceiling benchmark)."""
+    out = []
+    for name, data in members:
+        header = bytearray(512)
+        header[0:100] = name.encode().ljust(100, b"\0")[:100]
+        header[100:108] = b"0000644\0"
+        header[108:116] = header[116:124] = b"0000000\0"
+        header[124:136] = b"%011o\0" % len(data)
+        header[136:148] = b"00000000000\0"
+        header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        header[156:157] = b"0"
+        header[257:265] = b"ustar\x0000"
+        header[148:156] = b"%06o\0 " % sum(header)
+        out += [bytes(header), data, b"\0" * (-len(data) % 512)]
+    out.append(b"\0" * 1024)  # end of archive
+    return b"".join(out)
 
 
 def shard_pngs(fs, root: str, file: str) -> dict[str, bytes]:
