@@ -63,3 +63,19 @@ def test_a_large_output_shows_a_sheet_and_says_how_many_there_are(tmp_path, monk
     assert "incomplete: no _SUCCESS yet" in page and "rows with images</th><td>6" in page
     assert "a &lt;b&gt;bold&lt;/b&gt; prompt" in page  # manifest text is escaped, never markup
     assert "<td class='code'>image_unreadable</td><td>2</td>" in page and "The first 1 of 3" in page
+
+
+def test_images_inside_webdataset_shards_are_copied_beside_the_page(tmp_path):
+    from unclip_batch.writer import tar_bytes
+
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(tar_bytes([("00000_000000_00.png", b"png bytes")]))
+    row = {"id": "r0", "k": 0, "task": "generate", "prompt": "p", "image": "", "mask": "", "seed": 1}
+    pq.write_table(
+        pa.Table.from_pylist([{**row, "image_key": "shards/00000.tar#00000_000000_00.png"}]),
+        tmp_path / "metadata" / "00000.parquet",
+    )
+    report.write_report(str(tmp_path))
+    assert (tmp_path / "report" / "images" / "00000_000000_00.png").read_bytes() == b"png bytes"
+    assert "src='../report/images/00000_000000_00.png'" in (tmp_path / "report" / "index.html").read_text()
