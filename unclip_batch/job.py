@@ -317,10 +317,11 @@ class Progress:
             if not final:
                 return  # the bar says it all; the last line goes to the log as well
             self.bar.close()
+        counts = (self.succeeded, failed, self.images)
         if final or now - self.last_report >= PROGRESS_EVERY_S:
-            self.last_report = now
-            counts = (self.succeeded, failed, self.images)
-            if counts != self.last_counts:  # the final report repeats nothing already said
+            # Nothing new, or nothing yet (a shard's read report before any row is done): no line.
+            if counts != self.last_counts and (final or any(counts)):
+                self.last_report = now
                 done, elapsed = self.kept + self.succeeded + failed, max(now - self.clock, 1e-9)
                 left = self.total - done
                 made = self.succeeded + failed  # the rate of this run's rows, not of rows kept from earlier ones
