@@ -7,6 +7,7 @@ Whole-manifest problems (unreadable, no ``id``, a column of the wrong type, no r
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import difflib
 import hashlib
 import json
@@ -162,27 +163,12 @@ def read_manifests(
 
 
 def _read_one(url: str, storage_options: dict | None) -> pa.Table:
+    """One manifest read whole, in this process (``validate``; a job reads shards in tasks instead)."""
     if "://" not in url:  # workers may run in another folder: relative sources must not depend on it
         url = os.path.abspath(url)
-    try:
-        fs, path = storage.filesystem(url, storage_options)
-        is_dir = fs.isdir(path)
-        if not is_dir and not fs.exists(path):
-            raise ManifestError(f"manifest {url} does not exist")
-        if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
-            raise ManifestError(
-                f"manifest {url} is text, not Parquet: convert it with `unclip-batch manifest build {url} "
-                f"-o {url.rsplit('.', 1)[0]}.parquet` (.txt a prompt a line, .csv, or .jsonl a row a line)"
-            )
+    fs, path, is_dir = _locate(url, storage_options)
+    with _reading(url):
         table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
-    except ManifestError:
-        raise
-    except PermissionError as exc:
-        raise ManifestError(
-            f"manifest {url}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
-        ) from exc
-    except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
-        raise ManifestError(f"manifest {url} could not be read as Parquet: {exc}") from exc
     _check_schema(url, table.schema)
     if table.num_rows == 0:
         raise ManifestError(f"manifest {url} has no rows")
@@ -243,20 +229,28 @@ def manifest_files(urls, storage_options: dict | None = None) -> list[ManifestFi
     return files
 
 
-def _locate(url: str, storage_options):
+@contextlib.contextmanager
+def _reading(where: str, failed: str = "could not be read as Parquet"):
+    """Whatever goes wrong reading a manifest as a ManifestError that says which and what to fix."""
     try:
-        fs, path = storage.filesystem(url, storage_options)
-        is_dir = fs.isdir(path)
-        if not is_dir and not fs.exists(path):
-            raise ManifestError(f"manifest {url} does not exist")
+        yield
     except ManifestError:
         raise
     except PermissionError as exc:
         raise ManifestError(
-            f"manifest {url}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
+            f"manifest {where}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
         ) from exc
-    except Exception as exc:
-        raise ManifestError(f"manifest {url} could not be read: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
+        raise ManifestError(f"manifest {where} {failed}: {exc}") from exc
+
+
+def _locate(url: str, storage_options):
+    """(filesystem, path, is a folder) of a manifest URL that exists and is not a text file."""
+    with _reading(url, "could not be read"):
+        fs, path = storage.filesystem(url, storage_options)
+        is_dir = fs.isdir(path)
+        if not is_dir and not fs.exists(path):
+            raise ManifestError(f"manifest {url} does not exist")
     if not is_dir and path.lower().endswith(TEXT_MANIFESTS):
         raise ManifestError(
             f"manifest {url} is text, not Parquet: convert it with `unclip-batch manifest build {url} "
@@ -267,17 +261,11 @@ def _locate(url: str, storage_options):
 
 def _footer(fs, path: str, where: str) -> tuple[pa.Schema, int, str]:
     """(schema, rows, version) of one Parquet file, checked; its footer is all that is read."""
-    try:
+    with _reading(where):
         info = fs.info(path)
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
             schema = meta.schema.to_arrow_schema()
-    except PermissionError as exc:
-        raise ManifestError(
-            f"manifest {where}: access denied ({exc}); check the credentials (--storage-options or the AWS_* variables)"
-        ) from exc
-    except Exception as exc:  # pyarrow and fsspec raise many types for "this is not a Parquet file"
-        raise ManifestError(f"manifest {where} could not be read as Parquet: {exc}") from exc
     _check_schema(where, schema)
     version = f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
     return schema, meta.num_rows, version
