@@ -168,7 +168,6 @@ class _Shard:
     parts: list = field(default_factory=list)
     committed: int = -1  # parts in its last commit
     commit: object = None  # the commit in flight
-    since: float = field(default_factory=time.monotonic)
 
     @property
     def all_in(self) -> bool:
@@ -206,7 +205,9 @@ class Commits:
             self.progress.block(counts)
         self.poll()
 
-    def poll(self) -> None:
+    def poll(self, flush: bool = False) -> None:
+        """Take in the commits that finished; start those now due: a shard's last, once all its blocks are
+        in; every unfinished shard's with new parts, every flush_every_s (or now, with ``flush``)."""
         for state in self.shards.values():
             if state.commit is not None and pipeline.finished([state.commit]):
                 stats = pipeline.result(state.commit)  # raises the commit's error
@@ -215,7 +216,7 @@ class Commits:
                     self.results[state.shard.name] = stats
         for name in list(self.results):
             self.shards.pop(name, None)
-        flush = time.monotonic() - self.last_flush >= self.config.flush_every_s
+        flush = flush or time.monotonic() - self.last_flush >= self.config.flush_every_s
         for state in self.shards.values():
             if state.commit is None and (state.all_in or flush and len(state.parts) > max(state.committed, 0)):
                 self._commit(state)
@@ -237,17 +238,11 @@ class Commits:
         """A stopped run: commit what each shard has, and wait (a while) for it."""
         deadline = time.monotonic() + SAVE_TIMEOUT_S
         while time.monotonic() < deadline:
-            waiting = False
-            for state in self.shards.values():
-                if state.commit is not None and pipeline.finished([state.commit]):
-                    pipeline.result(state.commit)
-                    state.commit = None
-                if state.commit is None and len(state.parts) > max(state.committed, 0):
-                    self._commit(state)
-                waiting |= state.commit is not None
-            if not waiting:
+            self.poll(flush=True)
+            pending = [s.commit for s in self.shards.values() if s.commit is not None]
+            if not pending:
                 return
-            pipeline.finished([s.commit for s in self.shards.values() if s.commit is not None], timeout=1.0)
+            pipeline.finished(pending, timeout=1.0)
 
 
 def _duration(seconds: float) -> str:

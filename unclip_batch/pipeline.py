@@ -85,8 +85,8 @@ def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) 
     """Rows of these shards changed since an earlier run recorded them (a task per shard)."""
     import ray
 
-    check = ray.remote(num_cpus=IO_TASK_CPUS)(plan.changed_rows)
     dup = ray.put(duplicates)
+    check = _task(plan.changed_rows)
     refs = [
         check.remote(s, output=config.output, duplicates=dup, storage_options=config.storage_options) for s in shards
     ]
@@ -95,7 +95,6 @@ def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) 
 
 def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):
     """Start a shard's commit (writer.commit_shard) as a task; its reference, for ``finished``."""
-
     return _task(writer.commit_shard).remote(
         shard,
         parts,
@@ -311,7 +310,7 @@ def _packed(stage):
         out["payload"] = _objects([pack(stage(unpack(p), **kwargs)) for p in batch["payload"]])
         return out
 
-    run.__name__ = stage.__name__
+    run.__name__ = getattr(stage, "__name__", type(stage).__name__)
     return run
 
 
@@ -321,12 +320,10 @@ class UnclipPredictorOnBlocks:
     def __init__(self, **kwargs):
         from unclip_batch.predict import UnclipPredictor
 
-        self.predictor = UnclipPredictor(**kwargs)
+        self.run = _packed(UnclipPredictor(**kwargs))
 
     def __call__(self, batch: dict) -> dict:
-        out = dict(batch)
-        out["payload"] = _objects([pack(self.predictor(unpack(p))) for p in batch["payload"]])
-        return out
+        return self.run(batch)
 
 
 def write_stage(batch: dict, output: str, format: str, storage_options=None, retry_for_s=None) -> dict:

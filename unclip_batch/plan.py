@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from unclip_batch import storage
 from unclip_batch.errors import SetupError
@@ -39,6 +38,7 @@ from unclip_batch.manifest import (
     read_rows,
 )
 from unclip_batch.sampling import call_key
+from unclip_batch.writer import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +162,8 @@ def previous_records(output: str, name: str, storage_options: dict | None = None
     fs.invalidate_cache()  # a worker's filesystem may have listed the output before this shard's commit
     found = {}
     for folder in ("metadata", "errors"):
-        path = storage.join(root, folder, f"{name}.parquet")
-        try:
-            with fs.open(path, "rb") as f:
-                shard = pq.ParquetFile(f)
-                columns = [
-                    c for c in ("id", "input_hash", "manifest", "manifest_row", "code") if c in shard.schema_arrow.names
-                ]
-                table = shard.read(columns=columns)
-        except FileNotFoundError:
-            continue
-        for record in table.to_pylist():
+        table = read_records(fs, root, folder, name, ["id", "input_hash", "manifest", "manifest_row", "code"])
+        for record in table.to_pylist() if table is not None else []:
             found[record["manifest_row"]] = {**record, "code": record.get("code")}
     return found
 
@@ -192,10 +183,8 @@ def sort_out(records: list[dict], previous: dict[int, dict], manifest: str, retr
     """Split a shard's raw manifest records into kept and to do. A record is kept when it sits at the row's
     position under the same id and fingerprint (records from before fingerprints have none: kept)."""
     out = Sorted(todo=[])
-    seen = set()
     for record in records:
         position = record[MANIFEST_ROW]
-        seen.add(position)
         old = previous.get(position)
         if old is None:
             out.todo.append(record)

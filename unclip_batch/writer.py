@@ -169,16 +169,7 @@ class WebDatasetWriter(_Writer):
         self._write(f"shards/{shard}.tar", tar_bytes(members))
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
-        try:
-            data = self.fs.cat_file(storage.join(self.root, f"shards/{shard}.tar"))
-        except FileNotFoundError:
-            return {}
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            return {
-                f"shards/{shard}.tar#{m.name}": tar.extractfile(m).read()
-                for m in tar.getmembers()
-                if m.name.endswith(".png")
-            }
+        return shard_pngs(self.fs, self.root, f"shards/{shard}.tar")
 
 
 class ParquetWriter(_Writer):
@@ -201,9 +192,7 @@ class ParquetWriter(_Writer):
         table = table.rename_columns(["source_image" if c == "image" else c for c in table.column_names])
         table = table.append_column("image", image)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"huggingface": HF_FEATURES})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self._write(f"data/{shard}.parquet", buffer.getvalue())
+        write_parquet(self.fs, storage.join(self.root, f"data/{shard}.parquet"), table, self.root, self.retry_for_s)
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
         return shard_pngs(self.fs, self.root, f"data/{shard}.parquet")
@@ -288,11 +277,8 @@ def write_part(
         row.pop("repaint", None)
         row["write_s"] = per_row
     if rows:
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buffer)
-        storage.write_whole(
-            writer.fs, part_path(writer.root, shard, block), buffer.getvalue(), writer.root, retry_for_s
-        )
+        part = part_path(writer.root, shard, block)
+        write_parquet(writer.fs, part, pa.Table.from_pylist(rows), writer.root, retry_for_s)
     return block_counts(rows)
 
 
@@ -330,11 +316,12 @@ def commit_shard(
     # The manifest's rows of the shard: their ids, and the columns carried through to the records.
     manifest = read_rows(shard.manifest, shard.path, shard.start, shard.stop, None, storage_options)
     carried = manifest.drop_columns([c for c in manifest.column_names if c in KNOWN_COLUMNS or c in BOOKKEEPING])
-    old_meta, old_errors = (_read_shard_file(fs, root, folder, shard.name) for folder in ("metadata", "errors"))
+    old_meta, old_errors = (read_records(fs, root, folder, shard.name) for folder in ("metadata", "errors"))
     redone = {r["position"] for r in new_meta} | {r["position"] for r in new_errors}
     ids = manifest["id"].to_pylist() if "id" in manifest.column_names else []
     kept_meta = _kept(old_meta, shard, ids, redone)
-    kept_errors = _kept(old_errors, shard, ids, redone | set((kept_meta or _EMPTY)["manifest_row"].to_pylist()))
+    with_output = set(kept_meta["manifest_row"].to_pylist()) if kept_meta is not None else set()
+    kept_errors = _kept(old_errors, shard, ids, redone | with_output)
     metadata = _merge(kept_meta, new_meta, METADATA_SCHEMA, shard, carried, sort=["manifest_row", "k"])
     errors = _merge(kept_errors, new_errors, ERROR_SCHEMA, shard, carried, sort=["manifest_row"])
     # 1. The data, with each image's PNG: new ones from the parts, kept ones from the shard as written.
@@ -343,10 +330,10 @@ def commit_shard(
         old = writer.read_pngs(shard.name) if kept_meta is not None and kept_meta.num_rows else {}
         writer.write_shard(shard.name, metadata, [pngs.get(k) or old[k] for k in metadata["image_key"].to_pylist()])
     # 2. The records.
-    _write_table(fs, root, f"metadata/{shard.name}.parquet", metadata, retry_for_s)
+    write_parquet(fs, storage.join(root, "metadata", f"{shard.name}.parquet"), metadata, root, retry_for_s)
     error_file = storage.join(root, "errors", f"{shard.name}.parquet")
     if errors.num_rows:
-        _write_table(fs, root, f"errors/{shard.name}.parquet", errors, retry_for_s)
+        write_parquet(fs, error_file, errors, root, retry_for_s)
     else:  # its rows are all done now (--retry-errors), or it never had errors
         storage.remove(fs, error_file)
     if format == "files" and old_meta is not None:  # images of records replaced by fewer images
@@ -376,18 +363,19 @@ def commit_shard(
     return stats
 
 
-_EMPTY = pa.table({"manifest_row": pa.array([], pa.int64())})
-
-
 def _read_part(fs, path: str) -> list[dict]:
     with fs.open(path, "rb") as f:
         return pq.read_table(f).to_pylist()
 
 
-def _read_shard_file(fs, root: str, folder: str, name: str) -> pa.Table | None:
+def read_records(fs, root: str, folder: str, name: str, columns=None) -> pa.Table | None:
+    """A shard's committed metadata or errors (``folder``), the given columns it has; None before its
+    first commit."""
     try:
         with fs.open(storage.join(root, folder, f"{name}.parquet"), "rb") as f:
-            return pq.read_table(f)
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
     except FileNotFoundError:
         return None
 
@@ -448,10 +436,11 @@ def _merge(kept: pa.Table | None, new: list[dict], schema: pa.Schema, shard, car
     return table.sort_by([(c, "ascending") for c in sort]).combine_chunks()
 
 
-def _write_table(fs, root: str, relative: str, table: pa.Table, retry_for_s: float) -> None:
+def write_parquet(fs, path: str, table: pa.Table, root: str, retry_for_s: float = storage.RETRY_FOR_S) -> None:
+    """A table as one whole Parquet object (parts, data, metadata and errors shards)."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_whole(fs, storage.join(root, relative), buffer.getvalue(), root, retry_for_s)
+    storage.write_whole(fs, path, buffer.getvalue(), root, retry_for_s)
 
 
 def metadata_record(row: dict, model: str) -> dict:
