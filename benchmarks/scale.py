@@ -5,7 +5,8 @@
 
 Each size runs ``unclip-batch run --model null`` in its own process on a PartiPrompts manifest (local
 disk), while a sampler records the peak RSS of the driver (and its private part, USS: without the object
-store's shared pages it maps) and of every Ray worker process (RSS, and USS every 2.5 s). With
+store's shared pages it maps) and of every Ray worker process (RSS, and USS every 2.5 s), and how much
+of the driver's RSS is object-store pages (every 10 s). With
 ``--resume-from F`` the job first runs the first F of the rows (``--limit``), then the whole manifest
 again on the same output, timing how long the resume takes to store its first new image.
 Prints one JSON line per size.
@@ -36,7 +37,7 @@ class PeakMemory:
 
     def __init__(self, root_pid: int, every_s: float = 0.5):
         self.root, self.every, self.peaks, self._stop = root_pid, every_s, {}, threading.Event()
-        self.private, self.samples = {}, 0
+        self.private, self.samples, self.shm = {}, 0, 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -59,6 +60,8 @@ class PeakMemory:
                         # sample for the driver, every 5th for workers (reading them costs CPU).
                         if p.pid == self.root or self.samples % 5 == 0:
                             self.private[name] = max(self.private.get(name, 0), p.memory_full_info().uss)
+                        if p.pid == self.root and self.samples % 20 == 0:
+                            self.shm = max(self.shm, _shm_rss(p.pid))
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -73,12 +76,30 @@ class PeakMemory:
         return {
             "driver_peak_mb": round(driver / 2**20),
             "driver_peak_private_mb": round(self.private.get("driver", 0) / 2**20),
+            "driver_peak_object_store_mb": round(self.shm / 2**20),
             "worker_peak_mb": round(workers[-1][0] / 2**20) if workers else 0,
             "worker_peak_name": workers[-1][1].strip() if workers else None,
             "worker_peak_private_mb": round(private[-1][0] / 2**20) if private else 0,
             "worker_peak_private_name": private[-1][1].strip() if private else None,
             "workers_seen": len(workers),
         }
+
+
+def _shm_rss(pid: int) -> int:
+    """Bytes of the object store (Ray's /dev/shm file) resident in a process: pages it has touched there,
+    shared with every process of the node, counted in its RSS but not held by it."""
+    total, in_shm = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first and not first.endswith(":"):
+                    in_shm = "/dev/shm/" in line
+                elif in_shm and first == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except OSError:  # the process has ended
+        return 0
+    return total
 
 
 def run(manifest: Path, output: Path, format: str, limit: int | None = None, first_key: Path | None = None) -> dict:

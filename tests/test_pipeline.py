@@ -30,3 +30,24 @@ def test_a_ray_client_address_is_refused_and_others_pass(monkeypatch):
     assert ray_address(None) == "10.0.0.1:6379"
     with pytest.raises(SetupError, match="ray job submit --address http://head:8265"):
         ray_address("ray://head:10001")
+
+
+@pytest.mark.slow
+def test_the_driver_forgets_ray_datas_per_block_stats_as_the_job_goes(ray_local, tmp_path, monkeypatch):
+    """ray-project/ray#66016: Ray Data keeps a statistics object per output block in the driver until the
+    execution ends, so the driver would grow with the rows done. The job drops them as it goes; this
+    fails once the Ray Data internals it reaches into are gone (then the driver grows again)."""
+    from helpers import write_manifest
+
+    from unclip_batch import pipeline
+    from unclip_batch.job import run_job
+
+    dropped, forget = [], pipeline.forget_block_stats
+    monkeypatch.setattr(pipeline, "FORGET_STATS_EVERY", 3)
+    monkeypatch.setattr(pipeline, "forget_block_stats", lambda dataset: dropped.append(forget(dataset)))
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": "a red circle"} for i in range(24)])
+    summary = run_job(job([manifest], tmp_path / "out", model="null", batch_size=1, rows_per_shard=8))
+    assert summary["rows"]["succeeded"] == 24
+    # 24 rows in blocks of 4 (CALLS_PER_BLOCK calls of one image): 6 reports, a clearing after the 3rd and
+    # 6th; each drops what the four operators output since the last (they run ahead of the driver).
+    assert len(dropped) == 2 and dropped[0] >= 3 and sum(dropped) >= 4 * 6 - 3, dropped
