@@ -67,6 +67,7 @@ TABLE = [
     ("height too large", {"prompt": "p", "height": 4096.0}, "unsupported_size"),
     ("zero steps", {"prompt": "p", "num_inference_steps": 0.0}, "invalid_steps"),
     ("negative guidance", {"prompt": "p", "guidance_scale": -2.0}, "invalid_guidance"),
+    ("best_of 0", {"prompt": "p", "best_of": 0.0}, "invalid_best_of"),
     ("generate with an image", {"prompt": "p", "image": "img/ok.png"}, "unexpected_image"),
     ("variation without image", {"task": "variation"}, "missing_image"),
     ("empty id", {"id": "", "prompt": "p"}, "invalid_id"),

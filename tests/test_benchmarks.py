@@ -147,3 +147,11 @@ def test_first_image_benchmark_runs():
         ]
     )
     assert 0 < report["first_image_s"] <= report["wall_s"]
+
+
+def test_clip_cost_benchmark_runs():
+    report = _last_json(
+        ["benchmarks/clip_cost.py", "--model", "tiny", "--rows", "4", "--batch-size", "4", "--rounds", "1"]
+    )
+    assert set(report["median_s_per_image"]) == {"off", "score", "embeddings"}
+    assert all(v > 0 for v in report["median_s_per_image"].values())

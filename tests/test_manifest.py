@@ -74,6 +74,8 @@ def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
         ({"id": "t", "prompt": "p", "num_inference_steps": 0}, "invalid_steps"),
         ({"id": "t", "prompt": "p", "prior_num_inference_steps": 1}, "invalid_steps"),
         ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
+        ({"id": "t", "prompt": "p", "best_of": 17}, "invalid_best_of"),
+        ({"id": "t", "task": "variation", "image": "x.png", "best_of": 2}, "invalid_best_of"),
         ({"id": "t", "task": "variation"}, "missing_image"),
         ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
         ({"id": "t", "task": "variation", "image": "x.png", "mask": "m.png"}, "unexpected_image"),
@@ -84,6 +86,24 @@ def test_bad_rows_get_a_code_and_a_message(tmp_path, row, code):
     assert [e["code"] for e in bad] == [code]
     assert bad[0]["message"] and bad[0]["stage"] == "validate" and bad[0]["row"] == 0
     assert [r.id for r in good] == ["fine"]
+
+
+def test_the_jobs_best_of_applies_where_a_prompt_can_rank_candidates(tmp_path):
+    table = read_manifests(
+        [
+            write_manifest(
+                tmp_path / "m.parquet",
+                [
+                    {"id": "g", "prompt": "p"},
+                    {"id": "v", "task": "variation", "image": "x.png"},
+                    {"id": "s", "task": "variation", "image": "x.png", "prompt": "p"},
+                    {"id": "own", "prompt": "p", "best_of": 2},
+                ],
+            )
+        ]
+    )
+    good = [row for rows, _ in validate(table, {**DEFAULTS, "best_of": 4}, SIZE) for row in rows]
+    assert {row.id: row.best_of for row in good} == {"g": 4, "v": 1, "s": 4, "own": 2}
 
 
 def test_float_columns_from_pandas(tmp_path):

@@ -17,6 +17,7 @@ S = Sampling(
     guidance_scale=4.0,
     prior_num_inference_steps=2,
     prior_guidance_scale=4.0,
+    best_of=1,
 )
 
 

@@ -153,6 +153,7 @@ def test_model_blocks_end_only_where_a_call_ends():
             negative_prompt="",
             prompt="p",
             num_images=random.choice([1, 1, 1, 2, 4]),
+            best_of=random.choice([1, 1, 2, 4]),  # each image is best_of model images: what fills a call
         )
         for i in range(500)
     ]
@@ -162,13 +163,14 @@ def test_model_blocks_end_only_where_a_call_ends():
     assert flat == sorted(rows, key=lambda row: call_key(vars(row)))  # stable: manifest order within a group
     per_group = Counter()
     for row in rows:
-        per_group[call_key(vars(row))] += row.num_images
+        per_group[call_key(vars(row))] += row.num_images * row.best_of
     calls = 0
     for block in blocks:
         in_block = Counter()
         for row in block:
-            in_block[call_key(vars(row))] += row.num_images
+            in_block[call_key(vars(row))] += row.num_images * row.best_of
         calls += sum(math.ceil(n / batch) for n in in_block.values())
-        assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + max(r.num_images for r in rows)
+        most = max(r.num_images * r.best_of for r in rows)
+        assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + most
     assert calls == sum(math.ceil(n / batch) for n in per_group.values())  # no call padded twice
     assert len(blocks) > 5  # and still small blocks, written as they are made

@@ -24,6 +24,7 @@ def row(i, **kw):
         mask="",
         num_images=1,
         seed=i,
+        best_of=1,
         width=64,
         height=64,
         guidance_scale=4.0,
@@ -53,6 +54,25 @@ def test_rows_expand_to_images_with_seed_plus_k(predictor):
     sizes = {r["id"]: len(r["pixels"]) for r in out}
     assert sizes == {"r0": 64 * 64 * 3, "r1": 32 * 32 * 3, "r2": 64 * 64 * 3}
     assert all(r["code"] == "" and r["model_s"] > 0 for r in out)
+
+
+def test_best_of_keeps_each_images_candidate_with_the_highest_clip_score(predictor):
+    """best_of 3, two images: image k's candidates are seeds 3k..3k+2, each the image that seed gives alone,
+    and the one kept is the candidate its CLIP scores highest, with that seed and candidate recorded."""
+    out = rows_of(predictor(to_batch([row(0, num_images=2, best_of=3, seed=10)])))
+    alone = {
+        seed: rows_of(predictor(to_batch([row(0, seed=seed)])))[0] for seed in range(10, 16)
+    }  # best_of 1: seed + k
+    assert [r["k"] for r in out] == [0, 1]
+    for image in out:
+        k = image["k"]
+        candidates = [alone[10 + 3 * k + c] for c in range(3)]
+        scores = [c["clip_score"] for c in candidates]
+        assert len(set(scores)) == 3  # three different images, so the choice means something
+        best = int(np.argmax(scores))
+        assert (image["candidate"], image["seed"]) == (best, 10 + 3 * k + best)
+        assert image["pixels"] == candidates[best]["pixels"] and image["clip_score"] == max(scores)
+        assert image["best_of"] == 3
 
 
 def test_upstream_errors_pass_through(predictor):

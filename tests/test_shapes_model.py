@@ -214,7 +214,9 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     today = json.loads((tmp_path / "today.json").read_text())
-    assert today["sampling"] == committed["sampling"] and today["scheduler"] == committed["scheduler"]
+    # Settings added since the evaluation was made (best_of) are at the defaults that change nothing.
+    assert {k: today["sampling"][k] for k in committed["sampling"]} == committed["sampling"]
+    assert today["sampling"]["best_of"] == 1 and today["scheduler"] == committed["scheduler"]
     for name in FIGURES:
         assert today["per_case"][name] == committed["per_case"][name][:CHECKED_CASES], name
 
@@ -233,3 +235,34 @@ def test_the_default_models_clip_score_prefers_the_prompt_that_names_the_picture
     prompts = [f"a {c} {s}" for c, s in kinds]
     scores = np.array([model.clip(pictures, [prompt] * len(kinds))[0] for prompt in prompts])  # prompt x picture
     assert (scores.argmax(axis=0) == np.arange(len(kinds))).all(), scores.round(3)
+
+
+@pytest.mark.slow
+def test_best_of_4_draws_the_shape_more_often_and_clip_score_agrees_with_the_judge(tmp_path):
+    """best_of.json (`python -m unclip_lab.evaluate --best-of 4`, the job's own predictor, judged by
+    geometry): best of 4 is right more often than one candidate, and images the judge finds right score
+    higher than those it finds wrong. The first cases, run again, give the committed verdicts and choices."""
+    committed = json.loads((SHAPES / "best_of.json").read_text())
+    one, four = committed["best_of_1"], committed["best_of_4"]
+    assert four["shape"] > one["shape"] and four["colour"] >= one["colour"]
+    assert one["clip_score_judged_right"] > one["clip_score_judged_wrong"]
+    for figures in (one, four):
+        assert {k: sum(v) / len(v) for k, v in figures["per_case"].items()} == {
+            k: figures[k] for k in ("colour", "shape", "background")
+        }
+    result = subprocess.run(
+        [sys.executable, "-m", "unclip_lab.evaluate", "--best-of", "4", "--n", str(CHECKED_CASES)]
+        + ["--json", str(tmp_path / "today.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    today = json.loads((tmp_path / "today.json").read_text())
+    assert today["sampling"] == committed["sampling"]
+    for name in ("best_of_1", "best_of_4"):
+        assert today[name]["candidates_kept"] == committed[name]["candidates_kept"][:CHECKED_CASES]
+        for key, verdicts in today[name]["per_case"].items():
+            assert verdicts == committed[name]["per_case"][key][:CHECKED_CASES], (name, key)

@@ -25,11 +25,13 @@ def image_row(i, k=0, n=1, code="", **kw):
         image="",
         mask="",
         seed=7 + k,
+        candidate=0,
+        best_of=1,
         width=8,
         height=8,
         pixels=b"" if code else np.full((8, 8, 3), 10 * i + k, np.uint8).tobytes(),
         clip_score=0.25 if k else float("nan"),  # NaN between stages = no score
-        embedding=b"",
+        embedding=kw.pop("embedding", b""),
         num_inference_steps=4,
         guidance_scale=4.0,
         prior_num_inference_steps=2,
@@ -166,6 +168,23 @@ def test_webdataset_and_parquet_shards_repeat_byte_for_byte(tmp_path):
 
     names = tarfile.open(tmp_path / "webdataset-one/shards/00000.tar").getnames()
     assert names[:3] == ["00000_000000_00.png", "00000_000000_00.json", "00000_000000_00.txt"]
+
+
+def test_webdataset_samples_carry_their_embedding_as_npy(tmp_path):
+    import webdataset as wds
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(2)])
+    vectors = [np.arange(4, dtype=np.float32) / (i + 1) for i in range(2)]
+    rows = [image_row(i, embedding=vectors[i].tobytes()) for i in range(2)]
+    write_images(rows, tmp_path / "out", format="webdataset")
+    commit(manifest, tmp_path / "out", [str(tmp_path / "out/_parts/00000/0.parquet")], format="webdataset")
+    samples = list(wds.WebDataset(str(tmp_path / "out/shards/00000.tar"), shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in samples] == ["00000_000000_00", "00000_000001_00"]
+    for sample, vector in zip(samples, vectors):
+        assert sample["npy"].dtype == np.float32 and np.array_equal(sample["npy"], vector)
+        assert "embedding" not in sample["json"] and sample["txt"] == sample["json"]["prompt"]
+    metadata = pq.read_table(tmp_path / "out/metadata/00000.parquet")
+    assert metadata["embedding"].to_pylist() == [v.tolist() for v in vectors]  # and in the metadata as ever
 
 
 def test_json(tmp_path):

@@ -74,6 +74,7 @@ CODES = {
     "unsupported_size": "width/height is not a multiple the model supports, or is too small or too large",
     "invalid_steps": "num_inference_steps is outside 1-1000, or prior_num_inference_steps outside 2-1000",
     "invalid_guidance": "guidance_scale or prior_guidance_scale is outside 0-100",
+    "invalid_best_of": "best_of is outside 1-16, or above 1 on a row without a prompt to rank candidates by",
     "missing_image": "variation and inpaint need an image",
     "unexpected_image": "image or mask is given for a task that does not use it",
     "image_unreadable": "the image or mask could not be read (missing object, no access, unreachable)",

@@ -261,7 +261,7 @@ class Progress:
     def __init__(self, config: JobConfig, total: int, vocabulary: frozenset | None = None, bar_file=None):
         self.total = total
         self.kept = self.kept_failed = self.changed = self.retried = 0  # from the read reports
-        self.succeeded = self.images = 0
+        self.succeeded = self.images = self.candidates = 0
         self.codes: Counter = Counter()
         self.words = UnknownWords(vocabulary)  # what the shards' reports found
         self.clock = self.last_report = time.perf_counter()
@@ -299,6 +299,7 @@ class Progress:
     def block(self, counts: dict) -> None:
         self.succeeded += counts["succeeded"]
         self.images += counts["images"]
+        self.candidates += counts["candidates"]
         self.codes.update(counts["codes"])
         self._report()
 
@@ -368,6 +369,8 @@ def _summary(
         },
         "shards": {"planned": len(shards), "finished_before": len(skipped), "written": len(commits.results)},
         "images": progress.images,
+        # Images the model made, best_of candidates each: its work (equal to images without best_of).
+        "candidates": progress.candidates,
         "errors_by_code": dict(sorted(progress.codes.items())),
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

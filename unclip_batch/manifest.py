@@ -34,7 +34,8 @@ TASKS = ("generate", "variation", "inpaint")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_NUM_IMAGES = 16  # OpenAI's Images API allows up to 10; a GPU batch of 16 fits every model we serve
 MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the first 77 tokens anyway
-MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES  # image k uses seed + k, which must still fit an int64
+# Candidate c of image k uses seed + k * best_of + c (image k: seed + k with best_of 1), within an int64.
+MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES * sampling.MAX_BEST_OF
 TEXT_MANIFESTS = (".csv", ".jsonl", ".json", ".txt")  # what `unclip-batch manifest build` turns into Parquet
 
 STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
@@ -100,6 +101,12 @@ class Row(Sampling):
             raise RowError("invalid_num_images", f"num_images is {self.num_images}; use 1-{MAX_NUM_IMAGES}")
         if not 0 <= self.seed <= MAX_SEED:
             raise RowError("invalid_seed", f"seed is {self.seed}; use 0-{MAX_SEED}, or leave it empty")
+        if self.best_of > 1 and not self.prompt.strip():
+            raise RowError(
+                "invalid_best_of",
+                f"best_of is {self.best_of}, but candidates are ranked by their CLIP score against the prompt "
+                "and this row has none: give it a prompt, or best_of 1",
+            )
         super().__post_init__()
 
 
@@ -446,6 +453,8 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
             values[name] = defaults.get(name, sampling.DEFAULTS.get(name))
     values["seed"] = default_seed(row_id) if values["seed"] is None else values["seed"]
     values["num_images"] = 1 if values["num_images"] is None else values["num_images"]
+    if record.get("best_of") is None and not (record.get("prompt") or "").strip():
+        values["best_of"] = 1  # the job's --best-of applies where there is a prompt to rank by
     for name in ("width", "height"):
         values[name] = size.default if values[name] is None else values[name]
         size.check(name, values[name])

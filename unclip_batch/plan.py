@@ -361,7 +361,7 @@ def model_blocks(rows: list, batch_size: int) -> Iterator[list]:
             yield block
             block, images = [], 0
         block.append(row)
-        images += row.num_images
-        group_images += row.num_images
+        images += row.num_images * row.best_of  # what the model makes: every candidate of every image
+        group_images += row.num_images * row.best_of
     if block:
         yield block

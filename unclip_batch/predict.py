@@ -81,7 +81,10 @@ class UnclipPredictor:
         return to_batch(out)
 
     def _run_group(self, rows: list[dict]) -> list[dict]:
-        images = [(row, k) for row in rows for k in range(int(row["num_images"]))]
+        # Every candidate of every image (best_of per image; one with best_of 1), each with its own seed.
+        images = [
+            (row, seed_of(row, k, c)) for row in rows for k in range(int(row["num_images"])) for c in candidates_of(row)
+        ]
         results, failed = {}, {}
         for start in range(0, len(images), self.batch_size):
             call = images[start : start + self.batch_size]
@@ -92,7 +95,7 @@ class UnclipPredictor:
                 self._free_memory()
                 for row_id in dict.fromkeys(row["id"] for row, _ in call):
                     try:
-                        results.update(self._timed_call([(r, k) for r, k in call if r["id"] == row_id]))
+                        results.update(self._timed_call([(r, s) for r, s in call if r["id"] == row_id]))
                     except Exception as row_exc:
                         failed[row_id] = f"{type(row_exc).__name__}: {row_exc}"
                         self._free_memory()
@@ -104,13 +107,16 @@ class UnclipPredictor:
                 out.append(failed_row)
                 continue
             for k in range(int(row["num_images"])):
-                pixels, model_s, score, embedding = results[(row["id"], k)]
+                candidate = best_candidate([results[(row["id"], seed_of(row, k, c))][2] for c in candidates_of(row)])
+                seed = seed_of(row, k, candidate)
+                pixels, model_s, score, embedding = results[(row["id"], seed)]
                 image_row = _without_inputs(row)
                 image_row.update(
                     k=k,
-                    seed=int(row["seed"]) + k,
+                    seed=seed,
+                    candidate=candidate,
                     pixels=pixels,
-                    model_s=model_s,
+                    model_s=model_s * int(row["best_of"]),  # the model's time for this image, candidates and all
                     clip_score=score,
                     embedding=embedding,
                 )
@@ -118,6 +124,7 @@ class UnclipPredictor:
         return out
 
     def _timed_call(self, call: list[tuple[dict, int]]) -> dict:
+        """Run one call of (row, seed) images: {(row id, seed): (pixels, seconds, CLIP score, embedding)}."""
         start = time.perf_counter()
         padded = call + [call[-1]] * (self.batch_size - len(call))  # fixed shape: see the module docstring
         pixels = self._call(padded)[: len(call)]
@@ -125,19 +132,19 @@ class UnclipPredictor:
         per_image = (time.perf_counter() - start) / len(call)
         kept = self.embeddings and embeds is not None
         return {
-            (row["id"], k): (
+            (row["id"], seed): (
                 pixels[i].tobytes(),
                 per_image,
                 NO_SCORE if scores[i] is None else scores[i],
                 embeds[i].astype(np.float32).tobytes() if kept else b"",
             )
-            for i, (row, k) in enumerate(call)
+            for i, (row, seed) in enumerate(call)
         }
 
     def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
         first = call[0][0]
         sampling = Sampling.of(first)
-        seeds = [int(row["seed"]) + k for row, k in call]
+        seeds = [seed for _, seed in call]
         prompts = [row["prompt"] for row, _ in call]
         negatives = [row["negative_prompt"] for row, _ in call]
         if first["task"] == "generate":
@@ -153,9 +160,26 @@ class UnclipPredictor:
             torch.cuda.empty_cache()
 
 
+def seed_of(row: dict, k: int, candidate: int) -> int:
+    """The seed of a row's image k, candidate ``candidate``: seed + k with best_of 1, as always; with
+    best_of N, image k's candidates take the N seeds from seed + k * N."""
+    return int(row["seed"]) + k * int(row["best_of"]) + candidate
+
+
+def candidates_of(row: dict) -> range:
+    return range(int(row["best_of"]))
+
+
+def best_candidate(scores: list[float]) -> int:
+    """The candidate with the highest CLIP score, the first on a tie; the first when none has a score (a
+    model without CLIP). Scores are computed image by image, so the choice never depends on the batch."""
+    scored = [(-s, c) for c, s in enumerate(scores) if not np.isnan(s)]
+    return min(scored)[1] if scored else 0
+
+
 def _without_inputs(row: dict) -> dict:
     """The row without its source pixels (not needed downstream), with the image columns every
     output row carries."""
     out = {k: v for k, v in row.items() if k not in ("pixels", "repaint")}
-    out.update(k=-1, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"")
+    out.update(k=-1, candidate=0, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"")
     return out

@@ -15,6 +15,7 @@ from unclip_batch.errors import RowError
 
 MAX_STEPS = 1000  # the schedulers' training timesteps
 MAX_GUIDANCE = 100.0
+MAX_BEST_OF = 16
 
 
 def setting(help: str, *, default=None, least=None, most=None, code: str = "", parameter: bool = True):
@@ -43,6 +44,15 @@ class Sampling:
     )
     prior_guidance_scale: float = setting(
         "prior guidance for rows without their own", default=4.0, least=0, most=MAX_GUIDANCE, code="invalid_guidance"
+    )
+    # unCLIP's reranking (DALL-E 2, section 4): N candidates per image, the one closest to the prompt kept.
+    best_of: int = setting(
+        "candidates per image for rows without their own: the one whose CLIP score against the prompt is "
+        "highest is kept (1-16; N times the model's work per image)",
+        default=1,
+        least=1,
+        most=MAX_BEST_OF,
+        code="invalid_best_of",
     )
 
     def __post_init__(self):

@@ -47,6 +47,7 @@ METADATA_SCHEMA = pa.schema(
         ("image", pa.string()),
         ("mask", pa.string()),
         ("seed", pa.int64()),
+        ("candidate", pa.int32()),  # which of best_of candidates was kept (0 with best_of 1)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
@@ -152,8 +153,10 @@ class FilesWriter(_Writer):
 
 class WebDatasetWriter(_Writer):
     """``shards/<shard>.tar``: each image a sample ``<key>.png`` + ``<key>.json`` (its metadata record,
-    timings left out so the bytes repeat) + ``<key>.txt`` (the prompt), in manifest order; the tar's
-    headers are fixed (mtime 0, no owner), so a resumed job's tar is byte for byte an uninterrupted one's."""
+    timings left out so the bytes repeat) + ``<key>.txt`` (the prompt), and with ``--embeddings``
+    ``<key>.npy`` (the CLIP image embedding, float32, which WebDataset decodes to an array; then not in
+    the JSON as well), in manifest order; the tar's headers are fixed (mtime 0, no owner), so a resumed
+    job's tar is byte for byte an uninterrupted one's."""
 
     stats_folder = "shards"
 
@@ -164,8 +167,11 @@ class WebDatasetWriter(_Writer):
         members = []
         for record, png in zip(metadata.drop_columns(["timings"]).to_pylist(), pngs):
             key = record["image_key"].rsplit("#", 1)[1].removesuffix(".png")
+            embedding = record.pop("embedding")
             text = json.dumps(record, ensure_ascii=False, default=str).encode()
             members += [(f"{key}.png", png), (f"{key}.json", text), (f"{key}.txt", (record["prompt"] or "").encode())]
+            if embedding is not None:
+                members.append((f"{key}.npy", npy_bytes(np.asarray(embedding, np.float32))))
         self._write(f"shards/{shard}.tar", tar_bytes(members))
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
@@ -196,6 +202,13 @@ class ParquetWriter(_Writer):
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
         return shard_pngs(self.fs, self.root, f"data/{shard}.parquet")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as a ``.npy`` file (numpy's format: a fixed header, then the values)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -283,12 +296,13 @@ def write_part(
 
 
 def block_counts(rows: list[dict]) -> dict:
-    """Rows, images and errors by code among a block's (or a part's) rows: a row with an error counts
-    once, a row's images once each."""
+    """Rows, images, candidates made and errors by code among a block's (or a part's) rows: a row with
+    an error counts once, a row's images once each (and best_of candidates each)."""
     failed = {r["row"]: r["code"] for r in rows if r["code"]}
     images = sum(1 for r in rows if not r["code"])
+    candidates = sum(int(r["best_of"]) for r in rows if not r["code"])
     succeeded = len({r["row"] for r in rows if not r["code"]} - {r["row"] for r in rows if r["code"]})
-    return {"succeeded": succeeded, "images": images, "codes": dict(Counter(failed.values()))}
+    return {"succeeded": succeeded, "images": images, "candidates": candidates, "codes": dict(Counter(failed.values()))}
 
 
 def commit_shard(
@@ -457,6 +471,7 @@ def metadata_record(row: dict, model: str) -> dict:
                 "image",
                 "mask",
                 "seed",
+                "candidate",
                 "width",
                 "height",
                 "sha256",

@@ -203,6 +203,61 @@ def _eval_clip(model, n: int) -> dict:
     return {"clip_zero_shot": [int(kinds[p] == (sc.colour, sc.shape)) for p, sc in zip(picks, scenes)]}
 
 
+def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **overrides) -> dict:
+    """Generate with best_of 1 and best_of N through the job's own predictor (its candidate seeds and CLIP
+    ranking), on the generate cases; judged by geometry. Also whether the CLIP score agrees with the
+    judge: the mean score of images judged right (colour and shape) against that of the others."""
+    import dataclasses
+
+    from unclip_batch.batches import rows_of, to_batch
+    from unclip_batch.manifest import Row
+    from unclip_batch.predict import UnclipPredictor
+
+    s = sampling(info, **overrides)
+    predictor = UnclipPredictor(model=spec, tasks=("generate",), batch_size=CALL, device="cpu")
+    cases = generate_cases(n)
+    results = {}
+    for candidates in sorted({1, best_of}):
+        rows = [
+            dataclasses.asdict(
+                Row(
+                    **{**dataclasses.asdict(s), "best_of": candidates},
+                    row=i,
+                    id=f"case{i}",
+                    task="generate",
+                    prompt=prompt,
+                    negative_prompt="",
+                    image="",
+                    mask="",
+                    num_images=1,
+                    seed=i,
+                )
+            )
+            for i, (prompt, _) in enumerate(cases)
+        ]
+        for r in rows:
+            r.update(code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0)
+        out = sorted(rows_of(predictor(to_batch(rows))), key=lambda r: r["row"])
+        hits = {"colour": [], "shape": [], "background": []}
+        scores = {True: [], False: []}
+        for image_row, (_, named) in zip(out, cases):
+            image = np.frombuffer(image_row["pixels"], np.uint8).reshape(s.height, s.width, 3)
+            j = world.judge(image)
+            for key in hits:
+                hits[key].append(int(getattr(j, key) == named[key]))
+            scores[j.colour == named["colour"] and j.shape == named["shape"]].append(image_row["clip_score"])
+        results[f"best_of_{candidates}"] = {
+            **{key: sum(v) / len(v) for key, v in hits.items()},
+            "clip_score_judged_right": round(float(np.mean(scores[True])), 4) if scores[True] else None,
+            "clip_score_judged_wrong": round(float(np.mean(scores[False])), 4) if scores[False] else None,
+            "candidates_kept": [int(r["candidate"]) for r in out],
+            "per_case": hits,
+        }
+    results["cases"] = n
+    results["sampling"] = {k: v for k, v in dataclasses.asdict(s).items() if k != "best_of"}
+    return results
+
+
 def to_json(results: dict) -> str:
     """Indented JSON with each per-case list on one line (200 verdicts a line, not 200 lines)."""
     figures = {k: v for k, v in results.items() if k != "per_case"}
@@ -235,6 +290,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="decoder guidance scale (default: the model's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
+        "--best-of",
+        type=int,
+        help="instead: generate with best_of 1 and with this many candidates per image, through the job's "
+        "predictor, and compare (shape accuracy, and the CLIP score of images judged right and wrong)",
+    )
+    parser.add_argument(
         "--card",
         action="store_true",
         help="save the results as evaluation.json in the model's folder and rewrite its model card",
@@ -248,6 +309,20 @@ def main() -> None:
         overrides["prior_num_inference_steps"] = args.prior_steps
     if args.guidance is not None:
         overrides["guidance_scale"] = args.guidance
+    if args.best_of:
+        results = evaluate_best_of(
+            args.model, ModelSpec.parse(args.model).describe(), args.n, args.best_of, **overrides
+        )
+        brief = {
+            k: {f: v for f, v in r.items() if f not in ("per_case", "candidates_kept")}
+            for k, r in results.items()
+            if k != "cases"
+        }
+        print(json.dumps({**brief, "cases": results["cases"]}, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(results) + "\n")
+        return
     model, info = load(args.model, args.scheduler)
     results = evaluate(model, info, args.n, **overrides)
     results["scheduler"] = args.scheduler
