@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -67,6 +68,9 @@ def mixed_rows(n_good=48):
         {"task": "inpaint", "image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"},
         {"task": "inpaint", "image": "img/scene2.png", "mask": "img/mask2.png", "prompt": "purple"},
         {"task": "inpaint", "image": "img/hole.png", "prompt": "a white circle", "negative_prompt": "dark"},
+        {"task": "interpolate", "image": "img/scene.png", "image2": "img/scene2.png", "num_images": 2},
+        {"task": "interpolate", "prompt": "a red circle", "image2": "img/scene2.png", "num_images": 3},
+        {"task": "text_diff", "image": "img/scene.png", "source_prompt": "a red circle", "prompt": "a green circle"},
     ]
     rows = [{"id": f"good-{i:03d}", "seed": i, "tag": f"t{i}", **kinds[i % len(kinds)]} for i in range(n_good)]
     bad = [
@@ -79,10 +83,12 @@ def mixed_rows(n_good=48):
         ({"id": "bad-missing", "task": "variation", "image": "img/nope.png"}, "image_unreadable"),
         ({"id": "bad-notimage", "task": "variation", "image": "m.parquet"}, "image_invalid"),
         ({"id": "bad-mask", "task": "inpaint", "image": "img/scene.png", "prompt": "p"}, "missing_mask"),
+        ({"id": "bad-end", "task": "interpolate", "image": "img/scene.png"}, "missing_source"),
+        ({"id": "bad-end2", "task": "interpolate", "prompt": "p", "image2": "img/nope.png"}, "image_unreadable"),
     ]
     for i, (row, _) in enumerate(bad):
         rows.insert(5 * i + 3, row)
-    return rows, {code: 1 for _, code in bad}
+    return rows, dict(Counter(code for _, code in bad))
 
 
 def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):

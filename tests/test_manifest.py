@@ -75,6 +75,17 @@ def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
         ({"id": "t", "prompt": "p", "prior_num_inference_steps": 1}, "invalid_steps"),
         ({"id": "t", "prompt": "p", "guidance_scale": -1.0}, "invalid_guidance"),
         ({"id": "t", "prompt": "p", "best_of": 17}, "invalid_best_of"),
+        ({"id": "t", "task": "interpolate", "image": "a.png"}, "missing_source"),
+        ({"id": "t", "task": "interpolate", "prompt": "p", "image2": "b.png", "prompt2": "q"}, "ambiguous_source"),
+        ({"id": "t", "task": "interpolate", "prompt": "p", "prompt2": "q", "best_of": 2}, "invalid_best_of"),
+        ({"id": "t", "task": "interpolate", "prompt": "p", "prompt2": "q", "mask": "m.png"}, "unused_column"),
+        ({"id": "t", "task": "text_diff", "image": "x.png", "prompt": "a green square"}, "missing_prompt"),
+        ({"id": "t", "task": "text_diff", "source_prompt": "s", "prompt": "p"}, "missing_image"),
+        (
+            {"id": "t", "task": "text_diff", "image": "x.png", "source_prompt": "s", "prompt": "p", "strength": 1.5},
+            "invalid_strength",
+        ),
+        ({"id": "t", "prompt": "p", "prompt2": "q"}, "unused_column"),
         ({"id": "t", "task": "variation", "image": "x.png", "best_of": 2}, "invalid_best_of"),
         ({"id": "t", "task": "variation"}, "missing_image"),
         ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
@@ -88,6 +99,20 @@ def test_bad_rows_get_a_code_and_a_message(tmp_path, row, code):
     assert [r.id for r in good] == ["fine"]
 
 
+def test_interpolate_and_text_diff_rows(tmp_path):
+    good, bad = run_validate(
+        tmp_path,
+        [
+            {"id": "i", "task": "interpolate", "image": "a.png", "prompt2": "a blue circle", "num_images": 5},
+            {"id": "t", "task": "text_diff", "image": "x.png", "source_prompt": "a red square", "prompt": "green"},
+        ],
+    )
+    assert bad == []
+    interpolate, text_diff = good
+    assert interpolate.image.endswith("/a.png") and (interpolate.image2, interpolate.prompt2) == ("", "a blue circle")
+    assert (text_diff.source_prompt, text_diff.strength) == ("a red square", 0.5)  # the default strength
+
+
 def test_the_jobs_best_of_applies_where_a_prompt_can_rank_candidates(tmp_path):
     table = read_manifests(
         [
@@ -98,12 +123,13 @@ def test_the_jobs_best_of_applies_where_a_prompt_can_rank_candidates(tmp_path):
                     {"id": "v", "task": "variation", "image": "x.png"},
                     {"id": "s", "task": "variation", "image": "x.png", "prompt": "p"},
                     {"id": "own", "prompt": "p", "best_of": 2},
+                    {"id": "i", "task": "interpolate", "prompt": "p", "prompt2": "q"},  # frames: never reranked
                 ],
             )
         ]
     )
     good = [row for rows, _ in validate(table, {**DEFAULTS, "best_of": 4}, SIZE) for row in rows]
-    assert {row.id: row.best_of for row in good} == {"g": 4, "v": 1, "s": 4, "own": 2}
+    assert {row.id: row.best_of for row in good} == {"g": 4, "v": 1, "s": 4, "own": 2, "i": 1}
 
 
 def test_float_columns_from_pandas(tmp_path):

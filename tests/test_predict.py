@@ -25,6 +25,11 @@ def row(i, **kw):
         num_images=1,
         seed=i,
         best_of=1,
+        image2="",
+        prompt2="",
+        source_prompt="",
+        strength=0.5,
+        pixels2=b"",
         width=64,
         height=64,
         guidance_scale=4.0,
@@ -73,6 +78,35 @@ def test_best_of_keeps_each_images_candidate_with_the_highest_clip_score(predict
         assert (image["candidate"], image["seed"]) == (best, 10 + 3 * k + best)
         assert image["pixels"] == candidates[best]["pixels"] and image["clip_score"] == max(scores)
         assert image["best_of"] == 3
+
+
+def test_interpolation_frames_share_one_noise_and_end_at_each_ends_variation(predictor):
+    """Frames at weights 0, 1/2, 1 of two images, all with the row's seed: the first frame is the first
+    image's variation, the last the second's (the same seed and embedding), the middle one neither; a frame
+    is the same bytes in a crowd (with prompt ends run through the prior) as alone."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes() for _ in range(2))
+    ends = dict(task="interpolate", prompt="", image="a.png", image2="b.png", pixels=a, pixels2=b, seed=5)
+    frames = rows_of(predictor(to_batch([row(0, num_images=3, **ends)])))
+    assert [(f["k"], f["seed"]) for f in frames] == [(0, 5), (1, 5), (2, 5)]
+    variation = dict(task="variation", prompt="", image="x.png", seed=5)
+    of_a, of_b = (rows_of(predictor(to_batch([row(1, pixels=p, **variation)])))[0]["pixels"] for p in (a, b))
+    assert frames[0]["pixels"] == of_a and frames[2]["pixels"] == of_b
+    assert frames[1]["pixels"] not in (of_a, of_b)
+    with_prompts = dict(task="interpolate", prompt="a red circle", prompt2="a blue circle", seed=9, num_images=3)
+    alone = rows_of(predictor(to_batch([row(2, **with_prompts)])))
+    crowd = rows_of(predictor(to_batch([row(3, num_images=2, **ends), row(2, **with_prompts)])))
+    assert [f["pixels"] for f in crowd if f["id"] == "r2"] == [f["pixels"] for f in alone]
+
+
+def test_a_text_diff_at_strength_0_is_the_images_own_variation(predictor):
+    source = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes()
+    common = dict(image="x.png", pixels=source, seed=3)
+    diff = dict(task="text_diff", source_prompt="a red square", prompt="a green square", **common)
+    unmoved, moved = (rows_of(predictor(to_batch([row(0, strength=s, **diff)])))[0] for s in (0.0, 0.5))
+    variation = rows_of(predictor(to_batch([row(0, task="variation", prompt="", **common)])))[0]
+    assert unmoved["pixels"] == variation["pixels"] and moved["pixels"] != variation["pixels"]
+    assert moved["clip_score"] == moved["clip_score"]  # scored against the target caption (not NaN)
 
 
 def test_upstream_errors_pass_through(predictor):

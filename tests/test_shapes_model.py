@@ -266,3 +266,31 @@ def test_best_of_4_draws_the_shape_more_often_and_clip_score_agrees_with_the_jud
         assert today[name]["candidates_kept"] == committed[name]["candidates_kept"][:CHECKED_CASES]
         for key, verdicts in today[name]["per_case"].items():
             assert verdicts == committed[name]["per_case"][key][:CHECKED_CASES], (name, key)
+
+
+EDIT_CASES = 4  # 4 interpolations of 5 frames and 3 x 4 text-diff images: ~10 s on 2 cores
+
+
+@pytest.mark.slow
+def test_interpolations_and_text_diffs_do_what_dall_e_2s_do(tmp_path):
+    """edits.json (`python -m unclip_lab.evaluate --edits`, the job's predictor, judged by geometry): a red
+    circle interpolated into a blue one goes red to blue in order and stays a circle; a text diff "a red
+    square" -> "a green square" turns red squares green; at strength 0 it is the image's own variation.
+    The first cases, run again, give the committed verdicts."""
+    committed = json.loads((SHAPES / "edits.json").read_text())
+    assert committed["interpolate_in_order"] >= 0.9 and committed["interpolate_circle_frames"] >= 0.8
+    assert committed["text_diff_green"] >= 0.75 and committed["text_diff_strength_0_is_the_variation"] == 1.0
+    result = subprocess.run(
+        [sys.executable, "-m", "unclip_lab.evaluate", "--edits", "--n", str(EDIT_CASES)]
+        + ["--json", str(tmp_path / "today.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    today = json.loads((tmp_path / "today.json").read_text())
+    assert today["sampling"] == committed["sampling"] and today["text_diff_strength_0_is_the_variation"] == 1.0
+    for name, verdicts in today["per_case"].items():
+        assert verdicts == committed["per_case"][name][:EDIT_CASES], name

@@ -30,7 +30,7 @@ from unclip_batch.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("generate", "variation", "inpaint")
+TASKS = ("generate", "variation", "inpaint", "interpolate", "text_diff")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 MAX_NUM_IMAGES = 16  # OpenAI's Images API allows up to 10; a GPU batch of 16 fits every model we serve
 MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the first 77 tokens anyway
@@ -38,10 +38,11 @@ MAX_PROMPT_CHARS = 1000  # OpenAI's limit for DALL-E 2; CLIP reads only the firs
 MAX_SEED = 2**63 - 1 - MAX_NUM_IMAGES * sampling.MAX_BEST_OF
 TEXT_MANIFESTS = (".csv", ".jsonl", ".json", ".txt")  # what `unclip-batch manifest build` turns into Parquet
 
-STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask")
+STRING_COLUMNS = ("task", "prompt", "negative_prompt", "image", "mask", "image2", "prompt2", "source_prompt")
 # Every sampling setting is a column of its own name (sampling.py declares them).
 INT_COLUMNS = ("num_images", "seed") + tuple(n for n in sampling.NAMES if sampling.KINDS[n] is int)
-FLOAT_COLUMNS = tuple(n for n in sampling.NAMES if sampling.KINDS[n] is float)
+FLOAT_COLUMNS = ("strength",) + tuple(n for n in sampling.NAMES if sampling.KINDS[n] is float)
+DEFAULT_STRENGTH = 0.5  # text_diff: how far along the captions' difference (DALL-E 2's figure 5 goes to 0.5)
 KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
 # Columns the output adds to every metadata/error row; a manifest column may not shadow them.
 RESERVED_COLUMNS = (
@@ -79,21 +80,36 @@ class Row(Sampling):
     num_images: int
     seed: int
     input_hash: str = ""  # of the row as written (see input_hash): a resume spots a row changed under its id
+    # interpolate: the second end (an image, or a prompt); text_diff: the image's caption and how far to go.
+    image2: str = ""
+    prompt2: str = ""
+    source_prompt: str = ""
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise RowError("unknown_task", f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.task in ("generate", "inpaint") and not self.prompt.strip():
             raise RowError("missing_prompt", f"task {self.task!r} needs a non-empty prompt")
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "prompt2", "source_prompt"):
             _check_text(name, getattr(self, name))
+        if self.task == "interpolate":
+            self._check_interpolate()
+        elif self.task == "text_diff":
+            self._check_text_diff()
+        elif self.image2 or self.prompt2 or self.source_prompt:
+            raise RowError(
+                "unused_column",
+                f"task {self.task!r} does not use image2, prompt2 or source_prompt (interpolate and text_diff do); "
+                "leave them empty, or set the task",
+            )
         if self.task == "generate" and (self.image or self.mask):
             raise RowError(
                 "unexpected_image",
                 "task 'generate' takes no image or mask; set task to "
                 "'variation' or 'inpaint', or leave image and mask empty",
             )
-        if self.task != "generate" and not self.image:
+        if self.task in ("variation", "inpaint", "text_diff") and not self.image:
             raise RowError("missing_image", f"task {self.task!r} needs an image (URL or path)")
         if self.task == "variation" and self.mask:
             raise RowError("unexpected_image", "task 'variation' takes no mask; use task 'inpaint' to repaint")
@@ -108,6 +124,35 @@ class Row(Sampling):
                 "and this row has none: give it a prompt, or best_of 1",
             )
         super().__post_init__()
+
+    def _check_interpolate(self):
+        for end, image, prompt in (("first", "image", "prompt"), ("second", "image2", "prompt2")):
+            given = [name for name in (image, prompt) if getattr(self, name).strip()]
+            if len(given) != 1:
+                raise RowError(
+                    "missing_source" if not given else "ambiguous_source",
+                    f"task 'interpolate' needs its {end} end as {image} or {prompt}, "
+                    + ("and this row has neither" if not given else "not both"),
+                )
+        if self.mask or self.negative_prompt or self.source_prompt:
+            raise RowError("unused_column", "task 'interpolate' takes no mask, negative_prompt or source_prompt")
+        if self.best_of > 1:
+            raise RowError(
+                "invalid_best_of",
+                f"best_of is {self.best_of}; an interpolation's frames share one noise so that they change "
+                "smoothly, and choosing each frame's best would break that: use best_of 1",
+            )
+
+    def _check_text_diff(self):
+        if not self.prompt.strip() or not self.source_prompt.strip():
+            raise RowError(
+                "missing_prompt",
+                "task 'text_diff' needs source_prompt (what the image shows) and prompt (what it should show)",
+            )
+        if self.mask or self.image2 or self.prompt2 or self.negative_prompt:
+            raise RowError("unused_column", "task 'text_diff' takes no mask, image2, prompt2 or negative_prompt")
+        if not 0 <= self.strength <= 1:
+            raise RowError("invalid_strength", f"strength is {self.strength}; use 0-1 (0: the image's own variation)")
 
 
 ROW_FIELDS = tuple(f.name for f in fields(Row))
@@ -453,8 +498,9 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
             values[name] = defaults.get(name, sampling.DEFAULTS.get(name))
     values["seed"] = default_seed(row_id) if values["seed"] is None else values["seed"]
     values["num_images"] = 1 if values["num_images"] is None else values["num_images"]
-    if record.get("best_of") is None and not (record.get("prompt") or "").strip():
-        values["best_of"] = 1  # the job's --best-of applies where there is a prompt to rank by
+    if record.get("best_of") is None and (task == "interpolate" or not (record.get("prompt") or "").strip()):
+        values["best_of"] = 1  # the job's --best-of applies where there is a prompt to rank by, not to frames
+    values["strength"] = DEFAULT_STRENGTH if values["strength"] is None else values["strength"]
     for name in ("width", "height"):
         values[name] = size.default if values[name] is None else values[name]
         size.check(name, values[name])
@@ -466,6 +512,9 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
         negative_prompt=record.get("negative_prompt") or "",
         image=storage.resolve(record["image"], folder) if record.get("image") else "",
         mask=storage.resolve(record["mask"], folder) if record.get("mask") else "",
+        image2=storage.resolve(record["image2"], folder) if record.get("image2") else "",
+        prompt2=record.get("prompt2") or "",
+        source_prompt=record.get("source_prompt") or "",
         input_hash=input_hash(record),
         **values,
     )
@@ -500,7 +549,8 @@ class UnknownWords:
         if self.vocabulary is None:
             return
         for row in rows:
-            unknown = {w for text in (row.prompt, row.negative_prompt) for w in _WORD.findall(text.lower())}
+            texts = (row.prompt, row.negative_prompt, row.prompt2, row.source_prompt)
+            unknown = {w for text in texts for w in _WORD.findall(text.lower())}
             unknown -= self.vocabulary
             if unknown:
                 self.rows += 1

@@ -81,10 +81,8 @@ class UnclipPredictor:
         return to_batch(out)
 
     def _run_group(self, rows: list[dict]) -> list[dict]:
-        # Every candidate of every image (best_of per image; one with best_of 1), each with its own seed.
-        images = [
-            (row, seed_of(row, k, c)) for row in rows for k in range(int(row["num_images"])) for c in candidates_of(row)
-        ]
+        # Every candidate c of every image k (best_of per image; one with best_of 1).
+        images = [(row, k, c) for row in rows for k in range(int(row["num_images"])) for c in candidates_of(row)]
         results, failed = {}, {}
         for start in range(0, len(images), self.batch_size):
             call = images[start : start + self.batch_size]
@@ -93,9 +91,9 @@ class UnclipPredictor:
             except Exception as exc:  # one bad row must not fail its batch: retry each row alone
                 logger.warning("model call of %d images failed (%s); retrying row by row", len(call), exc)
                 self._free_memory()
-                for row_id in dict.fromkeys(row["id"] for row, _ in call):
+                for row_id in dict.fromkeys(row["id"] for row, _, _ in call):
                     try:
-                        results.update(self._timed_call([(r, s) for r, s in call if r["id"] == row_id]))
+                        results.update(self._timed_call([image for image in call if image[0]["id"] == row_id]))
                     except Exception as row_exc:
                         failed[row_id] = f"{type(row_exc).__name__}: {row_exc}"
                         self._free_memory()
@@ -107,13 +105,12 @@ class UnclipPredictor:
                 out.append(failed_row)
                 continue
             for k in range(int(row["num_images"])):
-                candidate = best_candidate([results[(row["id"], seed_of(row, k, c))][2] for c in candidates_of(row)])
-                seed = seed_of(row, k, candidate)
-                pixels, model_s, score, embedding = results[(row["id"], seed)]
+                candidate = best_candidate([results[(row["id"], k, c)][2] for c in candidates_of(row)])
+                pixels, model_s, score, embedding = results[(row["id"], k, candidate)]
                 image_row = _without_inputs(row)
                 image_row.update(
                     k=k,
-                    seed=seed,
+                    seed=seed_of(row, k, candidate),
                     candidate=candidate,
                     pixels=pixels,
                     model_s=model_s * int(row["best_of"]),  # the model's time for this image, candidates and all
@@ -123,36 +120,51 @@ class UnclipPredictor:
                 out.append(image_row)
         return out
 
-    def _timed_call(self, call: list[tuple[dict, int]]) -> dict:
-        """Run one call of (row, seed) images: {(row id, seed): (pixels, seconds, CLIP score, embedding)}."""
+    def _timed_call(self, call: list[tuple[dict, int, int]]) -> dict:
+        """Run one call of (row, k, candidate) images: {(row id, k, candidate): (pixels, seconds, CLIP score,
+        embedding)}."""
         start = time.perf_counter()
         padded = call + [call[-1]] * (self.batch_size - len(call))  # fixed shape: see the module docstring
         pixels = self._call(padded)[: len(call)]
-        scores, embeds = self.model.clip(pixels, [row["prompt"] for row, _ in call])
+        # An interpolation's frames lie between two ends: no one prompt to score them against.
+        prompts = ["" if row["task"] == "interpolate" else row["prompt"] for row, _, _ in call]
+        scores, embeds = self.model.clip(pixels, prompts)
         per_image = (time.perf_counter() - start) / len(call)
         kept = self.embeddings and embeds is not None
         return {
-            (row["id"], seed): (
+            (row["id"], k, c): (
                 pixels[i].tobytes(),
                 per_image,
                 NO_SCORE if scores[i] is None else scores[i],
                 embeds[i].astype(np.float32).tobytes() if kept else b"",
             )
-            for i, (row, seed) in enumerate(call)
+            for i, (row, k, c) in enumerate(call)
         }
 
-    def _call(self, call: list[tuple[dict, int]]) -> np.ndarray:
+    def _call(self, call: list[tuple[dict, int, int]]) -> np.ndarray:
         first = call[0][0]
         sampling = Sampling.of(first)
-        seeds = [seed for _, seed in call]
-        prompts = [row["prompt"] for row, _ in call]
-        negatives = [row["negative_prompt"] for row, _ in call]
-        if first["task"] == "generate":
+        seeds = [seed_of(row, k, c) for row, k, c in call]
+        prompts = [row["prompt"] for row, _, _ in call]
+        negatives = [row["negative_prompt"] for row, _, _ in call]
+        task = first["task"]
+        if task == "generate":
             return self.model.generate(prompts, negatives, seeds, sampling)
-        sources = [image_of(row) for row, _ in call]
-        if first["task"] == "variation":
+        if task == "interpolate":
+            ends = [image_of(row) if row["image"] else None for row, _, _ in call]
+            ends2 = [image_of(row, "pixels2") if row["image2"] else None for row, _, _ in call]
+            weights = [frame_weight(k, int(row["num_images"])) for row, k, _ in call]
+            prompts2 = [row["prompt2"] for row, _, _ in call]
+            return self.model.interpolate(ends, ends2, prompts, prompts2, weights, seeds, sampling)
+        sources = [image_of(row) for row, _, _ in call]
+        if task == "variation":
             return self.model.variation(sources, prompts, seeds, sampling)
-        return self.model.inpaint(sources, [mask_of(row) for row, _ in call], prompts, negatives, seeds, sampling)
+        if task == "text_diff":
+            source_prompts = [row["source_prompt"] for row, _, _ in call]
+            strengths = [float(row["strength"]) for row, _, _ in call]
+            return self.model.text_diff(sources, source_prompts, prompts, strengths, seeds, sampling)
+        masks = [mask_of(row) for row, _, _ in call]
+        return self.model.inpaint(sources, masks, prompts, negatives, seeds, sampling)
 
     def _free_memory(self):
         torch = sys.modules.get("torch")
@@ -162,8 +174,16 @@ class UnclipPredictor:
 
 def seed_of(row: dict, k: int, candidate: int) -> int:
     """The seed of a row's image k, candidate ``candidate``: seed + k with best_of 1, as always; with
-    best_of N, image k's candidates take the N seeds from seed + k * N."""
+    best_of N, image k's candidates take the N seeds from seed + k * N. An interpolation's frames all
+    take the row's seed: one noise, so that only the embedding changes from frame to frame."""
+    if row["task"] == "interpolate":
+        return int(row["seed"])
     return int(row["seed"]) + k * int(row["best_of"]) + candidate
+
+
+def frame_weight(k: int, frames: int) -> float:
+    """Frame k of an interpolation: the weight of its second end, evenly spaced from 0 to 1."""
+    return k / (frames - 1) if frames > 1 else 0.0
 
 
 def candidates_of(row: dict) -> range:
@@ -180,6 +200,6 @@ def best_candidate(scores: list[float]) -> int:
 def _without_inputs(row: dict) -> dict:
     """The row without its source pixels (not needed downstream), with the image columns every
     output row carries."""
-    out = {k: v for k, v in row.items() if k not in ("pixels", "repaint")}
+    out = {k: v for k, v in row.items() if k not in ("pixels", "repaint", "pixels2")}
     out.update(k=-1, candidate=0, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"")
     return out

@@ -1,7 +1,8 @@
 """Source stage: fetch and decode source images and masks, so the model never waits on storage.
 
 Works on a plain dict batch (the row columns); adds ``pixels`` (uint8 height x width x 3 bytes, resized
-to the row's size), ``repaint`` (uint8 height x width bytes, 1 = repaint) and ``load_s``.
+to the row's size), ``repaint`` (uint8 height x width bytes, 1 = repaint), ``pixels2`` (an interpolation's
+second image) and ``load_s``.
 """
 
 from __future__ import annotations
@@ -30,20 +31,28 @@ def load_sources(batch: dict, storage_options: dict | None = None, retry_for_s: 
     for row in rows:
         start = time.perf_counter()
         row["pixels"], row["repaint"] = empty_pixels()
+        row["pixels2"] = b""
         if not row["code"] and row["task"] != "generate":
             try:
-                row["pixels"], row["repaint"] = _load_row(row, storage_options, retry_for_s)
+                row["pixels"], row["repaint"], row["pixels2"] = _load_row(row, storage_options, retry_for_s)
             except RowError as err:
                 mark_error(row, "load", err.code, err.message)
         row["load_s"] = time.perf_counter() - start
     return to_batch(rows)
 
 
-def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tuple[bytes, bytes]:
+def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tuple[bytes, bytes, bytes]:
+    """(pixels, repaint, pixels2) of a row: its image, inpaint mask, interpolation's second image."""
     size = (int(row["width"]), int(row["height"]))
+    if row["task"] == "interpolate":  # each end an image or a prompt
+        ends = [
+            _rgb(open_image(row[name], name, storage_options, retry_for_s), size).tobytes() if row[name] else b""
+            for name in ("image", "image2")
+        ]
+        return ends[0], b"", ends[1]
     image = open_image(row["image"], "image", storage_options, retry_for_s)
-    if row["task"] == "variation":
-        return _rgb(image, size).tobytes(), b""
+    if row["task"] in ("variation", "text_diff"):
+        return _rgb(image, size).tobytes(), b"", b""
     if row["mask"]:
         mask = open_image(row["mask"], "mask", storage_options, retry_for_s)
         if mask.size != image.size:
@@ -70,7 +79,7 @@ def _load_row(row: dict, storage_options: dict | None, retry_for_s: float) -> tu
                 "the image has no transparent pixel, so nothing would be repainted; "
                 "make the area to change transparent or give a mask",
             )
-    return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes()
+    return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes(), b""
 
 
 def open_image(url: str, what: str, storage_options: dict | None, retry_for_s: float) -> Image.Image:

@@ -209,8 +209,6 @@ def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **override
     judge: the mean score of images judged right (colour and shape) against that of the others."""
     import dataclasses
 
-    from unclip_batch.batches import rows_of, to_batch
-    from unclip_batch.manifest import Row
     from unclip_batch.predict import UnclipPredictor
 
     s = sampling(info, **overrides)
@@ -219,25 +217,9 @@ def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **override
     results = {}
     for candidates in sorted({1, best_of}):
         rows = [
-            dataclasses.asdict(
-                Row(
-                    **{**dataclasses.asdict(s), "best_of": candidates},
-                    row=i,
-                    id=f"case{i}",
-                    task="generate",
-                    prompt=prompt,
-                    negative_prompt="",
-                    image="",
-                    mask="",
-                    num_images=1,
-                    seed=i,
-                )
-            )
-            for i, (prompt, _) in enumerate(cases)
+            _job_row(s, i, task="generate", prompt=prompt, best_of=candidates) for i, (prompt, _) in enumerate(cases)
         ]
-        for r in rows:
-            r.update(code="", message="", stage="", pixels=b"", repaint=b"", load_s=0.0)
-        out = sorted(rows_of(predictor(to_batch(rows))), key=lambda r: r["row"])
+        out = _predict(predictor, rows)
         hits = {"colour": [], "shape": [], "background": []}
         scores = {True: [], False: []}
         for image_row, (_, named) in zip(out, cases):
@@ -256,6 +238,96 @@ def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **override
     results["cases"] = n
     results["sampling"] = {k: v for k, v in dataclasses.asdict(s).items() if k != "best_of"}
     return results
+
+
+def _job_row(s: Sampling, i: int, **fields) -> dict:
+    """A row as the job's model stage receives it (validated, sources decoded: ``pixels``, ``pixels2``)."""
+    import dataclasses
+
+    from unclip_batch.manifest import Row
+
+    pixels = fields.pop("pixels", b"")
+    pixels2 = fields.pop("pixels2", b"")
+    values = {"negative_prompt": "", "image": "", "mask": "", "num_images": 1, "seed": i, "prompt": "", **fields}
+    row = Row(**{**dataclasses.asdict(s), "best_of": values.pop("best_of", 1)}, row=i, id=f"case{i}", **values)
+    extra = dict(code="", message="", stage="", pixels=pixels, repaint=b"", pixels2=pixels2, load_s=0.0)
+    return {**dataclasses.asdict(row), **extra}
+
+
+def _predict(predictor, rows: list[dict]) -> list[dict]:
+    """The model stage on rows: its image rows in row order (then k)."""
+    from unclip_batch.batches import rows_of, to_batch
+
+    return sorted(rows_of(predictor(to_batch(rows))), key=lambda r: (r["row"], r["k"]))
+
+
+def _pixels(row: dict, s: Sampling) -> np.ndarray:
+    return np.frombuffer(row["pixels"], np.uint8).reshape(s.height, s.width, 3)
+
+
+FRAMES = 5  # an interpolation's frames: weights 0, 1/4, ..., 1
+
+
+def evaluate_edits(spec: str, info, n: int = 100, **overrides) -> dict:
+    """DALL-E 2's embedding edits through the job's predictor, judged by geometry:
+
+    - interpolate a red circle into a blue one (same place, size and background; both ends images):
+      how many sequences go from red to blue in order (first frame red, last blue, no red after the first
+      blue), and how many frames are judged a circle;
+    - text_diff "a red square" -> "a green square" (strength 0.5) on red squares: how many turn green,
+      how many stay squares (and how many the same sources' variations keep square); and whether strength
+      0 gives the source's own variation, byte for byte."""
+    import dataclasses
+
+    from unclip_batch.predict import UnclipPredictor
+
+    s = sampling(info, **overrides)
+    predictor = UnclipPredictor(model=spec, tasks=("generate", "variation"), batch_size=CALL, device="cpu")
+    rng = np.random.default_rng(EVAL_SEED + 4)
+    rows = []
+    for i in range(n):
+        background = str(rng.choice([b for b in world.BACKGROUNDS if b not in ("red", "blue")]))
+        red = world.random_scene(rng, colour="red", shape="circle", background=background)
+        blue = world.Scene("blue", "circle", red.size, red.position, background, red.dx, red.dy)
+        ends = dict(image="red.png", image2="blue.png", pixels=world.render(red).tobytes())
+        ends["pixels2"] = world.render(blue).tobytes()
+        rows.append(_job_row(s, i, task="interpolate", num_images=FRAMES, **ends))
+    frames = _predict(predictor, rows)
+    ordered, circles, sequences = [], [], []
+    for i in range(n):
+        judged = [world.judge(_pixels(f, s)) for f in frames[i * FRAMES : (i + 1) * FRAMES]]
+        colours = [j.colour for j in judged]
+        red_at = [k for k, c in enumerate(colours) if c == "red"]
+        blue_at = [k for k, c in enumerate(colours) if c == "blue"]
+        ordered.append(int(colours[0] == "red" and colours[-1] == "blue" and max(red_at) < min(blue_at)))
+        circles += [int(j.shape == "circle") for j in judged]
+        sequences.append(colours)
+    rng = np.random.default_rng(EVAL_SEED + 5)  # its own draws: case i is the same whatever n is
+    squares = [world.render(world.random_scene(rng, colour="red", shape="square")).tobytes() for _ in range(n)]
+    edit = dict(task="text_diff", image="red-square.png", source_prompt="a red square", prompt="a green square")
+    edited = _predict(predictor, [_job_row(s, i, pixels=squares[i], **edit) for i in range(n)])
+    unmoved = _predict(predictor, [_job_row(s, i, pixels=squares[i], **{**edit, "strength": 0.0}) for i in range(n)])
+    variation = dict(task="variation", image="red-square.png")
+    variations = _predict(predictor, [_job_row(s, i, pixels=squares[i], **variation) for i in range(n)])
+    judged = [world.judge(_pixels(r, s)) for r in edited]
+    return {
+        "interpolate_in_order": sum(ordered) / n,
+        "interpolate_circle_frames": sum(circles) / len(circles),
+        "text_diff_green": sum(j.colour == "green" for j in judged) / n,
+        "text_diff_square": sum(j.shape == "square" for j in judged) / n,
+        # The same sources' own variations (strength 0): the shape kept without any turn, for comparison.
+        "text_diff_strength_0_square": sum(world.judge(_pixels(r, s)).shape == "square" for r in unmoved) / n,
+        "text_diff_strength_0_is_the_variation": sum(a["pixels"] == b["pixels"] for a, b in zip(unmoved, variations))
+        / n,
+        "cases": n,
+        "frames": FRAMES,
+        "sampling": {k: v for k, v in dataclasses.asdict(s).items() if k != "best_of"},
+        "per_case": {
+            "interpolate_colours": sequences,
+            "text_diff_colours": [j.colour for j in judged],
+            "text_diff_shapes": [j.shape for j in judged],
+        },
+    }
 
 
 def to_json(results: dict) -> str:
@@ -290,6 +362,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="decoder guidance scale (default: the model's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
+        "--edits",
+        action="store_true",
+        help="instead: interpolations (red circle -> blue circle) and text diffs (red square -> green square) "
+        "through the job's predictor, judged by geometry",
+    )
+    parser.add_argument(
         "--best-of",
         type=int,
         help="instead: generate with best_of 1 and with this many candidates per image, through the job's "
@@ -309,6 +387,13 @@ def main() -> None:
         overrides["prior_num_inference_steps"] = args.prior_steps
     if args.guidance is not None:
         overrides["guidance_scale"] = args.guidance
+    if args.edits:
+        results = evaluate_edits(args.model, ModelSpec.parse(args.model).describe(), args.n, **overrides)
+        print(json.dumps({k: v for k, v in results.items() if k != "per_case"}, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(results) + "\n")
+        return
     if args.best_of:
         results = evaluate_best_of(
             args.model, ModelSpec.parse(args.model).describe(), args.n, args.best_of, **overrides

@@ -52,7 +52,7 @@ class ModelInfo:
     size_multiple: int
     max_size: int
     defaults: dict = field(default_factory=dict)
-    tasks: tuple[str, ...] = ("generate", "variation", "inpaint")
+    tasks: tuple[str, ...] = ("generate", "variation", "inpaint", "interpolate", "text_diff")
     # The words the model knows, for a model trained on a closed world (the embedded shapes model); None
     # for one that reads any text (Kandinsky 2.2's CLIP): then nothing is said about words.
     vocabulary: frozenset[str] | None = None
@@ -84,6 +84,33 @@ class Model(Protocol):
         seeds: list[int],
         s: Sampling,
     ) -> np.ndarray: ...
+
+    def interpolate(
+        self,
+        images: list[np.ndarray | None],
+        images2: list[np.ndarray | None],
+        prompts: list[str],
+        prompts2: list[str],
+        weights: list[float],
+        seeds: list[int],
+        s: Sampling,
+    ) -> np.ndarray:
+        """Image i decoded from the spherical interpolation, at ``weights[i]``, of two ends' CLIP image
+        embeddings: each end an image (``images[i]``, or ``images2[i]``) or, where that is None, a prompt
+        (through the prior)."""
+
+    def text_diff(
+        self,
+        images: list[np.ndarray],
+        source_prompts: list[str],
+        prompts: list[str],
+        strengths: list[float],
+        seeds: list[int],
+        s: Sampling,
+    ) -> np.ndarray:
+        """Each image's CLIP embedding moved towards the normalised difference of two captions' text
+        embeddings (``prompts[i]`` minus ``source_prompts[i]``) by ``strengths[i]``, and decoded; strength 0
+        is the image's own variation."""
 
 
 @runtime_checkable

@@ -176,24 +176,26 @@ class Kandinsky22:
         """Each image's CLIP image embedding, and its cosine similarity with its prompt's CLIP text embedding
         (the joint space the prior maps across; None without a prompt). Each image and prompt is encoded
         alone, so neither depends on the call's other images (see image_embeds)."""
-        torch, tokenizer, texts, scores = self.torch, self.prior.tokenizer, {}, []
+        torch, texts, scores = self.torch, {}, []
         with torch.inference_mode():
             embeds = self.image_embeds(list(images)).float()
             for image, prompt in zip(embeds, prompts):
                 if not prompt:
                     scores.append(None)
                     continue
-                if prompt not in texts:  # padded as the prior pipeline pads its prompts
-                    ids = tokenizer(
-                        prompt,
-                        padding="max_length",
-                        max_length=tokenizer.model_max_length,
-                        truncation=True,
-                        return_tensors="pt",
-                    ).input_ids
-                    texts[prompt] = self.prior.text_encoder(ids.to(self.device)).text_embeds[0].float()
+                if prompt not in texts:
+                    texts[prompt] = self.text_embed(prompt)
                 scores.append(float(torch.nn.functional.cosine_similarity(image, texts[prompt], dim=0)))
         return scores, embeds.cpu().numpy()
+
+    def text_embed(self, prompt: str):
+        """A prompt's CLIP text embedding (float32), in the joint space of the image embeddings; encoded
+        alone, padded as the prior pipeline pads its prompts."""
+        tokenizer = self.prior.tokenizer
+        ids = tokenizer(
+            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.prior.text_encoder(ids.to(self.device)).text_embeds[0].float()
 
     def zero_embeds(self, n: int):
         if self._zero_embed is None:  # the prior pipeline's unconditional embedding: CLIP of a black image
@@ -211,6 +213,41 @@ class Kandinsky22:
             text, _ = self.text_embeds(prompts, [""] * len(prompts), seeds, s)
             embeds = (1 - VARIATION_PROMPT_WEIGHT) * embeds + VARIATION_PROMPT_WEIGHT * text
         return self.decode(self.decoder, embeds, self.zero_embeds(len(seeds)), seeds, s)
+
+    def interpolate(self, images, images2, prompts, prompts2, weights, seeds, s: Sampling) -> np.ndarray:
+        """DALL-E 2's interpolations (section 3.1): the decoder on slerp(end, end2, weight), one noise per seed."""
+        with self.torch.inference_mode():
+            first, second = self._ends(images, prompts, seeds, s), self._ends(images2, prompts2, seeds, s)
+            embeds = self.torch.stack([slerp(self.torch, a, b, w) for a, b, w in zip(first, second, weights)])
+        return self.decode(self.decoder, embeds, self.zero_embeds(len(seeds)), seeds, s)
+
+    def _ends(self, images, prompts, seeds, s: Sampling) -> list:
+        """One end per image: the CLIP embedding of its image, or where it has none, a prior sample for its
+        prompt (the prior on the whole call, seeded per image as for generate: batch-invariant)."""
+        text = None
+        if any(image is None for image in images):
+            asked = [prompt if image is None else "" for image, prompt in zip(images, prompts)]
+            text, _ = self.text_embeds(asked, [""] * len(asked), seeds, s)
+        given = [image for image in images if image is not None]
+        pictures = iter(self.image_embeds(given)) if given else iter(())
+        return [text[i] if image is None else next(pictures) for i, image in enumerate(images)]
+
+    def text_diff(self, images, source_prompts, prompts, strengths, seeds, s: Sampling) -> np.ndarray:
+        """DALL-E 2's text diffs (section 3.2): each image's embedding turned towards the normalised
+        difference of its target and source captions' text embeddings, by ``strength`` (slerp, the image's
+        norm kept); strength 0 leaves the embedding as it is: the image's own variation."""
+        torch = self.torch
+        with torch.inference_mode():
+            embeds = self.image_embeds(images)
+            moved = []
+            for z, source, target, strength in zip(embeds, source_prompts, prompts, strengths):
+                diff = self.text_embed(target) - self.text_embed(source)
+                if strength == 0 or not float(diff.norm()):
+                    moved.append(z)
+                    continue
+                direction = (diff / diff.norm() * z.float().norm()).to(z.dtype)
+                moved.append(slerp(torch, z, direction, strength))
+        return self.decode(self.decoder, torch.stack(moved), self.zero_embeds(len(seeds)), seeds, s)
 
     def inpaint(self, images, masks, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
         """Repaint where mask is 1, keep the source elsewhere (pixel-exact: the result is composited)."""
@@ -279,6 +316,24 @@ class Kandinsky22:
     def _generator(self, seed: int):
         # CPU generators: the same seed gives the same noise on any device, and batching cannot change it.
         return self.torch.Generator("cpu").manual_seed(int(seed))
+
+
+def slerp(torch, a, b, t: float):
+    """Spherical interpolation of two embeddings' directions at ``t`` (0: ``a``, 1: ``b``) with their norms
+    interpolated linearly; the ends themselves exactly at 0 and 1."""
+    if t == 0:
+        return a
+    if t == 1:
+        return b
+    a32, b32 = a.float(), b.float()
+    norm_a, norm_b = a32.norm(), b32.norm()
+    unit_a, unit_b = a32 / norm_a, b32 / norm_b
+    angle = torch.arccos((unit_a * unit_b).sum().clamp(-1.0, 1.0))
+    if float(angle) < 1e-6:  # the same direction: nothing to turn
+        direction = unit_a
+    else:
+        direction = (torch.sin((1 - t) * angle) * unit_a + torch.sin(t * angle) * unit_b) / torch.sin(angle)
+    return (direction * ((1 - t) * norm_a + t * norm_b)).to(a.dtype)
 
 
 def decoder_scheduler(name: str, config):

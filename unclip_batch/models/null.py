@@ -1,7 +1,8 @@
 """A model that costs nothing, for benchmarks only: what the pipeline around the model can sustain.
 
 Generate returns a fixed noise image (noise, so PNG encoding costs what it costs on real images);
-variation and inpaint return their source. ``--model null``.
+variation, inpaint and text_diff return their source, interpolate its first image (or the noise).
+``--model null``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class NullModel:
         return np.stack(images)
 
     def inpaint(self, images, masks, prompts, negative_prompts, seeds, s: Sampling) -> np.ndarray:
+        return np.stack(images)
+
+    def interpolate(self, images, images2, prompts, prompts2, weights, seeds, s: Sampling) -> np.ndarray:
+        noise = self.generate(prompts, prompts, seeds, s)
+        return np.stack([image if image is not None else noise[i] for i, image in enumerate(images)])
+
+    def text_diff(self, images, source_prompts, prompts, strengths, seeds, s: Sampling) -> np.ndarray:
         return np.stack(images)
 
 
