@@ -149,11 +149,15 @@ class Busy:
 
 
 def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
-    from unclip_batch.manifest import ROW_FIELDS
+    """Generate rows as the model stage receives them: a validated Row (every field, defaults included)
+    plus the columns the stages before it add."""
+    import dataclasses
+
+    from unclip_batch.manifest import Row
 
     out = []
     for i in range(n):
-        row = dict(
+        row = Row(
             row=i,
             id=f"r{i:04d}",
             task="generate",
@@ -169,16 +173,10 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
             guidance_scale=4.0,
             prior_num_inference_steps=prior_steps,
             prior_guidance_scale=4.0,
-            code="",
-            message="",
-            stage="",
-            pixels=b"",
-            repaint=b"",
-            load_s=0.0,
-            input_hash="",
+            best_of=1,
         )
-        assert set(ROW_FIELDS) <= set(row), set(ROW_FIELDS) - set(row)
-        out.append(row)
+        extra = dict(code="", message="", stage="", pixels=b"", repaint=b"", pixels2=b"", load_s=0.0)
+        out.append({**dataclasses.asdict(row), **extra})
     return out
 
 

@@ -174,6 +174,15 @@ def test_two_workers_start_two_model_actors(ray_local, sources, tmp_path):
 
 PROBES = [
     {"id": "probe-g", "task": "generate", "prompt": "a red circle", "num_images": 2},
+    {"id": "probe-ip", "task": "interpolate", "prompt": "a red circle", "image2": "img/scene.png", "num_images": 2},
+    {
+        "id": "probe-td",
+        "task": "text_diff",
+        "image": "img/scene2.png",
+        "source_prompt": "a blue square",
+        "prompt": "a green square",
+        "num_images": 2,
+    },
     {"id": "probe-v", "task": "variation", "image": "img/scene.png", "num_images": 2},
     {
         "id": "probe-i",
