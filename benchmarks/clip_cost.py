@@ -28,12 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, t
 
 def rows(n: int, steps: int | None) -> list[dict]:
     """Generate rows over the shapes world, as the read stage hands them to the model."""
-    import dataclasses
-
     import numpy as np
 
     from unclip_batch import sampling
     from unclip_batch.manifest import Row
+    from unclip_batch.predict import model_input
     from unclip_lab import world
 
     rng = np.random.default_rng(0)
@@ -56,7 +55,7 @@ def rows(n: int, steps: int | None) -> list[dict]:
             num_images=1,
             seed=i,
         )
-        out.append({**dataclasses.asdict(row), "code": "", "message": "", "stage": "", "pixels": b"", "load_s": 0.0})
+        out.append(model_input(row))
     return out
 
 

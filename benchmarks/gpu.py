@@ -151,9 +151,8 @@ class Busy:
 def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
     """Generate rows as the model stage receives them: a validated Row (every field, defaults included)
     plus the columns the stages before it add."""
-    import dataclasses
-
     from unclip_batch.manifest import Row
+    from unclip_batch.predict import model_input
 
     out = []
     for i in range(n):
@@ -175,8 +174,7 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
             prior_guidance_scale=4.0,
             best_of=1,
         )
-        extra = dict(code="", message="", stage="", pixels=b"", repaint=b"", pixels2=b"", load_s=0.0)
-        out.append({**dataclasses.asdict(row), **extra})
+        out.append(model_input(row))
     return out
 
 

@@ -172,6 +172,16 @@ class UnclipPredictor:
             torch.cuda.empty_cache()
 
 
+def model_input(row, **sources) -> dict:
+    """A validated manifest Row as this stage receives it: its fields, no error yet, and the decoded sources
+    the stage before adds (``pixels``, ``repaint``, ``pixels2``: empty unless given). For tools that call
+    the predictor directly (evaluation, benchmarks)."""
+    import dataclasses
+
+    empty = dict(code="", message="", stage="", pixels=b"", repaint=b"", pixels2=b"", load_s=0.0)
+    return {**dataclasses.asdict(row), **empty, **sources}
+
+
 def seed_of(row: dict, k: int, candidate: int) -> int:
     """The seed of a row's image k, candidate ``candidate``: seed + k with best_of 1, as always; with
     best_of N, image k's candidates take the N seeds from seed + k * N. An interpolation's frames all

@@ -245,13 +245,12 @@ def _job_row(s: Sampling, i: int, **fields) -> dict:
     import dataclasses
 
     from unclip_batch.manifest import Row
+    from unclip_batch.predict import model_input
 
-    pixels = fields.pop("pixels", b"")
-    pixels2 = fields.pop("pixels2", b"")
+    sources = {name: fields.pop(name) for name in ("pixels", "pixels2") if name in fields}
     values = {"negative_prompt": "", "image": "", "mask": "", "num_images": 1, "seed": i, "prompt": "", **fields}
     row = Row(**{**dataclasses.asdict(s), "best_of": values.pop("best_of", 1)}, row=i, id=f"case{i}", **values)
-    extra = dict(code="", message="", stage="", pixels=pixels, repaint=b"", pixels2=pixels2, load_s=0.0)
-    return {**dataclasses.asdict(row), **extra}
+    return model_input(row, **sources)
 
 
 def _predict(predictor, rows: list[dict]) -> list[dict]:
