@@ -132,6 +132,7 @@ SCHEMA = pa.schema(
         ("height", pa.float64()),
         ("num_inference_steps", pa.float64()),
         ("guidance_scale", pa.float64()),
+        ("best_of", pa.float64()),
         ("case", pa.string()),
     ]
 )
