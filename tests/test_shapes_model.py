@@ -186,6 +186,20 @@ def test_the_committed_figures_are_its_verdicts():
     assert passed(committed) == committed["passed"] and all(committed["passed"].values())
 
 
+def run_evaluation(tmp_path, *args: str) -> dict:
+    """`python -m unclip_lab.evaluate ARGS` in a process of its own (on CPU, as it always runs): its JSON."""
+    result = subprocess.run(
+        [sys.executable, "-m", "unclip_lab.evaluate", *args, "--json", str(tmp_path / "today.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,  # the lab lives beside the package: importable from the repository root
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "today.json").read_text())
+
+
 CHECKED_CASES = 16  # one full model call per task (16 images each): ~20 s on 2 cores (all 200: over three minutes)
 
 
@@ -194,26 +208,7 @@ def test_the_committed_evaluation_is_what_the_model_gives_today(tmp_path):
     """Re-run `make evaluate` (on CPU, as it always runs) on the first cases: each one's verdict is the
     committed one (case i is the same model call whatever the run's length; see evaluate.evaluate)."""
     committed = json.loads((SHAPES / "evaluation.json").read_text())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unclip_lab.evaluate",
-            "--model",
-            "default",
-            "--n",
-            str(CHECKED_CASES),
-            "--json",
-            str(tmp_path / "today.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,  # the lab lives beside the package: importable from the repository root
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    today = json.loads((tmp_path / "today.json").read_text())
+    today = run_evaluation(tmp_path, "--model", "default", "--n", str(CHECKED_CASES))
     # Settings added since the evaluation was made (best_of) are at the defaults that change nothing.
     assert {k: today["sampling"][k] for k in committed["sampling"]} == committed["sampling"]
     assert today["sampling"]["best_of"] == 1 and today["scheduler"] == committed["scheduler"]
@@ -250,17 +245,7 @@ def test_best_of_4_draws_the_shape_more_often_and_clip_score_agrees_with_the_jud
         assert {k: sum(v) / len(v) for k, v in figures["per_case"].items()} == {
             k: figures[k] for k in ("colour", "shape", "background")
         }
-    result = subprocess.run(
-        [sys.executable, "-m", "unclip_lab.evaluate", "--best-of", "4", "--n", str(CHECKED_CASES)]
-        + ["--json", str(tmp_path / "today.json")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    today = json.loads((tmp_path / "today.json").read_text())
+    today = run_evaluation(tmp_path, "--best-of", "4", "--n", str(CHECKED_CASES))
     assert today["sampling"] == committed["sampling"]
     for name in ("best_of_1", "best_of_4"):
         assert today[name]["candidates_kept"] == committed[name]["candidates_kept"][:CHECKED_CASES]
@@ -280,17 +265,7 @@ def test_interpolations_and_text_diffs_do_what_dall_e_2s_do(tmp_path):
     committed = json.loads((SHAPES / "edits.json").read_text())
     assert committed["interpolate_in_order"] >= 0.9 and committed["interpolate_circle_frames"] >= 0.8
     assert committed["text_diff_green"] >= 0.75 and committed["text_diff_strength_0_is_the_variation"] == 1.0
-    result = subprocess.run(
-        [sys.executable, "-m", "unclip_lab.evaluate", "--edits", "--n", str(EDIT_CASES)]
-        + ["--json", str(tmp_path / "today.json")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    today = json.loads((tmp_path / "today.json").read_text())
+    today = run_evaluation(tmp_path, "--edits", "--n", str(EDIT_CASES))
     assert today["sampling"] == committed["sampling"] and today["text_diff_strength_0_is_the_variation"] == 1.0
     for name, verdicts in today["per_case"].items():
         assert verdicts == committed["per_case"][name][:EDIT_CASES], name
