@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unclip_batch import storage
+from unclip_batch.manifest import TASKS
 from unclip_batch.sources import open_image
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def write_report(output: str, storage_options: dict | None = None) -> str:
     errors = _read(fs, root, "errors", ERROR_COLUMNS)
     objects: dict[str, bytes] = {}
     body = [f"<h1>unclip-batch report: {html.escape(output)}</h1>", _summary_html(summary, metadata, errors)]
-    for task in ("generate", "variation", "inpaint"):
+    for task in TASKS:
         if metadata is not None:
             of_task = metadata.filter(pc.equal(metadata["task"], task))
             if of_task.num_rows:
