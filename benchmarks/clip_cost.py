@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
 
 
-def rows(n: int, steps: int | None) -> list[dict]:
+def rows(n: int, steps: int | None, prior_steps: int | None = None) -> list[dict]:
     """Generate rows over the shapes world, as the read stage hands them to the model."""
     import numpy as np
 
@@ -39,6 +39,8 @@ def rows(n: int, steps: int | None) -> list[dict]:
     settings = {**sampling.DEFAULTS, "width": world.SIZE, "height": world.SIZE}
     if steps:
         settings["num_inference_steps"] = steps
+    if prior_steps:
+        settings["prior_num_inference_steps"] = prior_steps
     out = []
     for i in range(n):
         scene = world.random_scene(rng)
@@ -68,7 +70,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, help="decoder steps (default: the model's)")
+    parser.add_argument("--steps", type=int, help="decoder steps (default: diffusers' 50)")
+    parser.add_argument("--prior-steps", type=int, help="prior steps (default: diffusers' 25)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
@@ -77,7 +80,7 @@ def main() -> None:
 
     predictor = UnclipPredictor(model=args.model, tasks=("generate",), batch_size=args.batch_size, device="cpu")
     clip = predictor.model.clip
-    batch = rows(args.rows, args.steps)
+    batch = rows(args.rows, args.steps, args.prior_steps)
     settings = {"off": (no_clip, False), "score": (clip, False), "embeddings": (clip, True)}
     predictor(to_batch(batch[: args.batch_size]))  # warm-up: first-call allocations, not CLIP's cost
     per_image = {name: [] for name in settings}
