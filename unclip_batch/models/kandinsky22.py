@@ -239,10 +239,15 @@ class Kandinsky22:
         torch = self.torch
         with torch.inference_mode():
             embeds = self.image_embeds(images)
-            moved = []
+            moved, diffs = [], {}  # a call's rows mostly share their captions: each pair encoded once
             for z, source, target, strength in zip(embeds, source_prompts, prompts, strengths):
-                diff = self.text_embed(target) - self.text_embed(source)
-                if strength == 0 or not float(diff.norm()):
+                if strength == 0:
+                    moved.append(z)
+                    continue
+                if (source, target) not in diffs:
+                    diffs[source, target] = self.text_embed(target) - self.text_embed(source)
+                diff = diffs[source, target]
+                if not float(diff.norm()):
                     moved.append(z)
                     continue
                 direction = (diff / diff.norm() * z.float().norm()).to(z.dtype)
