@@ -35,9 +35,10 @@ from ceiling import prompts  # noqa: E402  (same PartiPrompts manifest as the ce
 class PeakMemory:
     """Samples the RSS of a process tree and of Ray's worker processes, keeping each one's peak."""
 
-    def __init__(self, root_pid: int, every_s: float = 0.5):
+    def __init__(self, root_pid: int, output: Path, every_s: float = 0.5):
         self.root, self.every, self.peaks, self._stop = root_pid, every_s, {}, threading.Event()
         self.private, self.samples, self.shm = {}, 0, 0
+        self.started, self.trace, self.shards = time.perf_counter(), [], output  # the driver every 10 s
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -62,12 +63,22 @@ class PeakMemory:
                             self.private[name] = max(self.private.get(name, 0), p.memory_full_info().uss)
                         if p.pid == self.root and self.samples % 20 == 0:
                             self.shm = max(self.shm, _shm_rss(p.pid))
+                            self.trace.append(self._sample(p))
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self.samples += 1
             self._stop.wait(self.every)
+
+    def _sample(self, driver: psutil.Process) -> dict:
+        shards = self.shards / "shards"
+        return {
+            "s": round(time.perf_counter() - self.started),
+            "shards": len(os.listdir(shards)) if shards.is_dir() else None,
+            "rss_mb": driver.memory_info().rss >> 20,
+            "uss_mb": driver.memory_full_info().uss >> 20,
+        }
 
     def report(self) -> dict:
         driver = max((v for (pid, n), v in self.peaks.items() if n == "driver"), default=0)
@@ -102,7 +113,14 @@ def _shm_rss(pid: int) -> int:
     return total
 
 
-def run(manifest: Path, output: Path, format: str, limit: int | None = None, first_key: Path | None = None) -> dict:
+def run(
+    manifest: Path,
+    output: Path,
+    format: str,
+    limit: int | None = None,
+    first_key: Path | None = None,
+    trace: Path | None = None,
+) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -126,12 +144,14 @@ def run(manifest: Path, output: Path, format: str, limit: int | None = None, fir
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     first = None
-    with PeakMemory(process.pid) as memory:
+    with PeakMemory(process.pid, output) as memory:
         while process.poll() is None:
             if first_key is not None and first is None and first_key.exists():
                 first = time.perf_counter() - started
             time.sleep(0.05)
     out, err = process.communicate()
+    if trace is not None:
+        trace.write_text("".join(f"{json.dumps(sample)}\n" for sample in memory.trace))
     if process.returncode != 0:
         raise SystemExit(f"run failed:\n{err[-3000:]}")
     summary = json.loads((output / "_SUCCESS").read_text())
@@ -144,11 +164,19 @@ def run(manifest: Path, output: Path, format: str, limit: int | None = None, fir
     }
 
 
+def _trace(args, rows: int, part: str) -> Path | None:
+    if args.trace is None:
+        return None
+    args.trace.mkdir(parents=True, exist_ok=True)
+    return args.trace / f"{rows}-{part}.jsonl"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--resume-from", type=float, help="also resume a job this much done (0.99)")
     parser.add_argument("--format", default="webdataset", choices=["files", "webdataset", "parquet"])
+    parser.add_argument("--trace", type=Path, help="write the driver's RSS and USS every 10 s here, a file per run")
     args = parser.parse_args()
     texts = prompts()
     for rows in args.rows:
@@ -164,7 +192,7 @@ def main() -> None:
             result = {"rows": rows}
             if args.resume_from:
                 done = int(rows * args.resume_from)
-                result["first_part"] = run(manifest, output, args.format, limit=done)
+                result["first_part"] = run(manifest, output, args.format, limit=done, trace=_trace(args, rows, "first"))
                 # The first new image: in files format its PNG; in the shard formats, its shard's part.
                 shard = f"{done // 1000:05d}"
                 first_new = (
@@ -172,9 +200,11 @@ def main() -> None:
                     if args.format == "files"
                     else output / "_parts" / shard / "0.parquet"
                 )
-                result["resume"] = run(manifest, output, args.format, first_key=first_new)
+                result["resume"] = run(
+                    manifest, output, args.format, first_key=first_new, trace=_trace(args, rows, "resume")
+                )
             else:
-                result.update(run(manifest, output, args.format))
+                result.update(run(manifest, output, args.format, trace=_trace(args, rows, "job")))
                 result["ms_per_row"] = round(1000 * result["job_s"] / rows, 3)
             print(json.dumps(result), flush=True)
 
