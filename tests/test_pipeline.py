@@ -51,3 +51,60 @@ def test_the_driver_forgets_ray_datas_per_block_stats_as_the_job_goes(ray_local,
     # 24 rows in blocks of 4 (CALLS_PER_BLOCK calls of one image): 6 reports, a clearing after the 3rd and
     # 6th; each drops what the four operators output since the last (they run ahead of the driver).
     assert len(dropped) == 2 and dropped[0] >= 3 and sum(dropped) >= 4 * 6 - 3, dropped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bounded", [True, False])
+def test_the_read_waits_for_the_model_when_it_is_far_enough_ahead(ray_local, tmp_path, bounded):
+    """A fast read and a slow model: Ray Data alone lets the read run through everything (its blocks are
+    small), and the driver holds each queued block; bound_read_ahead holds it a few blocks ahead. This
+    also fails once the Ray Data internals it reaches into (the policy hook, operator metrics) move."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data._internal.execution.backpressure_policy import (
+        ENABLED_BACKPRESSURE_POLICIES,
+        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+    )
+
+    from unclip_batch.backpressure import bound_read_ahead
+
+    def _read(batch: dict, log: str) -> dict:  # defined here: the workers get it by value, not by module
+        with open(log, "a") as f:
+            f.write("r\n")
+        return batch
+
+    class _Model:
+        def __init__(self, log: str):
+            self.log, self.taken = log, 0
+
+        def __call__(self, batch: dict) -> dict:
+            import time
+
+            self.taken += 1
+            with open(self.log) as f:
+                batch["ahead"] = [sum(1 for _ in f) - self.taken] * len(batch["id"])
+            time.sleep(0.25)
+            return batch
+
+    context, log = DataContext.get_current(), str(tmp_path / "reads")
+    open(log, "w").close()
+    if bounded:
+        bound_read_ahead(context, read="_read", model="_Model", blocks=4)
+    try:
+        # Other CPU asks than the model's, as the job's read has: Ray Data then does not fuse the two.
+        ds = ray.data.range(24, override_num_blocks=24)
+        ds = ds.map_batches(_read, fn_kwargs={"log": log}, batch_size=None, num_cpus=0.5)
+        ds = ds.map_batches(
+            _Model,
+            fn_constructor_kwargs={"log": log},
+            compute=ActorPoolStrategy(size=1),
+            batch_size=None,
+            num_cpus=0.25,
+        )
+        ahead = max(row["ahead"] for row in ds.iter_rows())
+    finally:
+        context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES)
+    if bounded:
+        assert ahead <= 4 + 2, ahead  # the bound, and a read or two already running when it was reached
+    else:
+        assert ahead >= 10, ahead

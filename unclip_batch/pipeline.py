@@ -248,6 +248,8 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     from ray.data import ActorPoolStrategy
     from ray.util.debug import log_once
 
+    from unclip_batch.backpressure import blocks_for, bound_read_ahead
+
     # Our stages raise typed errors (StorageUnavailable) that the driver acts on: keep their type instead
     # of Ray Data's generic UserCodeException, whose cause does not survive pickling.
     context = ray.data.DataContext.get_current()
@@ -258,6 +260,10 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     _quiet_expected_failures()
     resources = ray.cluster_resources()
     place = placement(config, resources)
+    # Read no further ahead of the model than keeps it fed: the driver holds every queued block (backpressure.py).
+    bound_read_ahead(
+        context, read=read_stage.__name__, model=UnclipPredictorOnBlocks.__name__, blocks=blocks_for(place.workers)
+    )
     logger.info(
         "Ray: %s; %d model worker(s) on %s",
         resources,
