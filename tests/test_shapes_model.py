@@ -152,11 +152,23 @@ FIGURES = (
     "generate_colour",
     "generate_shape",
     "generate_background",
+    "generate_size",
+    "generate_position",
+    "generate_plain_drawn",
+    "generate_plain_colour",
     "variation_colour",
     "variation_shape",
+    "variation_size",
+    "variation_position",
+    "steered_colour",
+    "steered_shape",
     "inpaint_colour",
+    "inpaint_shape",
     "inpaint_outside_mad",
+    "inpaint_beside_colour",
+    "inpaint_beside_outside_mad",
     "clip_zero_shot",
+    "clip_zero_shot_position",
 )
 
 
@@ -164,19 +176,28 @@ def test_readme_shows_the_committed_evaluation():
     """The README's table is evaluation.json's figures (and the next test checks those are today's)."""
     figures = json.loads((SHAPES / "evaluation.json").read_text())
     readme = (SHAPES.parent.parent.parent / "README.md").read_text()
-    pct = {k: f"{100 * figures[k]:.1f}%" for k in FIGURES}
+    pct = {k: f"{100 * figures[k]:.1f}%".replace("100.0%", "100%") for k in FIGURES if not k.endswith("_mad")}
+    named = {k: f"{100 * v:.3g}%" for k, v in figures["named"].items()}
     for row in (
         f"{pct['generate_colour']} / {pct['generate_shape']} / {pct['generate_background']}",
-        f"{pct['variation_colour'].replace('100.0%', '100%')} / {pct['variation_shape']}",
+        f"the {named['generate_size']} of prompts that name it) | {pct['generate_size']}",
+        f"the {named['generate_position']} of prompts that name it; chance 11%) | {pct['generate_position']}",
+        f"{pct['generate_plain_drawn']} / {pct['generate_plain_colour']}",
+        f"{pct['variation_colour']} / {pct['variation_shape']}",
+        f"{pct['variation_size']} / {pct['variation_position']}",
+        f"{pct['steered_colour']} / {pct['steered_shape']}",
         f"{pct['inpaint_colour']} / {figures['inpaint_outside_mad']:.1f}",
+        pct["inpaint_shape"],
+        f"{pct['inpaint_beside_colour']} / {figures['inpaint_beside_outside_mad']:.1f}",
         pct["clip_zero_shot"],
+        pct["clip_zero_shot_position"],
     ):
-        assert f"| {row} |" in readme, row
+        assert f"{row} |" in readme, row
     assert f"{figures['cases_per_task']} held-out cases per task" in readme
 
 
 def test_the_committed_figures_are_its_verdicts():
-    from unclip_lab.evaluate import passed, summarise
+    from unclip_lab.evaluate import AIMS, passed, summarise
 
     committed = json.loads((SHAPES / "evaluation.json").read_text())
     verdicts = committed["per_case"]
@@ -184,6 +205,11 @@ def test_the_committed_figures_are_its_verdicts():
     assert all(len(values) == committed["cases_per_task"] for values in verdicts.values())
     assert summarise(verdicts) == {k: committed[k] for k in FIGURES}
     assert passed(committed) == committed["passed"] and all(committed["passed"].values())
+    assert passed(committed, AIMS) == committed["aims_met"]  # issue 16's bar: not all met yet
+    # Size and position are judged where the prompt names them (about half the cases each), and only there.
+    assert set(committed["named"]) == {"generate_size", "generate_position"}
+    for name, share in committed["named"].items():
+        assert share == sum(v is not None for v in verdicts[name]) / len(verdicts[name]) and 0.35 < share < 0.65
 
 
 def run_evaluation(tmp_path, *args: str) -> dict:
@@ -200,7 +226,7 @@ def run_evaluation(tmp_path, *args: str) -> dict:
     return json.loads((tmp_path / "today.json").read_text())
 
 
-CHECKED_CASES = 16  # one full model call per task (16 images each): ~20 s on 2 cores (all 200: over three minutes)
+CHECKED_CASES = 8  # half a model call per task (8 images; calls are batch-invariant): 8 task sets since issue 16
 
 
 @pytest.mark.slow

@@ -34,19 +34,28 @@ def test_judge_reads_every_kind_of_world_picture():
     images, _, scenes, _ = world.samples(600, seed=11)
     for image, scene in zip(images, scenes):
         j = world.judge(image)
-        assert (j.background, j.colour, j.shape) == (scene.background, scene.colour, scene.shape), (scene, j)
+        assert (j.background, j.colour, j.shape, j.size, j.position) == (
+            scene.background,
+            scene.colour,
+            scene.shape,
+            scene.size,
+            scene.position,
+        ), (scene, j)
+    # Every size and position was drawn (600 draws of 2 x 9): the check above covered them all.
+    assert {(s.size, s.position) for s in scenes} == {(size, p) for size in world.RADII for p in world.POSITIONS}
 
 
 def test_judge_forgives_blur_and_noise():
     images, _, scenes, _ = world.samples(200, seed=12)
     rng = np.random.default_rng(0)
-    right = 0
+    right = placed = 0
     for image, scene in zip(images, scenes):
         soft = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0))).astype(float)
         noisy = np.clip(soft + rng.normal(0, 12, soft.shape), 0, 255).astype(np.uint8)
         j = world.judge(noisy)
         right += (j.background, j.colour, j.shape) == (scene.background, scene.colour, scene.shape)
-    assert right >= 190
+        placed += (j.size, j.position) == (scene.size, scene.position)
+    assert right >= 190 and placed >= 195
 
 
 @pytest.mark.parametrize("wrong", ["blank", "noise"])
@@ -57,7 +66,7 @@ def test_judge_finds_nothing_in_a_blank_or_noise_picture(wrong):
     else:
         image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
         j = world.judge(image)
-        assert (j.colour, j.shape) == (None, None)  # no colour dominates: nothing was drawn
+        assert (j.colour, j.shape, j.size, j.position) == (None,) * 4  # no colour dominates: nothing was drawn
 
 
 def test_region_mask_covers_the_shape():

@@ -37,9 +37,9 @@ differ), not the same bytes. Stages, where they ran and what they took:
 """
 
 
-def write_card(folder: Path, targets: dict) -> None:
+def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
     """The model card, from training.json (recipe, stage times) and evaluation.json (metrics, shown
-    beside ``targets``)."""
+    beside ``targets``, what the model must pass, and ``aims``, where it is meant to get)."""
     training = json.loads((folder / "training.json").read_text())
     devices = training.get("devices", {})
     lines = [CARD_HEAD, "| stage | device | steps | seconds | final loss |", "| --- | --- | --- | --- | --- |"]
@@ -67,12 +67,16 @@ def write_card(folder: Path, targets: dict) -> None:
             f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
             f"`{json.dumps(results['sampling'])}`):",
             "",
-            "| metric | value | target |",
-            "| --- | --- | --- |",
+            "| metric | value | target | aim |",
+            "| --- | --- | --- | --- |",
         ]
-        for key, target in targets.items():
+        named = results.get("named", {})
+        for key in results.get("per_case", targets):
             op = "<=" if key.endswith("_mad") else ">="
-            lines.append(f"| {key} | {results[key]:.3f} | {op} {target:.3f} |")
+            bars = [f"{op} {bar[key]:.3f}" if key in bar else "" for bar in (targets, aims or {})]
+            where = f" (the {named[key]:.0%} of cases that name it)" if key in named else ""
+            value = "n/a" if results[key] is None else f"{results[key]:.3f}"
+            lines.append(f"| {key}{where} | {value} | {bars[0]} | {bars[1]} |")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,9 +1,10 @@
 """The shapes world: the embedded model's training data, and an independent judge of its pictures.
 
 One filled shape on a plain background, 64x64 px. A seeded generator makes any number of
-(image, caption) pairs; ``judge`` reads background colour, shape colour and shape kind back from any
-picture by plain geometry (border median, nearest palette colour, bounding-box fill ratio), without
-the model's own CLIP, so the evaluation and the semantic tests cannot flatter the model.
+(image, caption) pairs; ``judge`` reads background colour, shape colour, shape kind, size and position
+back from any picture by plain geometry (border median, nearest palette colour, bounding-box fill ratio,
+side and centre), without the model's own CLIP, so the evaluation and the semantic tests cannot flatter
+the model.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ JITTER = 2
 # Fill ratio of a shape's bounding box: square 1, circle pi/4 = 0.785, triangle 0.5. The judge splits
 # halfway between them.
 SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64
+# The shape's bounding box: 19 px a side when small, 35 when large; the judge splits at 27. Its centre sits
+# 8-12 px from the picture's middle (32) along an axis when it is at that side, 0-2 px when not: split at 5.
+LARGE_SIDE = 27
+OFF_CENTRE = 5
 MIN_FOREGROUND = 12  # pixels: fewer and the judge says nothing was drawn
 # One shape has one colour: if no colour holds this share of the foreground, nothing was drawn. Measured:
 # uniform noise's largest colour holds 20% of it; renders blurred by 1 px, 59% at least, 92% on average.
@@ -156,6 +161,8 @@ class Judgement:
     colour: str | None  # None when nothing stands out from the background
     shape: str | None
     fill: float  # share of the foreground's bounding box that the foreground covers
+    size: str | None = None  # from the bounding box's longer side
+    position: str | None = None  # from the bounding box's centre, named as POSITIONS name it
 
 
 def nearest(rgb, palette: dict) -> str:
@@ -189,7 +196,17 @@ def judge(image: np.ndarray) -> Judgement:
     area = (rows[1] - rows[0] + 1) * (cols[1] - cols[0] + 1)
     fill = float(foreground[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1].sum() / area)
     shape = "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
-    return Judgement(background, colour, shape, fill)
+    side = max(rows[1] - rows[0], cols[1] - cols[0]) + 1
+    size = "large" if side >= LARGE_SIDE else "small"
+    return Judgement(background, colour, shape, fill, size, _position(sum(rows) / 2, sum(cols) / 2))
+
+
+def _position(y: float, x: float) -> str:
+    """ "top left", "bottom", "center", ...: which side of the middle the centre (y, x) is on, per axis."""
+    middle = SIZE // 2
+    vertical = "top" if y <= middle - OFF_CENTRE else "bottom" if y >= middle + OFF_CENTRE else ""
+    horizontal = "left" if x <= middle - OFF_CENTRE else "right" if x >= middle + OFF_CENTRE else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "center"
 
 
 def _extent(counts: np.ndarray) -> tuple[int, int]:
