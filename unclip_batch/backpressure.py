@@ -47,8 +47,9 @@ class ReadAhead(BackpressurePolicy):
         self._models = [op for op in topology if self._model and self._model in op.name]
 
     def ahead(self) -> int:
-        """Blocks the read has made that the model has not taken in yet (queued, or loading sources)."""
-        made = sum(op.metrics.num_task_outputs_generated for op in self._reads)
+        """Blocks the read has made, or is making (a running read task makes at least one), that the model
+        has not taken in yet (queued, or loading sources)."""
+        made = sum(op.metrics.num_task_outputs_generated + op.metrics.num_tasks_running for op in self._reads)
         return made - sum(op.metrics.num_inputs_received for op in self._models)
 
     def can_add_input(self, op) -> bool:

@@ -237,20 +237,30 @@ def _eval_steered(model, s: Sampling, n: int) -> dict:
 
 
 def _eval_inpaint(model, s: Sampling, n: int) -> dict:
-    cases = inpaint_cases(n)
     hits, shapes, outside = [], [], []
-    for part in _chunks(n):
+    for image, source, mask, case in _inpainted(model, s, inpaint_cases(n), lambda c: c.source):
+        hits.append(int(dominant_inside(image, mask, case.source.background) == case.target.colour))
+        # The mask covers the source's shape and nothing else changes: the one shape left is the new one.
+        shapes.append(int(world.judge(image).shape == case.target.shape))
+        outside.append(_outside_mad(image, source, mask))
+    return {"inpaint_colour": hits, "inpaint_shape": shapes, "inpaint_outside_mad": outside}
+
+
+def _inpainted(model, s: Sampling, cases: list[InpaintCase], masked):
+    """(image, source, mask, case) per case: the source picture inpainted under a mask over the box of
+    scene ``masked(case)``, prompted for the target's colour and shape; in CALL-sized calls."""
+    for part in _chunks(len(cases)):
         sources = [world.render(c.source) for c in cases[part]]
-        masks = [(world.region_mask(c.source, grow=MASK_GROW) > 0).astype(np.uint8) for c in cases[part]]
+        masks = [(world.region_mask(masked(c), grow=MASK_GROW) > 0).astype(np.uint8) for c in cases[part]]
         prompts = [world.describe({"colour": c.target.colour, "shape": c.target.shape}) for c in cases[part]]
         images = model.inpaint(sources, masks, prompts, [""] * len(prompts), list(range(part.start, part.stop)), s)
-        for image, source, mask, case in zip(images, sources, masks, cases[part]):
-            hits.append(int(dominant_inside(image, mask, case.source.background) == case.target.colour))
-            # The mask covers the source's shape and nothing else changes: the one shape left is the new one.
-            shapes.append(int(world.judge(image).shape == case.target.shape))
-            keep = mask == 0
-            outside.append(round(float(np.abs(image[keep].astype(float) - source[keep]).mean() / 255), 6))
-    return {"inpaint_colour": hits, "inpaint_shape": shapes, "inpaint_outside_mad": outside}
+        yield from zip(images, sources, masks, cases[part])
+
+
+def _outside_mad(image, source, mask) -> float:
+    """Mean absolute difference outside the mask, in [0, 1]."""
+    keep = mask == 0
+    return round(float(np.abs(image[keep].astype(float) - source[keep]).mean() / 255), 6)
 
 
 def beside_cases(n: int, seed: int = EVAL_SEED + 8) -> list[InpaintCase]:
@@ -270,17 +280,10 @@ def beside_cases(n: int, seed: int = EVAL_SEED + 8) -> list[InpaintCase]:
 
 
 def _eval_inpaint_beside(model, s: Sampling, n: int) -> dict:
-    cases = beside_cases(n)
     hits, outside = [], []
-    for part in _chunks(n):
-        sources = [world.render(c.source) for c in cases[part]]
-        masks = [(world.region_mask(c.target, grow=MASK_GROW) > 0).astype(np.uint8) for c in cases[part]]
-        prompts = [world.describe({"colour": c.target.colour, "shape": c.target.shape}) for c in cases[part]]
-        images = model.inpaint(sources, masks, prompts, [""] * len(prompts), list(range(part.start, part.stop)), s)
-        for image, source, mask, case in zip(images, sources, masks, cases[part]):
-            hits.append(int(dominant_inside(image, mask, case.source.background) == case.target.colour))
-            keep = mask == 0
-            outside.append(round(float(np.abs(image[keep].astype(float) - source[keep]).mean() / 255), 6))
+    for image, source, mask, case in _inpainted(model, s, beside_cases(n), lambda c: c.target):
+        hits.append(int(dominant_inside(image, mask, case.source.background) == case.target.colour))
+        outside.append(_outside_mad(image, source, mask))
     return {"inpaint_beside_colour": hits, "inpaint_beside_outside_mad": outside}
 
 
