@@ -7,7 +7,7 @@ driver memory (its reference, its metadata, and the block itself when Ray return
 driver memory per queued block, measured (benchmarks/README.md, "The driver's memory, found"). A 3M-row
 manifest would queue ~10,000 blocks there; 100M rows, as many as the object store takes.
 
-``ReadAhead`` holds the read while ``limit`` of the blocks it made have not yet reached the model: enough
+``ReadAhead`` holds the read while ``blocks`` of the blocks it made have not yet reached the model: enough
 to keep every model actor fed, and a bound that does not grow with the manifest. It reaches into Ray
 Data 2.60's internals (its policy hook, operator names and metrics); a test says when they move.
 """

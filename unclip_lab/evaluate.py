@@ -76,13 +76,18 @@ def generate_cases(n: int, seed: int = EVAL_SEED) -> list[tuple[str, dict]]:
     rng = np.random.default_rng(seed)
     cases = []
     for _ in range(n):
-        scene = world.random_scene(rng)
-        named = {"colour": scene.colour, "shape": scene.shape, "background": scene.background}
-        for key in ("size", "position"):
-            if rng.random() < 0.5:
-                named[key] = getattr(scene, key)
+        named = _named(world.random_scene(rng), rng, ("colour", "shape", "background"))
         cases.append((world.describe(named, template=int(rng.integers(3))), named))
     return cases
+
+
+def _named(scene: world.Scene, rng: np.random.Generator, always: tuple[str, ...]) -> dict:
+    """What a prompt names of the scene: the attributes ``always``, and size and position each half the time."""
+    named = {key: getattr(scene, key) for key in always}
+    for key in ("size", "position"):
+        if rng.random() < 0.5:
+            named[key] = getattr(scene, key)
+    return named
 
 
 def inpaint_cases(n: int, seed: int = EVAL_SEED + 1) -> list[InpaintCase]:
@@ -182,14 +187,7 @@ def _eval_generate_plain(model, s: Sampling, n: int) -> dict:
     """Prompts that name no background ("a large red circle"): the shape must still stand out (judged
     drawn) and have the colour asked for."""
     rng = np.random.default_rng(EVAL_SEED + 6)
-    cases = []
-    for _ in range(n):
-        scene = world.random_scene(rng)
-        named = {"colour": scene.colour, "shape": scene.shape}
-        for key in ("size", "position"):
-            if rng.random() < 0.5:
-                named[key] = getattr(scene, key)
-        cases.append(named)
+    cases = [_named(world.random_scene(rng), rng, ("colour", "shape")) for _ in range(n)]
     drawn, colour = [], []
     for part in _chunks(n):
         prompts = [world.describe(named, template=0) for named in cases[part]]
