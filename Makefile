@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/unclip-batch report out/demo  # out/demo/report/index.html: open it in a browser
 
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -v --durations=15
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -v --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -247,8 +247,15 @@ class Work:
 def read_shard(shard: Shard, work: Work) -> tuple[list[pa.Table], list[dict], dict]:
     """The read stage of one shard: its rows left to do, validated, cut into model blocks; the error
     records of rows that failed validation; and a report (counts and unknown words) for the driver."""
-    records = shard_records(shard, work.duplicates, work.storage_options)
-    previous = previous_records(work.output, shard.name, work.storage_options)
+    # Storage may be away for a moment: read again, as every write does, before failing the job.
+    records, previous = storage.retrying(
+        lambda: (
+            shard_records(shard, work.duplicates, work.storage_options),
+            previous_records(work.output, shard.name, work.storage_options),
+        ),
+        f"reading shard {shard.name}",
+        work.retry_for_s,
+    )
     sorted_out = sort_out(records, previous, shard.manifest, work.retry_errors)
     rows, errors = parse_records(sorted_out.todo, work.defaults, work.size)
     words = UnknownWords(work.vocabulary)
