@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -164,3 +165,17 @@ def test_clip_cost_benchmark_runs(monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["median_s_per_image"]) == {"off", "score", "embeddings"}
     assert all(v > 0 for v in report["median_s_per_image"].values())
+
+
+def test_png_benchmark_runs(tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "a.png")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/png.py", str(tmp_path / "a.png")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6 and all(line["ms"] > 0 and line["bytes"] > 0 for line in lines)

@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -6,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import write_manifest
+from PIL import Image
 
-from unclip_batch import plan
+from unclip_batch import plan, writer
 from unclip_batch.manifest import manifest_files
 from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, commit_shard, image_key, write_json, write_part
 
@@ -197,3 +199,21 @@ def test_the_readme_lists_the_output_schemas():
 
     assert readme_columns("Metadata columns:") == METADATA_SCHEMA.names + ["manifest", "manifest_row"]
     assert readme_columns("Error columns:") == ERROR_SCHEMA.names + ["manifest", "manifest_row"]
+
+
+def test_pngs_are_lossless_and_as_small_as_pillows_default():
+    """The job's PNG settings (zlib 1 + run-length, for speed) give back the pixels, and no more bytes than
+    Pillow's default (zlib 6) within 2% on pictures like the model's: a blurred, noisy shape."""
+    from PIL import ImageFilter
+
+    from unclip_lab import world
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        picture = Image.fromarray(world.render(world.random_scene(rng))).filter(ImageFilter.GaussianBlur(1))
+        pixels = np.clip(np.asarray(picture, np.int16) + rng.normal(0, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
+        png = writer.encode_png(pixels)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
+        default = io.BytesIO()
+        Image.fromarray(pixels).save(default, format="PNG")
+        assert len(png) <= 1.02 * len(default.getvalue()), (len(png), len(default.getvalue()))
