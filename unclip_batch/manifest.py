@@ -355,7 +355,7 @@ def id_digests(ids: pa.Array) -> np.ndarray:
     digests = b"".join(
         null if value is None else blake2b(str(value).encode(), digest_size=16).digest() for value in ids.to_pylist()
     )
-    return np.frombuffer(digests, dtype=[("a", "<u8"), ("b", "<u8")]).copy()
+    return np.frombuffer(digests, dtype=[("a", "<u8"), ("b", "<u8")])  # read-only: no caller writes to it
 
 
 def parquet_files(fs, path: str, url: str) -> list[str]:
