@@ -81,6 +81,8 @@ class SeaweedFS:
                 "-s3",
                 f"-s3.port={self.s3}",
                 "-master.volumeSizeLimitMB=64",
+                # One master: on a restart it waits this long before electing itself (10 s by default).
+                "-master.electionTimeout=1s",
                 "-volume.max=100",
                 # Iceberg and Lance listeners have fixed default ports: off, so several servers can run at once.
                 "-s3.port.iceberg=0",
@@ -95,8 +97,10 @@ class SeaweedFS:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
             try:
-                fs = self.filesystem(self.admin_options())
-                fs.ls("")  # the S3 gateway answers only once the filer behind it is up
+                # One attempt per look, no client retries: botocore's backoff would see the server seconds late.
+                once = {"retries": {"max_attempts": 1}, "connect_timeout": 2}
+                probe = {**self.admin_options(), "config_kwargs": once}
+                self.filesystem(probe).ls("")  # the S3 gateway answers only once the filer behind it is up
                 return self
             except Exception:
                 time.sleep(0.5)

@@ -98,6 +98,29 @@ def test_storage_outage_is_retried_then_reported():
         storage.retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading z", retry_for_s=10)
 
 
+def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already():
+    """A commit removes a shard's emptied error file, and the job its parts folder: through an outage as
+    writes go (a resumed job's commit once failed here when S3 blinked)."""
+    from unclip_batch import storage
+
+    class Blinking:  # a store that is away for its first two calls, then has nothing at the path
+        def __init__(self):
+            self.calls = 0
+
+        def invalidate_cache(self, path):
+            pass
+
+        def rm(self, path, recursive=False):
+            self.calls += 1
+            if self.calls < 3:
+                raise ConnectionError("endpoint down")
+            raise FileNotFoundError(path)
+
+    fs = Blinking()
+    storage.remove(fs, "bucket/out/errors/x.parquet", retry_for_s=10)
+    assert fs.calls == 3
+
+
 def test_error_rows_are_not_written(tmp_path):
     (out,) = write_images([image_row(1, code="model_error")], tmp_path)
     assert out["image_key"] == "" and not (tmp_path / "images").exists()

@@ -121,8 +121,8 @@ def run_job(config: JobConfig) -> dict:
     # 7. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, shards, skipped, commits, progress, started, time.perf_counter() - clock)
     fs, root = storage.filesystem(config.output, so)
-    storage.remove(fs, storage.join(root, plan.PARTS))
-    write_json(config.output, plan.SUCCESS, summary, so)
+    storage.remove(fs, storage.join(root, plan.PARTS), config.storage_retry_s)
+    write_json(config.output, plan.SUCCESS, summary, so, config.storage_retry_s)
     storage.clear_partial(fs, root)  # the empty staging folder
     return summary
 
@@ -134,11 +134,11 @@ def _prepare_output(config: JobConfig, record: dict) -> None:
         if config.overwrite:
             plan.clear_output(config.output, so)
         plan.check_job_record(config.output, record, so)
-        write_json(config.output, plan.JOB_RECORD, record, so)
+        write_json(config.output, plan.JOB_RECORD, record, so, config.storage_retry_s)
         fs, root = storage.filesystem(config.output, so)
         storage.clear_partial(fs, root)
         for name in (plan.SUCCESS, plan.PARTS):  # an earlier run's summary (this run writes its own), parts
-            storage.remove(fs, storage.join(root, name))
+            storage.remove(fs, storage.join(root, name), config.storage_retry_s)
     except SetupError:
         raise
     except PermissionError as exc:

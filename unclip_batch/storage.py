@@ -261,14 +261,18 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
         raise OSError(f"{len(failures)} of {len(keys)} PUTs failed, first: {reason}") from first
 
 
-def remove(fs, path: str) -> None:
-    """Remove a file or folder if it is there. Asked of the store, not of the filesystem's cache of
-    listings: other processes (the job's tasks) write under the output."""
-    fs.invalidate_cache(path)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
+def remove(fs, path: str, retry_for_s: float = RETRY_FOR_S) -> None:
+    """Remove a file or folder if it is there, through a short outage as writes are. Asked of the store,
+    not of the filesystem's cache of listings: other processes (the job's tasks) write under the output."""
+
+    def rm():
+        fs.invalidate_cache(path)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    retrying(rm, f"removing {path}", retry_for_s)
 
 
 def clear_partial(fs, root: str) -> None:

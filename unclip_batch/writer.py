@@ -362,11 +362,11 @@ def commit_shard(
     if errors.num_rows:
         write_parquet(fs, error_file, errors, root, retry_for_s)
     else:  # its rows are all done now (--retry-errors), or it never had errors
-        storage.remove(fs, error_file)
+        storage.remove(fs, error_file, retry_for_s)
     if format == "files" and old_meta is not None:  # images of records replaced by fewer images
         gone = set(old_meta["image_key"].to_pylist()) - set(metadata["image_key"].to_pylist())
         for key in sorted(gone):
-            fs.rm(storage.join(root, key))
+            storage.remove(fs, storage.join(root, key), retry_for_s)
     # 3. The stats, once every row has its record.
     recorded = set(metadata["manifest_row"].to_pylist()) | set(errors["manifest_row"].to_pylist())
     codes = Counter(errors["code"].to_pylist())
@@ -501,7 +501,9 @@ def metadata_record(row: dict, model: str) -> dict:
     }
 
 
-def write_json(output: str, name: str, payload: dict, storage_options: dict | None = None) -> None:
+def write_json(
+    output: str, name: str, payload: dict, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S
+) -> None:
     fs, root = storage.filesystem(output, storage_options)
     data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
-    storage.write_whole(fs, storage.join(root, name), data, root)
+    storage.write_whole(fs, storage.join(root, name), data, root, retry_for_s)
