@@ -123,38 +123,9 @@ def test_job_submission_cli_address_and_a_ray_of_its_own(cluster, tmp_path):
     assert len(manifests) == 1 and "working_dir_files" in manifests[0]
     assert len(list((output / "images").rglob("*.png"))) == 15
 
-    cli_output = tmp_path / "cli"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unclip_batch.cli",
-            "run",
-            "manifests/demo.parquet",
-            "--output",
-            str(cli_output),
-            "--address",
-            cluster["address"],
-            "--model",
-            "tiny",
-            "--quiet",
-            "--allow-failures",
-            *STEPS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-        env=cluster["env"],
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((cli_output / "_SUCCESS").read_text())["images"] == 15
-    # Both runs made the same images: the cluster changes where, not what.
-    for png in (output / "images").rglob("*.png"):
-        assert png.read_bytes() == (cli_output / png.relative_to(output)).read_bytes()
-
-    # A plain run beside the running cluster (where a bare ray.init() finds it, in Ray's temp folder):
-    # without --address the job still gets a Ray of its own, as the README promises.
+    # Two CLI runs at once (the suite's time; neither waits on the other): one joins the cluster with
+    # --address; one, a plain run beside the running cluster (where a bare ray.init() finds it, in Ray's
+    # temp folder), must still get a Ray of its own, as the README promises.
     env = {**cluster["env"], "RAY_TMPDIR": cluster["temp"]}
     found = subprocess.run(
         [sys.executable, "-c", "import ray._private.utils as u; print(u.read_ray_address())"],
@@ -164,27 +135,27 @@ def test_job_submission_cli_address_and_a_ray_of_its_own(cluster, tmp_path):
         timeout=60,
     )
     assert cluster["address"].split(":")[1] in found.stdout, found.stdout + found.stderr  # there to be joined
-    own = tmp_path / "own"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unclip_batch.cli",
-            "run",
-            "manifests/demo.parquet",
-            "--output",
-            str(own),
-            "--model",
-            "null",
-            "--quiet",
-            "--allow-failures",
-            *STEPS,
-        ],  # about Ray, not pixels: no model cost
-        capture_output=True,
+    cli_output, own = tmp_path / "cli", tmp_path / "own"
+    joined = cli(cli_output, ["--address", cluster["address"], "--model", "tiny"], cluster["env"])
+    alone = cli(own, ["--model", "null"], env)  # about Ray, not pixels: no model cost
+    for run in (joined, alone):
+        log = run.communicate(timeout=400)[0]
+        assert run.returncode == 0, log[-3000:]
+    assert json.loads((cli_output / "_SUCCESS").read_text())["images"] == 15
+    # Both runs on the cluster made the same images: the cluster changes where, not what.
+    for png in (output / "images").rglob("*.png"):
+        assert png.read_bytes() == (cli_output / png.relative_to(output)).read_bytes()
+    assert len(images_of(own)) == 15
+
+
+def cli(output, flags: list[str], env: dict) -> subprocess.Popen:
+    """The demo manifest through the CLI, started (the caller waits)."""
+    command = ["run", "manifests/demo.parquet", "--output", str(output), "--quiet", "--allow-failures"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "unclip_batch.cli", *command, *flags, *STEPS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=400,
         cwd=REPO,
         env=env,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(images_of(own)) == 15
