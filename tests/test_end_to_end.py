@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from helpers import images_of, job, pixels, read_output, readme_columns, write_manifest
 
@@ -21,41 +22,48 @@ def summary_of(output):
     return json.loads((output / "_SUCCESS").read_text())
 
 
-@pytest.mark.parametrize(
-    "task, extra",
-    [
-        ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
-        ("variation", {"image": "img/scene.png"}),
-        ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
-        ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
-        ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
-    ],
-)
-def test_each_task(ray_local, sources, tmp_path, task, extra):
-    manifest = write_manifest(
-        sources / "m.parquet", [{"id": "row-1", "task": task, "num_images": 2, "note": "kept", **extra}]
-    )
+CASES = [
+    ("generate", {"prompt": "a red circle", "negative_prompt": "blurry"}),
+    ("variation", {"image": "img/scene.png"}),
+    ("variation", {"image": "img/scene.png", "prompt": "a green square"}),
+    ("inpaint", {"image": "img/scene.png", "mask": "img/mask.png", "prompt": "a yellow square"}),
+    ("inpaint", {"image": "img/hole.png", "prompt": "a white circle"}),
+]
+
+
+def test_each_task(ray_local, sources, tmp_path):
+    """Each task's kinds of row, one row each, in one job (a model actor's start is most of a small job's
+    time: one job, not one per case)."""
+    rows = [
+        {"id": f"row-{i}", "task": task, "num_images": 2, "note": f"kept-{i}", **extra}
+        for i, (task, extra) in enumerate(CASES)
+    ]
+    manifest = write_manifest(sources / "m.parquet", rows)
     output = tmp_path / "out"
     summary = run_job(job([manifest], output))
     metadata, errors = read_output(output)
-    assert errors is None and summary["rows"]["succeeded"] == 1 and summary["images"] == 2
-    assert sorted(images_of(output)) == ["row-1/0.png", "row-1/1.png"]
-    assert metadata.column("task").to_pylist() == [task, task]
-    assert metadata.column("note").to_pylist() == ["kept", "kept"]
-    scores = metadata.column("clip_score").to_pylist()  # the model's CLIP on each image and its prompt
-    assert all(-1 <= s <= 1 for s in scores) if extra.get("prompt") else scores == [None, None]
-    first, second = (pixels(d) for d in images_of(output).values())
-    assert first.shape == (64, 64, 3) and not (first == second).all()
-    if task == "inpaint":
-        from PIL import Image
+    assert errors is None and summary["rows"]["succeeded"] == len(CASES) and summary["images"] == 2 * len(CASES)
+    images = images_of(output)
+    assert sorted(images) == sorted(f"row-{i}/{k}.png" for i in range(len(CASES)) for k in (0, 1))
+    for i, (task, extra) in enumerate(CASES):
+        records = metadata.filter(pc.equal(metadata["id"], f"row-{i}")).sort_by("k")
+        case = f"case {i}: {task} {extra}"
+        assert records["task"].to_pylist() == [task, task], case
+        assert records["note"].to_pylist() == [f"kept-{i}"] * 2, case
+        scores = records["clip_score"].to_pylist()  # the model's CLIP on each image and its prompt
+        assert all(-1 <= s <= 1 for s in scores) if extra.get("prompt") else scores == [None, None], case
+        first, second = pixels(images[f"row-{i}/0.png"]), pixels(images[f"row-{i}/1.png"])
+        assert first.shape == (64, 64, 3) and not (first == second).all(), case
+        if task == "inpaint":
+            from PIL import Image
 
-        source = np.asarray(Image.open(sources / extra["image"]).convert("RGB"), np.int16)
-        keep = (
-            (np.asarray(Image.open(sources / extra["mask"])) == 0)
-            if "mask" in extra
-            else (np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
-        )
-        assert (first[keep] == source[keep]).all()
+            source = np.asarray(Image.open(sources / extra["image"]).convert("RGB"), np.int16)
+            keep = (
+                (np.asarray(Image.open(sources / extra["mask"])) == 0)
+                if "mask" in extra
+                else (np.asarray(Image.open(sources / extra["image"]).getchannel("A")) > 0)
+            )
+            assert (first[keep] == source[keep]).all(), case
 
 
 def mixed_rows(n_good=48):
