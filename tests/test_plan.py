@@ -174,3 +174,33 @@ def test_model_blocks_end_only_where_a_call_ends():
         assert sum(in_block.values()) < 2 * batch * plan.CALLS_PER_BLOCK + most
     assert calls == sum(math.ceil(n / batch) for n in per_group.values())  # no call padded twice
     assert len(blocks) > 5  # and still small blocks, written as they are made
+
+
+def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeypatch):
+    """The id scan and the changed-rows check read the manifest and the records through a blink of
+    storage, as the read stage and every write do (not failing a resumed job at its start)."""
+    from unclip_batch import manifest, pipeline
+
+    rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}]
+    files = manifest_files([write_manifest(tmp_path / "m.parquet", rows)])
+    (shard,) = plan.plan_shards(files, rows_per_shard=10)
+
+    def blinking(function):
+        calls = []
+
+        def once_down(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionError("endpoint down")
+            return function(*args, **kwargs)
+
+        return once_down, calls
+
+    read_rows, reads = blinking(manifest.read_rows)
+    monkeypatch.setattr(pipeline, "read_rows", read_rows)
+    digests, tasks = pipeline._scan_file(files[0], 2, None, retry_for_s=10)
+    assert len(digests) == 2 and tasks == {"generate"} and len(reads) == 2
+    records, reads = blinking(plan.shard_records)
+    monkeypatch.setattr(plan, "shard_records", records)
+    assert plan.changed_rows(shard, output=str(tmp_path / "out"), duplicates={}, retry_for_s=10) == []
+    assert len(reads) == 2

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unclip_batch import plan, writer
+from unclip_batch import plan, storage, writer
 from unclip_batch.batches import pack, rows_of, unpack
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import Interrupted, JobFailed, SetupError, caused_by
+from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable, caused_by
 from unclip_batch.manifest import ManifestFile, id_digests, read_rows
 from unclip_batch.sources import load_sources
 
@@ -85,7 +85,6 @@ def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[
     and one task finds the digests that occur twice, with the job-wide row of the first occurrence (the
     one that runs). The driver gets only the duplicates, and the set of tasks the rows ask for."""
     ensure_ray(config)  # before `import ray` here: see start_ray on token auth
-    import ray
 
     left, spans = config.limit if config.limit is not None else float("inf"), []
     for file in files:
@@ -93,14 +92,34 @@ def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[
         if rows:
             spans.append((file, rows))
         left -= rows
-    refs = [_task(_scan_file, num_returns=2).remote(file, rows, config.storage_options) for file, rows in spans]
+    scan = _task(_scan_file, num_returns=2)
+    refs = [scan.remote(file, rows, config.storage_options, config.storage_retry_s) for file, rows in spans]
     digests, tasks = [r[0] for r in refs], [r[1] for r in refs]
     duplicates = _task(_duplicates).remote(*digests)
-    return ray.get(duplicates), tuple(sorted(set().union(*ray.get(tasks))))
+    return _get(duplicates), tuple(sorted(set().union(*_get(tasks))))
 
 
-def _scan_file(file: ManifestFile, rows: int, storage_options):
-    table = read_rows(file.manifest, file.path, 0, rows, ["id", "task"], storage_options)
+def _get(refs):
+    """ray.get for the checks before compute: storage that stayed away is the outage's one-line message
+    (the CLI's exit 3), not a task's traceback."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as exc:
+        outage = caused_by(exc, StorageUnavailable)
+        if outage is not None:
+            raise StorageUnavailable(str(outage)) from exc
+        raise
+
+
+def _scan_file(file: ManifestFile, rows: int, storage_options, retry_for_s: float = storage.RETRY_FOR_S):
+    # Storage may be away for a moment: read again, as every write does, before failing the job.
+    table = storage.retrying(
+        lambda: read_rows(file.manifest, file.path, 0, rows, ["id", "task"], storage_options),
+        f"reading {file.manifest}",
+        retry_for_s,
+    )
     tasks = set(table["task"].to_pylist()) if "task" in table.column_names else set()
     tasks = {(t or "generate").strip() for t in tasks} or {"generate"}
     return id_digests(table["id"].combine_chunks()), tasks
@@ -119,10 +138,9 @@ def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) 
 
     dup = ray.put(duplicates)
     check = _task(plan.changed_rows)
-    refs = [
-        check.remote(s, output=config.output, duplicates=dup, storage_options=config.storage_options) for s in shards
-    ]
-    return [row for found in ray.get(refs) for row in found]
+    options = {"storage_options": config.storage_options, "retry_for_s": config.storage_retry_s}
+    refs = [check.remote(s, output=config.output, duplicates=dup, **options) for s in shards]
+    return [row for found in _get(refs) for row in found]
 
 
 def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):

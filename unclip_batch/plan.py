@@ -220,10 +220,23 @@ def shard_records(shard: Shard, duplicates: dict, storage_options: dict | None =
     return table.to_pylist()
 
 
-def changed_rows(shard: Shard, *, output: str, duplicates: dict, storage_options: dict | None = None) -> list:
+def changed_rows(
+    shard: Shard,
+    *,
+    output: str,
+    duplicates: dict,
+    storage_options: dict | None = None,
+    retry_for_s: float = storage.RETRY_FOR_S,
+) -> list:
     """Rows of a shard changed since an earlier run recorded them (a task: for the check before compute)."""
-    records = shard_records(shard, duplicates, storage_options)
-    previous = previous_records(output, shard.name, storage_options)
+    records, previous = storage.retrying(
+        lambda: (
+            shard_records(shard, duplicates, storage_options),
+            previous_records(output, shard.name, storage_options),
+        ),
+        f"reading shard {shard.name}",
+        retry_for_s,
+    )
     found = sort_out(records, previous, shard.manifest, retry_errors=False).changed
     gone = [p for p in previous if not shard.first <= p < shard.first + (shard.stop - shard.start)]
     return found + [f"{shard.manifest}#{p}" for p in gone]
