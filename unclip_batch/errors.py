@@ -49,6 +49,13 @@ def caused_by(exc: BaseException, kind: type) -> BaseException | None:
     return found
 
 
+def storage_outage(exc: BaseException) -> StorageUnavailable | None:
+    """The storage outage behind ``exc`` as our own error, whose message is the one line our code wrote
+    (Ray's wrapper's message is the whole remote traceback); None if storage is not why it failed."""
+    outage = caused_by(exc, StorageUnavailable)
+    return None if outage is None else StorageUnavailable(str(outage))
+
+
 class RowError(ValueError):
     """One manifest row cannot be done; the job records it and goes on."""
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from unclip_batch import __version__, pipeline, plan, storage
 from unclip_batch.batches import rows_of
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable, caused_by
+from unclip_batch.errors import Interrupted, JobFailed, SetupError, storage_outage
 from unclip_batch.manifest import SizeRule, UnknownWords, manifest_files
 from unclip_batch.models import ModelSpec, describe_model
 from unclip_batch.writer import FORMATS, part_path, write_json
@@ -108,9 +108,9 @@ def run_job(config: JobConfig) -> dict:
         _save_what_finished(commits)
         if isinstance(exc, SetupError):  # found once Ray told what the cluster has (e.g. no GPU)
             raise
-        outage = caused_by(exc, StorageUnavailable)
+        outage = storage_outage(exc)
         if outage is not None:
-            raise StorageUnavailable(str(outage)) from exc
+            raise outage from exc
         raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if batches is not None:

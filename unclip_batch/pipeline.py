@@ -28,7 +28,7 @@ import numpy as np
 from unclip_batch import plan, storage, writer
 from unclip_batch.batches import pack, rows_of, unpack
 from unclip_batch.config import JobConfig
-from unclip_batch.errors import Interrupted, JobFailed, SetupError, StorageUnavailable, caused_by
+from unclip_batch.errors import Interrupted, JobFailed, SetupError, caused_by, storage_outage
 from unclip_batch.manifest import ManifestFile, id_digests, read_rows
 from unclip_batch.sources import load_sources
 
@@ -107,9 +107,9 @@ def _get(refs):
     try:
         return ray.get(refs)
     except Exception as exc:
-        outage = caused_by(exc, StorageUnavailable)
+        outage = storage_outage(exc)
         if outage is not None:
-            raise StorageUnavailable(str(outage)) from exc
+            raise outage from exc
         raise
 
 

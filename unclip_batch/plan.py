@@ -220,6 +220,19 @@ def shard_records(shard: Shard, duplicates: dict, storage_options: dict | None =
     return table.to_pylist()
 
 
+def _records_and_previous(shard: Shard, output: str, duplicates: dict, storage_options, retry_for_s: float):
+    """A shard's manifest rows as records and what earlier runs recorded for it. Storage may be away for a
+    moment: read again, as every write does, before failing the job."""
+    return storage.retrying(
+        lambda: (
+            shard_records(shard, duplicates, storage_options),
+            previous_records(output, shard.name, storage_options),
+        ),
+        f"reading shard {shard.name}",
+        retry_for_s,
+    )
+
+
 def changed_rows(
     shard: Shard,
     *,
@@ -229,14 +242,7 @@ def changed_rows(
     retry_for_s: float = storage.RETRY_FOR_S,
 ) -> list:
     """Rows of a shard changed since an earlier run recorded them (a task: for the check before compute)."""
-    records, previous = storage.retrying(
-        lambda: (
-            shard_records(shard, duplicates, storage_options),
-            previous_records(output, shard.name, storage_options),
-        ),
-        f"reading shard {shard.name}",
-        retry_for_s,
-    )
+    records, previous = _records_and_previous(shard, output, duplicates, storage_options, retry_for_s)
     found = sort_out(records, previous, shard.manifest, retry_errors=False).changed
     gone = [p for p in previous if not shard.first <= p < shard.first + (shard.stop - shard.start)]
     return found + [f"{shard.manifest}#{p}" for p in gone]
@@ -260,14 +266,8 @@ class Work:
 def read_shard(shard: Shard, work: Work) -> tuple[list[pa.Table], list[dict], dict]:
     """The read stage of one shard: its rows left to do, validated, cut into model blocks; the error
     records of rows that failed validation; and a report (counts and unknown words) for the driver."""
-    # Storage may be away for a moment: read again, as every write does, before failing the job.
-    records, previous = storage.retrying(
-        lambda: (
-            shard_records(shard, work.duplicates, work.storage_options),
-            previous_records(work.output, shard.name, work.storage_options),
-        ),
-        f"reading shard {shard.name}",
-        work.retry_for_s,
+    records, previous = _records_and_previous(
+        shard, work.output, work.duplicates, work.storage_options, work.retry_for_s
     )
     sorted_out = sort_out(records, previous, shard.manifest, work.retry_errors)
     rows, errors = parse_records(sorted_out.todo, work.defaults, work.size)
