@@ -61,14 +61,15 @@ def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
     evaluation = folder / "evaluation.json"
     if evaluation.exists():
         results = json.loads(evaluation.read_text())
+        previous = training.get("previous")  # the weights these replaced: {"label": ..., "figures": {...}}
         lines += [
             "",
             "**Evaluation** (`python -m unclip_lab.evaluate`, judged by geometry, not by "
             f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
             f"`{json.dumps(results['sampling'])}`):",
             "",
-            "| metric | value | target | aim |",
-            "| --- | --- | --- | --- |",
+            "| metric | value | target | aim |" + (f" {previous['label']} |" if previous else ""),
+            "| --- | --- | --- | --- |" + (" --- |" if previous else ""),
         ]
         named = results.get("named", {})
         for key in results.get("per_case", targets):
@@ -76,7 +77,11 @@ def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
             bars = [f"{op} {bar[key]:.3f}" if key in bar else "" for bar in (targets, aims or {})]
             where = f" (the {named[key]:.0%} of cases that name it)" if key in named else ""
             value = "n/a" if results[key] is None else f"{results[key]:.3f}"
-            lines.append(f"| {key}{where} | {value} | {bars[0]} | {bars[1]} |")
+            before = ""
+            if previous:
+                was = previous["figures"].get(key)
+                before = " n/a |" if was is None else f" {was:.3f} |"
+            lines.append(f"| {key}{where} | {value} | {bars[0]} | {bars[1]} |{before}")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
