@@ -86,11 +86,13 @@ GENERATE = [
     ("green", "triangle", "gray"),
     ("yellow", "circle", "purple"),
 ]
+PLACED = [("white", "square", "top left", "blue"), ("purple", "circle", "bottom right", "yellow")]
 
 
 @pytest.mark.slow
 def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local, tmp_path):
-    """A handful of rows through Ray with the default model and its default steps: colours right."""
+    """A handful of rows through Ray with the default model and its default steps: colours right, shapes
+    where they were asked for."""
     folder = tmp_path / "job"
     folder.mkdir()
     source = world.Scene("orange", "square", "large", "center", "blue")
@@ -99,6 +101,9 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     Image.fromarray(world.render(source)).save(folder / "source.png")
     Image.fromarray(world.region_mask(source, grow=6)).save(folder / "mask.png")  # over the square
     rows = [{"id": f"{c}-{s}", "prompt": f"a {c} {s} on a {b} background", "seed": 1} for c, s, b in GENERATE]
+    for colour, shape, place, background in PLACED:
+        prompt = world.describe({"colour": colour, "shape": shape, "position": place, "background": background})
+        rows.append({"id": f"{colour}-{shape}-{place.replace(' ', '-')}", "prompt": prompt, "seed": 1})
     rows.append({"id": "variation", "task": "variation", "image": "source.png", "seed": 1})
     rows.append(
         {
@@ -117,9 +122,14 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     summary = run_job(job([manifest], output, model="default", defaults=MODEL_DEFAULTS))
     assert summary["rows"]["succeeded"] == len(rows)
     images = {name.split("/")[0]: pixels(data) for name, data in images_of(output).items()}
-    for colour, shape, background in GENERATE:
-        seen = world.judge(images[f"{colour}-{shape}"])
-        assert (seen.colour, seen.shape, seen.background) == (colour, shape, background), seen
+    asked = [(f"{c}-{s}", c, s, None, b) for c, s, b in GENERATE]
+    asked += [(f"{c}-{s}-{p.replace(' ', '-')}", c, s, p, b) for c, s, p, b in PLACED]
+    seen = {key: world.judge(images[key]) for key, *_ in asked}
+    for key, colour, _, place, background in asked:
+        assert (seen[key].colour, seen[key].background) == (colour, background), seen[key]
+        assert place is None or seen[key].position == place, seen[key]
+    # Shape is the model's weakest word (81.5% in `make evaluate`, so about 5 of these 6): 4 at least.
+    assert sum(seen[key].shape == shape for key, _, shape, *_ in asked) >= len(asked) - 2, seen
     seen = world.judge(images["variation"])
     assert (seen.colour, seen.shape) == ("orange", "square"), seen
     from unclip_lab.evaluate import dominant_inside
@@ -128,6 +138,33 @@ def test_the_default_model_draws_what_it_is_told_through_the_real_job(ray_local,
     assert inside == "white"
     metadata, _ = read_output(output)
     assert set(metadata.column("model").to_pylist()) == {"default"}
+
+
+def test_clip_side_losses_see_the_shapes_patches_and_start_from_a_2d_position_code():
+    """The training-only signals that put position into CLIP (unclip_lab/train.py, clip_side_losses)."""
+    import numpy as np
+
+    from unclip_lab.train import PATCH, foreground_patches, sincos_positions
+
+    grid = world.SIZE // PATCH
+    scene = world.Scene("red", "square", "small", "top left", "white")
+    patches = foreground_patches(world.render(scene)[None], [scene]).reshape(grid, grid)
+    x0, y0, x1, y1 = scene.box()
+    expected = np.zeros((grid, grid), bool)
+    expected[y0 // PATCH : y1 // PATCH + 1, x0 // PATCH : x1 // PATCH + 1] = True
+    assert (patches == expected).all() and patches[0, 0] and not patches[grid - 1].any()
+    # A black shape on a white background and a white one on black: the background, not a colour, decides.
+    for colour, background in (("black", "white"), ("white", "black")):
+        flipped = world.Scene(colour, "circle", "large", "bottom right", background)
+        assert foreground_patches(world.render(flipped)[None], [flipped])[0].reshape(grid, grid)[-3:-1, -3:-1].all()
+
+    table = sincos_positions(64, grid)
+    assert table.shape == (1 + grid * grid, 64) and not table[0].any()  # the class token gets no position
+    assert len({row.tobytes() for row in table[1:]}) == grid * grid
+    # Neighbours are closer than far patches: the code is smooth in both directions.
+    at = lambda row, col: table[1 + row * grid + col]  # noqa: E731
+    assert np.linalg.norm(at(0, 0) - at(0, 1)) < np.linalg.norm(at(0, 0) - at(0, 7))
+    assert np.linalg.norm(at(0, 0) - at(1, 0)) < np.linalg.norm(at(0, 0) - at(7, 0))
 
 
 def test_every_stage_starts_after_the_stages_it_reads():
@@ -256,6 +293,13 @@ def test_the_default_models_clip_score_prefers_the_prompt_that_names_the_picture
     prompts = [f"a {c} {s}" for c, s in kinds]
     scores = np.array([model.clip(pictures, [prompt] * len(kinds))[0] for prompt in prompts])  # prompt x picture
     assert (scores.argmax(axis=0) == np.arange(len(kinds))).all(), scores.round(3)
+    # Where: the same red circle in five places, and prompts that differ only in the position they name.
+    places = ["top left", "top right", "bottom left", "bottom right", "center"]
+    scenes = [world.random_scene(rng, colour="red", shape="circle", position=p, background="white") for p in places]
+    pictures = np.stack([world.render(scene) for scene in scenes])
+    prompts = [world.describe({"colour": "red", "shape": "circle", "position": p}) for p in places]
+    scores = np.array([model.clip(pictures, [prompt] * len(places))[0] for prompt in prompts])
+    assert (scores.argmax(axis=0) == np.arange(len(places))).all(), scores.round(3)
 
 
 BEST_OF_CASES = 8  # 8 + 32 images: three model calls
