@@ -250,7 +250,7 @@ def clip_side_losses(torch, heads, text_embeds, vision_out, images, scenes, name
 def matches(named: list[dict], scenes: list[world.Scene]):
     """matches[i, j]: picture j shows everything caption i names."""
     out = np.ones((len(named), len(scenes)), bool)
-    for key in ("colour", "shape", "size", "position", "background"):
+    for key in ATTRIBUTES:
         values = np.array([getattr(s, key) for s in scenes])
         for i, n in enumerate(named):
             if key in n:
@@ -266,9 +266,9 @@ def train_clip(tokenizer, recipe: Recipe, folder: Path, device: str = "cpu") -> 
     with torch.no_grad():
         positions.copy_(torch.from_numpy(sincos_positions(EMBED_DIM, world.SIZE // PATCH)))
     text, vision = text.to(device), vision.to(device)
-    heads = {f"{side}_{key}": len(values) for key, values in ATTRIBUTES.items() for side in ("image", "text")}
+    outputs = {f"{side}_{key}": len(values) for key, values in ATTRIBUTES.items() for side in ("image", "text")}
     heads = torch.nn.ModuleDict(
-        {name: torch.nn.Linear(EMBED_DIM, n) for name, n in (heads | {"foreground": 1}).items()}
+        {name: torch.nn.Linear(EMBED_DIM, n) for name, n in (outputs | {"foreground": 1}).items()}
     ).to(device)  # clip_side_losses' heads, thrown away after training
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     params = [*text.parameters(), *vision.parameters(), *heads.parameters(), logit_scale]
