@@ -268,7 +268,7 @@ def test_embeddings_are_stored_and_other_settings_on_the_same_output_are_refused
 
 def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_local, sources, tmp_path):
     rows = [
-        {"id": "a", "prompt": "a red circle"},
+        {"id": "a", "prompt": "a red circle", "num_images": 2},
         {"id": "b", "prompt": "a blue square"},
         {"id": "c", "task": "variation", "image": "img/missing.png"},
     ]
@@ -277,25 +277,26 @@ def test_a_row_changed_under_its_id_is_refused_or_redone_and_errors_retried(ray_
     first = run_job(job([manifest], output))
     assert (first["rows"]["succeeded"], first["rows"]["failed"]) == (2, 1)
     before = images_of(output)
-    # Same id, another prompt and two images: refused before any compute, naming the row.
-    rows[0].update(prompt="a green triangle", num_images=2)
+    # Same id, another prompt and one image: refused before any compute, naming the row.
+    rows[0].update(prompt="a green triangle", num_images=1)
     write_manifest(sources / "m.parquet", rows)
     with pytest.raises(SetupError, match=r"1 manifest rows changed .*first: a\).*--redo-changed"):
         run_job(job([manifest], output))
     assert images_of(output) == before
     redone = run_job(job([manifest], output, redo_changed=True))
-    assert (redone["rows"]["done_before"], redone["rows"]["succeeded"], redone["images"]) == (2, 1, 2)
+    assert (redone["rows"]["done_before"], redone["rows"]["succeeded"], redone["images"]) == (2, 1, 1)
     assert redone["rows"]["changed_redone"] == 1 and redone["rows"]["skipped_errors"] == 1
+    # The redone row's second image is gone with its record.
     after = images_of(output)
-    assert sorted(after) == ["a/0.png", "a/1.png", "b/0.png"] and after["b/0.png"] == before["b/0.png"]
+    assert sorted(after) == ["a/0.png", "b/0.png"] and after["b/0.png"] == before["b/0.png"]
     assert after["a/0.png"] != before["a/0.png"]
     metadata, errors = read_output(output)
-    assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [("a", 0), ("a", 1), ("b", 0)]
+    assert sorted(zip(metadata["id"].to_pylist(), metadata["k"].to_pylist())) == [("a", 0), ("b", 0)]
     # --retry-errors redoes exactly the row recorded as an error (it fails again, recorded once).
     retried = run_job(job([manifest], output, retry_errors=True))
     assert (retried["rows"]["done_before"], retried["rows"]["succeeded"], retried["rows"]["failed"]) == (2, 0, 1)
     metadata, errors = read_output(output)
-    assert errors["id"].to_pylist() == ["c"] and metadata.num_rows == 3
+    assert errors["id"].to_pylist() == ["c"] and metadata.num_rows == 2
 
 
 def test_the_job_warns_of_words_its_model_does_not_know_and_runs_the_rows(ray_local, sources, tmp_path, caplog):

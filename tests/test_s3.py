@@ -110,6 +110,28 @@ def test_image_writes_go_through_obstore_where_the_options_allow(s3, bucket):
     assert fs.cat(f"{name}/w/other.png") == b"x"
 
 
+def test_removed_images_go_in_bulk_without_a_listing(s3, bucket, monkeypatch):
+    """A commit removes the images of records redone with fewer images (files format): one bulk DELETE,
+    through obstore or s3fs, with no LIST per key (s3fs's recursive rm lists before it deletes); a key
+    already gone is no error."""
+    import s3fs
+
+    from unclip_batch import storage
+
+    fs, name = bucket
+    sse = s3.filesystem({**s3.storage_options, "s3_additional_kwargs": {"Metadata": {"by": "s3fs"}}})
+    for client in (fs, sse):  # obstore's path, s3fs's path
+        keys = [f"{name}/d/images/r{i}/0.png" for i in range(5)]
+        storage.write_many(fs, dict.fromkeys(keys, b"x"), f"{name}/d", retry_for_s=5)
+        with monkeypatch.context() as m:
+            for listing in ("_find", "_ls", "_lsdir", "_info", "_exists"):
+                m.setattr(s3fs.S3FileSystem, listing, lambda *a, **k: pytest.fail("listed"))
+            storage.remove_files(client, [*keys[:3], f"{name}/d/images/never/0.png"], retry_for_s=5)
+        fs.invalidate_cache()
+        assert sorted(fs.find(f"{name}/d")) == keys[3:]
+        fs.rm(keys[3:])
+
+
 def test_obstore_writes_stop_on_an_outage_with_a_short_message(tmp_path):
     """The image PUTs (obstore) retry like every other storage call, up to retry_for_s, then raise
     StorageUnavailable (riding out a short outage: test_faults, through a whole job)."""

@@ -231,7 +231,6 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
     """PUT every pending object concurrently; the ones stored are taken out of ``pending``, so a retry
     sends only the rest. Raises the first failure as the built-in error ``retrying`` understands."""
     import obstore
-    from obstore import exceptions
 
     async def put(key: str, data: bytes, slots: asyncio.Semaphore):
         content_type = mimetypes.guess_type(key)[0]
@@ -252,13 +251,23 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
         else:
             del pending[key]
     if failures:
-        first = failures[0]
-        reason = str(first).split("\n")[0]  # obstore's next lines are a debug dump
-        if isinstance(first, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
-            raise PermissionError(reason) from first
-        if isinstance(first, exceptions.NotFoundError):  # the bucket is gone
-            raise FileNotFoundError(reason) from first
-        raise OSError(f"{len(failures)} of {len(keys)} PUTs failed, first: {reason}") from first
+        raise _builtin(failures[0], f"{len(failures)} of {len(keys)} PUTs failed, first: ")
+
+
+def _builtin(error: Exception, prefix: str = "") -> OSError:
+    """An obstore error as the built-in error ``retrying`` understands: permissions and a missing bucket
+    are permanent, anything else may pass."""
+    from obstore import exceptions
+
+    reason = str(error).split("\n")[0]  # obstore's next lines are a debug dump
+    if isinstance(error, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
+        built = PermissionError(reason)
+    elif isinstance(error, exceptions.NotFoundError):  # the bucket is gone
+        built = FileNotFoundError(reason)
+    else:
+        built = OSError(prefix + reason)
+    built.__cause__ = error
+    return built
 
 
 def remove(fs, path: str, retry_for_s: float = RETRY_FOR_S) -> None:
@@ -273,6 +282,41 @@ def remove(fs, path: str, retry_for_s: float = RETRY_FOR_S) -> None:
             pass
 
     retrying(rm, f"removing {path}", retry_for_s)
+
+
+def remove_files(fs, paths: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
+    """Remove files that may or may not be there, through a short outage as writes are, without listing
+    anything (``remove`` lists each path before its DELETE on S3): S3 gets one DeleteObjects request per
+    1,000 keys, through obstore where the options allow (it raises on a key it could not delete, where
+    s3fs's bulk delete says nothing)."""
+    if not paths:
+        return
+    what = f"removing {len(paths)} files under {posixpath.dirname(paths[0])}"
+    store = None if isinstance(fs, LocalFileSystem) else s3_store(fs, fs.split_path(paths[0])[0])
+    if store is not None:
+        retrying(lambda: _delete_all(store, [fs.split_path(p)[1] for p in paths]), what, retry_for_s)
+    else:
+        retrying(lambda: _rm_files(fs, paths), what, retry_for_s)
+
+
+def _delete_all(store, keys: list[str]) -> None:
+    import obstore
+
+    try:
+        obstore.delete(store, keys)
+    except Exception as exc:
+        raise _builtin(exc) from exc
+
+
+def _rm_files(fs, paths: list[str]) -> None:
+    try:
+        fs.rm(list(paths))  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
+    except FileNotFoundError:  # a filesystem that stops at a missing file: the rest one by one
+        for path in paths:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
 
 
 def clear_partial(fs, root: str) -> None:

@@ -365,8 +365,7 @@ def commit_shard(
         storage.remove(fs, error_file, retry_for_s)
     if format == "files" and old_meta is not None:  # images of records replaced by fewer images
         gone = set(old_meta["image_key"].to_pylist()) - set(metadata["image_key"].to_pylist())
-        for key in sorted(gone):
-            storage.remove(fs, storage.join(root, key), retry_for_s)
+        storage.remove_files(fs, [storage.join(root, key) for key in sorted(gone)], retry_for_s)
     # 3. The stats, once every row has its record.
     recorded = set(metadata["manifest_row"].to_pylist()) | set(errors["manifest_row"].to_pylist())
     codes = Counter(errors["code"].to_pylist())
