@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ S = Sampling(
     guidance_scale=4.0,
     prior_num_inference_steps=2,
     prior_guidance_scale=4.0,
+    variation_strength=0.5,
     best_of=1,
 )
 
@@ -96,6 +98,11 @@ def test_variation_uses_the_source(model):
     assert (out[0] == out[2]).all() and np.abs(out[0].astype(int) - out[1]).max() > 10
     steered = model.variation([source, source], ["a black square", "a black square"], [1, 1], S)
     assert not (out[0] == steered[0]).all()
+    # At strength 0 the prompt moves nothing: the source's own variation.
+    unmoved = model.variation(
+        [source, other, source, other], ["a black square"] * 4, [1] * 4, dataclasses.replace(S, variation_strength=0)
+    )
+    assert (unmoved == out).all()
 
 
 def test_inpaint_keeps_pixels_outside_the_mask(model):

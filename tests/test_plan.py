@@ -150,6 +150,7 @@ def test_model_blocks_end_only_where_a_call_ends():
             guidance_scale=2.0,
             prior_num_inference_steps=25,
             prior_guidance_scale=4.0,
+            variation_strength=0.3,
             negative_prompt="",
             prompt="p",
             num_images=random.choice([1, 1, 1, 2, 4]),

@@ -34,6 +34,7 @@ def row(i, **kw):
         height=64,
         guidance_scale=4.0,
         prior_guidance_scale=4.0,
+        variation_strength=0.3,
         code="",
         message="",
         stage="",

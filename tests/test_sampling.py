@@ -17,6 +17,7 @@ VALUES = dict(
     guidance_scale=2.0,
     prior_num_inference_steps=25,
     prior_guidance_scale=4.0,
+    variation_strength=0.15,
     best_of=2,
 )
 

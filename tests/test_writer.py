@@ -38,6 +38,7 @@ def image_row(i, k=0, n=1, code="", **kw):
         guidance_scale=4.0,
         prior_num_inference_steps=2,
         prior_guidance_scale=4.0,
+        variation_strength=0.3,
         load_s=0.0,
         model_s=0.0,
         input_hash=f"h{i}",

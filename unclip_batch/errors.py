@@ -86,7 +86,7 @@ CODES = {
     "missing_source": "interpolate needs two ends: image or prompt, and image2 or prompt2",
     "ambiguous_source": "an interpolate end is given both as an image and as a prompt",
     "unused_column": "image2, prompt2, source_prompt (or a mask) given to a task that does not use them",
-    "invalid_strength": "text_diff's strength is outside 0-1",
+    "invalid_strength": "text_diff's strength or variation_strength is outside 0-1",
     "unexpected_image": "image or mask is given for a task that does not use it",
     "image_unreadable": "the image or mask could not be read (missing object, no access, unreachable)",
     "image_invalid": "the image or mask is not a decodable image (empty, truncated, not an image)",

@@ -45,6 +45,16 @@ class Sampling:
     prior_guidance_scale: float = setting(
         "prior guidance for rows without their own", default=4.0, least=0, most=MAX_GUIDANCE, code="invalid_guidance"
     )
+    # A variation row with a prompt: the source's CLIP image embedding is noised this share of the prior's
+    # steps back and denoised by the prior with the prompt (diffusers' KandinskyV22PriorEmb2EmbPipeline).
+    variation_strength: float = setting(
+        "how far a prompt moves a variation from its source, for rows without their own (0: not at all, "
+        "1: the prompt alone; diffusers' emb2emb strength)",
+        default=0.3,
+        least=0,
+        most=1,
+        code="invalid_strength",
+    )
     # unCLIP's reranking (DALL-E 2, section 4): N candidates per image, the one closest to the prompt kept.
     best_of: int = setting(
         "candidates per image for rows without their own: the one whose CLIP score against the prompt is "

@@ -215,14 +215,14 @@ def _eval_variation(model, s: Sampling, n: int) -> dict:
 
 def _eval_steered(model, s: Sampling, n: int) -> dict:
     """A variation steered by a prompt that names another colour and the source's shape ("a blue
-    square" for a red square): the colour asked for, the shape kept."""
+    square" for a red square): the colour asked for, the shape and the place kept."""
     rng = np.random.default_rng(EVAL_SEED + 7)
     cases = []
     for _ in range(n):
         scene = world.random_scene(rng)
         colour = str(rng.choice([c for c in world.COLOURS if c not in (scene.colour, scene.background)]))
         cases.append((scene, colour))
-    colours, shapes = [], []
+    colours, shapes, positions = [], [], []
     for part in _chunks(n):
         sources = [world.render(scene) for scene, _ in cases[part]]
         prompts = [world.describe({"colour": colour, "shape": scene.shape}) for scene, colour in cases[part]]
@@ -231,7 +231,8 @@ def _eval_steered(model, s: Sampling, n: int) -> dict:
             j = world.judge(image)
             colours.append(int(j.colour == colour))
             shapes.append(int(j.shape == scene.shape))
-    return {"steered_colour": colours, "steered_shape": shapes}
+            positions.append(int(j.position == scene.position))  # the prompt does not name it: kept
+    return {"steered_colour": colours, "steered_shape": shapes, "steered_position": positions}
 
 
 def _eval_inpaint(model, s: Sampling, n: int) -> dict:
@@ -494,6 +495,7 @@ def main() -> None:
     parser.add_argument("--scheduler", default="default", help="decoder sampler: default, ddpm, ddim, dpm++")
     parser.add_argument("--prior-steps", type=int, help="prior steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="decoder guidance scale (default: the model's)")
+    parser.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the model's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--edits",
@@ -521,6 +523,8 @@ def main() -> None:
         overrides["prior_num_inference_steps"] = args.prior_steps
     if args.guidance is not None:
         overrides["guidance_scale"] = args.guidance
+    if args.prior_guidance is not None:
+        overrides["prior_guidance_scale"] = args.prior_guidance
     if args.edits:
         results = evaluate_edits(args.model, ModelSpec.parse(args.model).describe(), args.n, **overrides)
         print(json.dumps({k: v for k, v in results.items() if k != "per_case"}, indent=2))

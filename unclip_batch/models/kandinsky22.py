@@ -28,9 +28,6 @@ FAMILY = "kandinsky22"
 PRIOR, DECODER, INPAINT = "kandinsky-2-2-prior", "kandinsky-2-2-decoder", "kandinsky-2-2-decoder-inpaint"
 # Kandinsky 2.2 is trained at 512-768 px; past 1024 px it tiles and memory grows quadratically.
 MAX_SIZE = 1024
-# Mixing weight of the prompt's embedding into a source image's embedding for a steered variation, as
-# in the prior pipeline's interpolate(): enough to move colour and style, little enough to keep the layout.
-VARIATION_PROMPT_WEIGHT = 0.3
 # --scheduler choices for the decoder ("default" keeps the checkpoint's own, DDPM for Kandinsky 2.2).
 SCHEDULERS = {
     "ddpm": ("DDPMScheduler", {}),
@@ -144,7 +141,7 @@ class Kandinsky22:
             if pipe is not None and scheduler != "default":
                 pipe.scheduler = decoder_scheduler(scheduler, pipe.scheduler.config)
         self.movq_scale = self.decoder.movq_scale_factor
-        self._zero_embed = None
+        self._zero_embed = self._emb2emb = None
 
     # -- embeddings -------------------------------------------------------------------------------
     def text_embeds(self, prompts, negative_prompts, seeds, s: Sampling):
@@ -210,9 +207,29 @@ class Kandinsky22:
     def variation(self, images, prompts, seeds, s: Sampling) -> np.ndarray:
         embeds = self.image_embeds(images)
         if any(prompts):
-            text, _ = self.text_embeds(prompts, [""] * len(prompts), seeds, s)
-            embeds = (1 - VARIATION_PROMPT_WEIGHT) * embeds + VARIATION_PROMPT_WEIGHT * text
+            embeds = self.steer(embeds, prompts, seeds, s)
         return self.decode(self.decoder, embeds, self.zero_embeds(len(seeds)), seeds, s)
+
+    def steer(self, embeds, prompts, seeds, s: Sampling):
+        """A steered variation's embedding: the source's, noised ``variation_strength`` of the prior's steps
+        back and denoised by the prior with the prompt (diffusers' KandinskyV22PriorEmb2EmbPipeline, seeded
+        per image). It moves what the prompt names and keeps the rest; mixing in the prompt's own prior
+        sample, as ``interpolate()`` does, brought that sample's place and background along too."""
+        if int(s.prior_num_inference_steps * s.variation_strength) == 0:  # no step to run: the source's own
+            return embeds
+        if self._emb2emb is None:
+            from diffusers import KandinskyV22PriorEmb2EmbPipeline
+
+            self._emb2emb = KandinskyV22PriorEmb2EmbPipeline(**self.prior.components)
+            self._emb2emb.set_progress_bar_config(disable=True)
+        return self._emb2emb(
+            list(prompts),
+            embeds,
+            strength=s.variation_strength,
+            num_inference_steps=s.prior_num_inference_steps,
+            guidance_scale=s.prior_guidance_scale,
+            generator=[self._generator(seed) for seed in seeds],
+        ).image_embeds
 
     def interpolate(self, images, images2, prompts, prompts2, weights, seeds, s: Sampling) -> np.ndarray:
         """DALL-E 2's interpolations (section 3.1): the decoder on slerp(end, end2, weight), one noise per seed."""
