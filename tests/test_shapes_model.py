@@ -307,13 +307,16 @@ BEST_OF_CASES = 8  # 8 + 32 images: three model calls
 
 
 @pytest.mark.slow
-def test_best_of_4_draws_the_shape_more_often_and_clip_score_agrees_with_the_judge(tmp_path):
+def test_best_of_4_is_as_the_readme_says_and_clip_score_agrees_with_the_judge(tmp_path):
     """best_of.json (`python -m unclip_lab.evaluate --best-of 4`, the job's own predictor, judged by
-    geometry): best of 4 is right more often than one candidate, and images the judge finds right score
-    higher than those it finds wrong. The first cases, run again, give the committed verdicts and choices."""
+    geometry): the README reports its shape figures (best of 4 lifted shape 81.5% -> 83.5% at prior
+    guidance 4, and does not at the model's defaults since 2026-12-01: 89.0% -> 87.0%), and images the judge
+    finds right score higher than those it finds wrong. The first cases, run again, give the committed
+    verdicts and choices."""
     committed = json.loads((SHAPES / "best_of.json").read_text())
     one, four = committed["best_of_1"], committed["best_of_4"]
-    assert four["shape"] > one["shape"] and four["colour"] >= one["colour"]
+    readme = (REPO / "README.md").read_text()
+    assert f"**{100 * one['shape']:.1f}% with one candidate, {100 * four['shape']:.1f}% with four**" in readme
     assert one["clip_score_judged_right"] > one["clip_score_judged_wrong"]
     for figures in (one, four):
         assert {k: sum(v) / len(v) for k, v in figures["per_case"].items()} == {
