@@ -172,6 +172,7 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
             guidance_scale=4.0,
             prior_num_inference_steps=prior_steps,
             prior_guidance_scale=4.0,
+            variation_strength=0.3,  # diffusers' default; generate rows do not use it
             best_of=1,
         )
         out.append(model_input(row))
