@@ -153,6 +153,7 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
     plus the columns the stages before it add."""
     from unclip_batch.manifest import Row
     from unclip_batch.predict import model_input
+    from unclip_batch.sampling import DEFAULTS
 
     out = []
     for i in range(n):
@@ -172,7 +173,7 @@ def rows(n: int, size: int, steps: int, prior_steps: int) -> list[dict]:
             guidance_scale=4.0,
             prior_num_inference_steps=prior_steps,
             prior_guidance_scale=4.0,
-            variation_strength=0.3,  # diffusers' default; generate rows do not use it
+            variation_strength=DEFAULTS["variation_strength"],  # generate rows do not use it
             best_of=1,
         )
         out.append(model_input(row))

@@ -251,7 +251,7 @@ def _put_all(store, pending: dict[str, bytes]) -> None:
         else:
             del pending[key]
     if failures:
-        raise _builtin(failures[0], f"{len(failures)} of {len(keys)} PUTs failed, first: ")
+        raise _builtin(failures[0], f"{len(failures)} of {len(keys)} PUTs failed, first: ") from failures[0]
 
 
 def _builtin(error: Exception, prefix: str = "") -> OSError:
@@ -261,13 +261,10 @@ def _builtin(error: Exception, prefix: str = "") -> OSError:
 
     reason = str(error).split("\n")[0]  # obstore's next lines are a debug dump
     if isinstance(error, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
-        built = PermissionError(reason)
-    elif isinstance(error, exceptions.NotFoundError):  # the bucket is gone
-        built = FileNotFoundError(reason)
-    else:
-        built = OSError(prefix + reason)
-    built.__cause__ = error
-    return built
+        return PermissionError(reason)
+    if isinstance(error, exceptions.NotFoundError):  # the bucket is gone
+        return FileNotFoundError(reason)
+    return OSError(prefix + reason)
 
 
 def remove(fs, path: str, retry_for_s: float = RETRY_FOR_S) -> None:
