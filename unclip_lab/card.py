@@ -61,15 +61,18 @@ def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
     evaluation = folder / "evaluation.json"
     if evaluation.exists():
         results = json.loads(evaluation.read_text())
-        previous = training.get("previous")  # the weights these replaced: {"label": ..., "figures": {...}}
+        # Figures to compare with, one column each: [{"label": ..., "figures": {...}}] (the weights these
+        # replaced, these weights judged another way); one such dict alone is one column.
+        previous = training.get("previous") or []
+        previous = [previous] if isinstance(previous, dict) else previous
         lines += [
             "",
             "**Evaluation** (`python -m unclip_lab.evaluate`, judged by geometry, not by "
             f"this CLIP; {results['cases_per_task']} held-out cases per task, sampling "
             f"`{json.dumps(results['sampling'])}`):",
             "",
-            "| metric | value | target | aim |" + (f" {previous['label']} |" if previous else ""),
-            "| --- | --- | --- | --- |" + (" --- |" if previous else ""),
+            "| metric | value | target | aim |" + "".join(f" {column['label']} |" for column in previous),
+            "| --- | --- | --- | --- |" + " --- |" * len(previous),
         ]
         named = results.get("named", {})
         for key in results.get("per_case", targets):
@@ -78,9 +81,9 @@ def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
             where = f" (the {named[key]:.0%} of cases that name it)" if key in named else ""
             value = "n/a" if results[key] is None else f"{results[key]:.3f}"
             before = ""
-            if previous:
-                was = previous["figures"].get(key)
-                before = " n/a |" if was is None else f" {was:.3f} |"
+            for column in previous:
+                was = column["figures"].get(key)
+                before += " n/a |" if was is None else f" {was:.3f} |"
             lines.append(f"| {key}{where} | {value} | {bars[0]} | {bars[1]} |{before}")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
