@@ -45,17 +45,43 @@ def test_judge_reads_every_kind_of_world_picture():
     assert {(s.size, s.position) for s in scenes} == {(size, p) for size in world.RADII for p in world.POSITIONS}
 
 
-def test_judge_forgives_blur_and_noise():
+@pytest.mark.parametrize(("blur", "least"), [(1.0, 199), (1.5, 193)])
+def test_judge_forgives_blur_and_noise(blur, least):
+    # Measured: 200 and 195 of 200 read right (the fill-ratio judge before it: 192 and 178).
     images, _, scenes, _ = world.samples(200, seed=12)
     rng = np.random.default_rng(0)
     right = placed = 0
     for image, scene in zip(images, scenes):
-        soft = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0))).astype(float)
+        soft = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur))).astype(float)
         noisy = np.clip(soft + rng.normal(0, 12, soft.shape), 0, 255).astype(np.uint8)
         j = world.judge(noisy)
         right += (j.background, j.colour, j.shape) == (scene.background, scene.colour, scene.shape)
         placed += (j.size, j.position) == (scene.size, scene.position)
-    assert right >= 190 and placed >= 195
+    assert right >= least and placed >= 195
+
+
+def test_judge_tells_a_square_with_wavy_sides_from_a_circle():
+    # A square whose sides bow in by a pixel or two fills less of its box than a square; a circle whose
+    # edge is as rough still leaves the box's corners empty. Where the pixels are decides, not how many.
+    rng = np.random.default_rng(1)
+    for shape in ("square", "circle"):
+        fills = []
+        for _ in range(20):
+            scene = world.random_scene(rng, shape=shape, size="large", background="gray")
+            image = world.render(scene).copy()
+            x0, y0, x1, y1 = scene.box()
+            # Each row, then each column, loses 0-2 px at each end.
+            for view, lines in ((image, range(y0 + 1, y1)), (image.transpose(1, 0, 2), range(x0 + 1, x1))):
+                for line in lines:
+                    cut = rng.integers(0, 3, 2)
+                    drawn = np.flatnonzero(np.any(view[line] != world.BACKGROUNDS["gray"], axis=-1))
+                    view[line, drawn[: cut[0]]] = world.BACKGROUNDS["gray"]
+                    view[line, drawn[len(drawn) - cut[1] :]] = world.BACKGROUNDS["gray"]
+            judged = world.judge(image)
+            fills.append(judged.fill)
+            assert judged.shape == shape, judged
+        if shape == "square":  # some fill less of the box than a fill-ratio split (0.9) calls square
+            assert min(fills) < 0.9
 
 
 @pytest.mark.parametrize("wrong", ["blank", "noise"])
