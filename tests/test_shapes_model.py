@@ -329,7 +329,7 @@ BEST_OF_CASES = 8  # 8 + 32 images: three model calls
 def test_best_of_4_is_as_the_readme_says_and_clip_score_agrees_with_the_judge(tmp_path):
     """best_of.json (`python -m unclip_lab.evaluate --best-of 4`, the job's own predictor, judged by
     geometry): the README reports its shape figures (best of 4 lifted shape 81.5% -> 83.5% at prior
-    guidance 4, and does not at the model's defaults since 2026-12-01: 89.0% -> 87.0%), and images the judge
+    guidance 4, and does not at the model's defaults since 2026-12-01: 98.0% -> 96.5%), and images the judge
     finds right score higher than those it finds wrong. The first cases, run again, give the committed
     verdicts and choices."""
     committed = json.loads((SHAPES / "best_of.json").read_text())
