@@ -61,10 +61,9 @@ def write_card(folder: Path, targets: dict, aims: dict | None = None) -> None:
     evaluation = folder / "evaluation.json"
     if evaluation.exists():
         results = json.loads(evaluation.read_text())
-        # Figures to compare with, one column each: [{"label": ..., "figures": {...}}] (the weights these
-        # replaced, these weights judged another way); one such dict alone is one column.
-        previous = training.get("previous") or []
-        previous = [previous] if isinstance(previous, dict) else previous
+        # Figures to compare with, one column each (the weights these replaced; these weights judged
+        # another way): [{"label": ..., "figures": {...}}].
+        previous = training.get("previous", [])
         lines += [
             "",
             "**Evaluation** (`python -m unclip_lab.evaluate`, judged by geometry, not by "
