@@ -217,11 +217,12 @@ def test_the_judge_reads_the_models_own_reconstructions_of_world_pictures():
     import torch
     from diffusers import VQModel
 
+    from unclip_lab.train import movq_pixels
+
     movq = VQModel.from_pretrained(SHAPES / DECODER, subfolder="movq").eval()
     images, _, scenes, _ = world.samples(40, seed=4242, mention=1.0)
     with torch.inference_mode():
-        source = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out = movq.decode(movq.encode(source)["latents"], force_not_quantize=True)["sample"]
+        out = movq.decode(movq.encode(movq_pixels(torch, images))["latents"], force_not_quantize=True)["sample"]
     rebuilt = ((out * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     judged = [world.judge(image) for image in rebuilt]
     seen = [(j.colour, j.shape, j.size, j.position, j.background) for j in judged]
