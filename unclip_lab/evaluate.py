@@ -337,39 +337,89 @@ def _clip_text(model, prompts: list[str]):
 
 def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **overrides) -> dict:
     """Generate with best_of 1 and best_of N through the job's own predictor (its candidate seeds and CLIP
-    ranking), on the generate cases; judged by geometry. Also whether the CLIP score agrees with the
-    judge: the mean score of images judged right (colour and shape) against that of the others."""
+    ranking), on the generate cases; judged by geometry (size and position where the prompt names them;
+    ``all_named``: every attribute it names right). Also whether the CLIP score agrees with the judge: the
+    mean score of images judged right (colour and shape) against that of the others.
+
+    With N > 1, ``candidates``: each of a case's N candidates made alone (candidate c of case i is seed
+    i + c, as the job draws it, with best_of 1), to say what reranking could lift and what this CLIP does:
+    how often some candidate is right (``any``), how often one is on average (``mean``), and, over the
+    pairs of one right and one wrong candidate of the same case, how often the right one scores higher
+    (``clip_prefers_right``: 0.5 is a coin). ``kept_as_ranked``: the share of cases whose best-of-N image
+    is, byte for byte, the candidate its scores rank first (1.0, or the job does not do what it says)."""
     import dataclasses
 
-    from unclip_batch.predict import UnclipPredictor
+    from unclip_batch.predict import UnclipPredictor, best_candidate
 
     s = sampling(info, **overrides)
     predictor = UnclipPredictor(model=spec, tasks=("generate",), batch_size=CALL, device="cpu")
     cases = generate_cases(n)
-    results = {}
+    results, out = {}, []
     for candidates in sorted({1, best_of}):
         rows = [
             _job_row(s, i, task="generate", prompt=prompt, best_of=candidates) for i, (prompt, _) in enumerate(cases)
         ]
-        out = _predict(predictor, rows)
-        hits = {"colour": [], "shape": [], "background": []}
-        scores = {True: [], False: []}
-        for image_row, (_, named) in zip(out, cases):
-            image = np.frombuffer(image_row["pixels"], np.uint8).reshape(s.height, s.width, 3)
-            j = world.judge(image)
-            for key in hits:
-                hits[key].append(int(getattr(j, key) == named[key]))
-            scores[j.colour == named["colour"] and j.shape == named["shape"]].append(image_row["clip_score"])
+        out = _predict(predictor, rows)  # the last: best of N
         results[f"best_of_{candidates}"] = {
-            **{key: sum(v) / len(v) for key, v in hits.items()},
-            "clip_score_judged_right": round(float(np.mean(scores[True])), 4) if scores[True] else None,
-            "clip_score_judged_wrong": round(float(np.mean(scores[False])), 4) if scores[False] else None,
+            **_judged_generate(out, cases, s),
             "candidates_kept": [int(r["candidate"]) for r in out],
-            "per_case": hits,
         }
+    if best_of > 1:
+        rows = [
+            _job_row(s, i * best_of + c, task="generate", prompt=prompt, seed=i + c)
+            for i, (prompt, _) in enumerate(cases)
+            for c in range(best_of)
+        ]
+        alone = _predict(predictor, rows)
+        per_candidate = [_judged_generate(alone[c::best_of], cases, s)["per_case"] for c in range(best_of)]
+        scores = np.array([r["clip_score"] for r in alone]).reshape(n, best_of)
+        kept = results[f"best_of_{best_of}"]["candidates_kept"]
+        results["candidates"] = {
+            key: _reranking([[per_candidate[c][key][i] for c in range(best_of)] for i in range(n)], scores)
+            for key in ("shape", "all_named")
+        }
+        ranked = [best_candidate(list(scores[i])) for i in range(n)]
+        same = [kept[i] == ranked[i] and out[i]["pixels"] == alone[i * best_of + ranked[i]]["pixels"] for i in range(n)]
+        results["candidates"]["kept_as_ranked"] = sum(same) / n
     results["cases"] = n
     results["sampling"] = {k: v for k, v in dataclasses.asdict(s).items() if k != "best_of"}
     return results
+
+
+def _judged_generate(out: list[dict], cases: list[tuple[str, dict]], s: Sampling) -> dict:
+    """The generate verdicts of the job's image rows (one per case), as ``evaluate`` judges them."""
+    keys = ("colour", "shape", "background", "size", "position")
+    per_case = {key: [] for key in (*keys, "all_named")}
+    scores = {True: [], False: []}
+    for image_row, (_, named) in zip(out, cases):
+        j = world.judge(_pixels(image_row, s))
+        for key in keys:
+            per_case[key].append(int(getattr(j, key) == named[key]) if key in named else None)
+        per_case["all_named"].append(int(all(getattr(j, key) == value for key, value in named.items())))
+        scores[j.colour == named["colour"] and j.shape == named["shape"]].append(image_row["clip_score"])
+    return {
+        **summarise(per_case),
+        "clip_score_judged_right": round(float(np.mean(scores[True])), 4) if scores[True] else None,
+        "clip_score_judged_wrong": round(float(np.mean(scores[False])), 4) if scores[False] else None,
+        "per_case": per_case,
+    }
+
+
+def _reranking(verdicts: list[list[int]], scores: np.ndarray) -> dict:
+    """What ranking a case's candidates by CLIP score can do for one verdict (cases x candidates)."""
+    hits = np.array(verdicts, float)
+    pairs = [
+        scores[i, right] > scores[i, wrong]
+        for i in range(len(hits))
+        for right in np.flatnonzero(hits[i] == 1)
+        for wrong in np.flatnonzero(hits[i] == 0)
+    ]
+    return {
+        "any": float(hits.max(axis=1).mean()),
+        "mean": float(hits.mean()),
+        "clip_prefers_right": round(float(np.mean(pairs)), 4) if pairs else None,
+        "pairs": len(pairs),
+    }
 
 
 def _job_row(s: Sampling, i: int, **fields) -> dict:
