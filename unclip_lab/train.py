@@ -13,7 +13,7 @@ Every part is a real diffusers / transformers class, trained here from nothing, 
 7. polish: the decoder UNet trained further from where stage 5 stopped (a second, gentler cosine);
    inpaint2, beside it: the inpaint UNet further, always conditioned on another picture of the kind.
 
-    python -m unclip_lab.train OUT                             # ~2 hours on two CPU cores
+    python -m unclip_lab.train OUT                             # ~2 h 50 min on two CPU cores
     python -m unclip_lab.train OUT --device cuda --workers 3   # ~9 min on one H100
 
 Each stage saves its components into the output folder when it ends, so an interrupted run resumes
