@@ -169,18 +169,29 @@ def named_shares(per_case: dict) -> dict:
     }
 
 
+GENERATE_JUDGED = ("colour", "shape", "background", "size", "position")
+
+
 def _eval_generate(model, s: Sampling, n: int) -> dict:
     cases = generate_cases(n)
-    hits = {"colour": [], "shape": [], "background": [], "size": [], "position": []}
+    images = []
     for part in _chunks(n):
         prompts = [p for p, _ in cases[part]]
-        seeds = list(range(part.start, part.stop))
-        images = model.generate(prompts, [""] * len(prompts), seeds, s)
-        for image, (_, named) in zip(images, cases[part]):
-            j = world.judge(image)
-            for key in hits:
-                hits[key].append(int(getattr(j, key) == named[key]) if key in named else None)
-    return {f"generate_{k}": v for k, v in hits.items()}
+        images.extend(model.generate(prompts, [""] * len(prompts), list(range(part.start, part.stop)), s))
+    verdicts = _generate_verdicts(images, [named for _, named in cases])
+    return {f"generate_{key}": verdicts[key] for key in GENERATE_JUDGED}
+
+
+def _generate_verdicts(images, named: list[dict]) -> dict:
+    """The generate task's verdicts, image by image: each attribute right or not (null where the prompt
+    did not name it), and ``all_named``: every attribute the prompt names right."""
+    verdicts = {key: [] for key in (*GENERATE_JUDGED, "all_named")}
+    for image, words in zip(images, named):
+        j = world.judge(image)
+        for key in GENERATE_JUDGED:
+            verdicts[key].append(int(getattr(j, key) == words[key]) if key in words else None)
+        verdicts["all_named"].append(int(all(getattr(j, key) == value for key, value in words.items())))
+    return verdicts
 
 
 def _eval_generate_plain(model, s: Sampling, n: int) -> dict:
@@ -388,15 +399,10 @@ def evaluate_best_of(spec: str, info, n: int = 200, best_of: int = 4, **override
 
 def _judged_generate(out: list[dict], cases: list[tuple[str, dict]], s: Sampling) -> dict:
     """The generate verdicts of the job's image rows (one per case), as ``evaluate`` judges them."""
-    keys = ("colour", "shape", "background", "size", "position")
-    per_case = {key: [] for key in (*keys, "all_named")}
+    per_case = _generate_verdicts([_pixels(r, s) for r in out], [named for _, named in cases])
     scores = {True: [], False: []}
-    for image_row, (_, named) in zip(out, cases):
-        j = world.judge(_pixels(image_row, s))
-        for key in keys:
-            per_case[key].append(int(getattr(j, key) == named[key]) if key in named else None)
-        per_case["all_named"].append(int(all(getattr(j, key) == value for key, value in named.items())))
-        scores[j.colour == named["colour"] and j.shape == named["shape"]].append(image_row["clip_score"])
+    for image_row, colour, shape in zip(out, per_case["colour"], per_case["shape"]):
+        scores[colour == shape == 1].append(image_row["clip_score"])
     return {
         **summarise(per_case),
         "clip_score_judged_right": round(float(np.mean(scores[True])), 4) if scores[True] else None,
