@@ -26,7 +26,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Retrain the embedded model from nothing (about 2 h 50 min on 2 CPU cores) and measure the committed one.
+# Retrain the embedded model from nothing (a little over 3 h on 2 CPU cores: README) and measure the committed one.
 model: setup
 	$(PY) -m unclip_lab.train out/shapes  # resumes an interrupted run; --model out/shapes to use it
 
