@@ -14,7 +14,7 @@ Every part is a real diffusers / transformers class, trained here from nothing, 
    inpaint2, beside it: the inpaint UNet further, always conditioned on another picture of the kind.
 
     python -m unclip_lab.train OUT                             # a little over 3 h on two CPU cores
-    python -m unclip_lab.train OUT --device cuda --workers 3   # ~9 min on one H100
+    python -m unclip_lab.train OUT --device cuda --workers 3   # ~9 min on one H100 (measured at 800 CLIP steps)
 
 Each stage saves its components into the output folder when it ends, so an interrupted run resumes
 at the first unfinished stage. ``--scale 0.02`` runs every stage for 2% of its steps (a smoke run).
