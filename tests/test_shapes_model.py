@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import REPO, images_of, job, pixels, read_output, write_manifest
 
@@ -77,6 +78,22 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps({"recipe": asdict(Recipe(refine_steps=1)), "stages": {}}))
     with pytest.raises(SystemExit, match="another recipe"):
         train(tmp_path, Recipe())
+
+
+def test_beside_masks_cover_one_shape_and_stop_short_of_the_other():
+    """The beside stage's two-shape examples: the mask is over the first shape and never reaches the second
+    (or the UNet would learn to repaint what the classic edit keeps); one-shape masks are as before."""
+    from unclip_lab.train import _masks
+
+    _, firsts, seconds = world.pairs(300, seed=1)
+    masks = _masks(firsts, np.random.default_rng(0), others=seconds)[:, 0]
+    for mask, first, second in zip(masks, firsts, seconds):
+        x0, y0, x1, y1 = first.box()
+        assert mask[max(0, y0 - 2) : y1 + 3, max(0, x0 - 2) : x1 + 3].all()  # the shape and 2 px around it
+        x0, y0, x1, y1 = second.box()
+        assert not mask[max(0, y0 - 2) : y1 + 3, max(0, x0 - 2) : x1 + 3].any()
+    alone = _masks(firsts, np.random.default_rng(0))[:, 0]
+    assert (alone >= masks).all() and (alone > masks).any()  # the same growth, cut back only near a second shape
 
 
 MODEL_DEFAULTS = {"num_inference_steps": 20, "prior_num_inference_steps": 25}  # the model's; helpers.job cuts them

@@ -100,3 +100,15 @@ def test_region_mask_covers_the_shape():
     mask = world.region_mask(scene, grow=3)
     shape = np.any(world.render(scene) != world.BACKGROUNDS["blue"], axis=-1)
     assert mask[shape].min() == 255 and (mask > 0).sum() < 64 * 64 / 4
+
+
+def test_pairs_draw_two_shapes_apart_on_one_background():
+    images, firsts, seconds = world.pairs(40, seed=5)
+    assert np.array_equal(images, world.pairs(40, seed=5)[0])
+    for image, first, second in zip(images, firsts, seconds):
+        assert first.background == second.background and second.colour not in (first.colour, first.background)
+        assert world.gap(first.box(), second.box()) >= 4
+        for scene in (first, second):  # each shape is drawn where its box says, in its own colour
+            x0, y0, x1, y1 = scene.box()
+            inside = image[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)
+            assert (inside == world.COLOURS[scene.colour]).all(axis=1).mean() > 0.4

@@ -86,11 +86,35 @@ def random_scene(rng: np.random.Generator, **fixed) -> Scene:
     )
 
 
-def render(scene: Scene) -> np.ndarray:
-    """HxWx3 uint8 picture of the scene."""
+def render(scene: Scene, *more: Scene) -> np.ndarray:
+    """HxWx3 uint8 picture of the scene, with the shapes of ``more`` drawn on its background too."""
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[scene.background])
-    _draw(ImageDraw.Draw(image), scene.shape, scene.box(), COLOURS[scene.colour])
+    draw = ImageDraw.Draw(image)
+    for shape in (scene, *more):
+        _draw(draw, shape.shape, shape.box(), COLOURS[shape.colour])
     return np.asarray(image)
+
+
+def gap(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> int:
+    """Pixels between two boxes along the axis that separates them most (negative when they overlap)."""
+    return max(other[0] - box[2], box[0] - other[2], other[1] - box[3], box[1] - other[3]) - 1
+
+
+def pairs(n: int, seed: int, min_gap: int = 4) -> tuple[np.ndarray, list[Scene], list[Scene]]:
+    """n seeded two-shape pictures: a scene and a small shape of another colour on its background, their
+    boxes at least ``min_gap`` px apart (an inpaint mask can cover the first and leave the second)."""
+    rng = np.random.default_rng(seed)
+    firsts: list[Scene] = []
+    seconds: list[Scene] = []
+    while len(firsts) < n:
+        first = random_scene(rng)
+        colours = [c for c in COLOURS if c not in (first.background, first.colour)]
+        second = random_scene(rng, size="small", background=first.background, colour=str(rng.choice(colours)))
+        if gap(first.box(), second.box()) >= min_gap:
+            firsts.append(first)
+            seconds.append(second)
+    images = [render(a, b) for a, b in zip(firsts, seconds)]
+    return np.stack(images) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8), firsts, seconds
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
