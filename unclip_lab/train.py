@@ -513,7 +513,7 @@ def _short_of(rect, box, other, margin: int):
     x0, y0, x1, y1 = rect
     if world.gap(rect, other) >= margin:
         return rect
-    facing = {"right": other[0] - box[2], "left": box[0] - other[2], "down": other[1] - box[3], "up": box[1] - other[3]}
+    facing = world.separations(box, other)
     side = max(facing, key=facing.get)
     if side == "right":
         x1 = min(x1, other[0] - margin - 1)

@@ -95,9 +95,19 @@ def render(scene: Scene, *more: Scene) -> np.ndarray:
     return np.asarray(image)
 
 
+def separations(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> dict[str, int]:
+    """Pixels between ``box`` and ``other`` on each side of ``box`` (negative where they overlap on that axis)."""
+    return {
+        "right": other[0] - box[2] - 1,
+        "left": box[0] - other[2] - 1,
+        "down": other[1] - box[3] - 1,
+        "up": box[1] - other[3] - 1,
+    }
+
+
 def gap(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> int:
     """Pixels between two boxes along the axis that separates them most (negative when they overlap)."""
-    return max(other[0] - box[2], box[0] - other[2], other[1] - box[3], box[1] - other[3]) - 1
+    return max(separations(box, other).values())
 
 
 def pairs(n: int, seed: int, min_gap: int = 4) -> tuple[np.ndarray, list[Scene], list[Scene]]:
