@@ -110,6 +110,41 @@ def test_image_writes_go_through_obstore_where_the_options_allow(s3, bucket):
     assert fs.cat(f"{name}/w/other.png") == b"x"
 
 
+def test_whole_objects_go_and_come_back_through_obstore_where_the_options_allow(s3, bucket, monkeypatch):
+    """Parts, shards and records are single objects written and read whole: through obstore on S3 (one
+    request each, signed in Rust), through s3fs where an option asks for it; a missing one is
+    FileNotFoundError either way, which a commit reads as "not written yet"."""
+    import fsspec
+
+    from unclip_batch import storage
+
+    fs, name = bucket
+    root = f"{name}/whole"
+
+    def s3fs_asked(*args, **kwargs):
+        raise TypeError("s3fs asked")  # permanent: not retried
+
+    # obstore's path: s3fs fails here if it is asked to send or fetch these bytes.
+    for method in ("pipe_file", "pipe", "cat_file", "cat", "open"):
+        monkeypatch.setattr(fs, method, s3fs_asked)
+    storage.write_whole(fs, f"{root}/shards/00000.tar", b"tar bytes", root, retry_for_s=5)
+    assert storage.read_whole(fs, f"{root}/shards/00000.tar") == b"tar bytes"
+    with pytest.raises(FileNotFoundError):
+        storage.read_whole(fs, f"{root}/metadata/00000.parquet")
+    monkeypatch.undo()
+    assert fs.cat(f"{root}/shards/00000.tar") == b"tar bytes"
+    # An option obstore would not honour keeps s3fs, both ways; and a local output reads from disk.
+    sse = s3.filesystem({**s3.storage_options, "s3_additional_kwargs": {"Metadata": {"by": "s3fs"}}})
+    storage.write_whole(sse, f"{root}/other.json", b"{}", root, retry_for_s=5)
+    assert storage.read_whole(sse, f"{root}/other.json") == b"{}"
+    with pytest.raises(FileNotFoundError):
+        storage.read_whole(sse, f"{root}/none.json")
+    assert fs.metadata(f"{root}/other.json") == {"by": "s3fs"}  # s3fs sent it
+    local = fsspec.filesystem("file")
+    with pytest.raises(FileNotFoundError):
+        storage.read_whole(local, "/nonexistent/part.parquet")
+
+
 def test_removed_images_go_in_bulk_without_a_listing(s3, bucket, monkeypatch):
     """A commit removes the images of records redone with fewer images (files format): one bulk DELETE,
     through obstore or s3fs, with no LIST per key (s3fs's recursive rm lists before it deletes); a key

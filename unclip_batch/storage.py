@@ -93,7 +93,22 @@ def write_whole(fs, path: str, data: bytes, root: str, retry_for_s: float = RETR
             f.write(data)
         os.replace(tmp, path)
     else:
-        retrying(lambda: fs.pipe_file(path, data), f"writing {path}", retry_for_s)
+        write_many(fs, {path: data}, root, retry_for_s)  # through obstore where it can
+
+
+def read_whole(fs, path: str) -> bytes:
+    """One object's bytes, in one GET: through obstore on S3 where the options allow (s3fs signs and
+    sends in Python, and its ``open`` asks for the object's details first), else the filesystem's own.
+    A missing object is FileNotFoundError either way. No retries here: callers say what to retry."""
+    store = None if isinstance(fs, LocalFileSystem) else s3_store(fs, fs.split_path(path)[0])
+    if store is None:
+        return fs.cat_file(path)
+    import obstore
+
+    try:
+        return bytes(obstore.get(store, fs.split_path(path)[1]).bytes())
+    except Exception as exc:
+        raise _builtin(exc) from exc
 
 
 def write_many(fs, objects: dict[str, bytes], root: str, retry_for_s: float = RETRY_FOR_S) -> None:
@@ -260,9 +275,9 @@ def _builtin(error: Exception, prefix: str = "") -> OSError:
     from obstore import exceptions
 
     reason = str(error).split("\n")[0]  # obstore's next lines are a debug dump
-    if isinstance(error, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError)):
+    if isinstance(error, (exceptions.PermissionDeniedError, exceptions.UnauthenticatedError, PermissionError)):
         return PermissionError(reason)
-    if isinstance(error, exceptions.NotFoundError):  # the bucket is gone
+    if isinstance(error, (exceptions.NotFoundError, FileNotFoundError)):  # no such object (GET), or bucket (PUT)
         return FileNotFoundError(reason)
     return OSError(prefix + reason)
 

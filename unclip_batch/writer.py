@@ -240,7 +240,7 @@ def shard_pngs(fs, root: str, file: str) -> dict[str, bytes]:
     """The PNGs in a shard file (``shards/<shard>.tar``, ``data/<shard>.parquet``) by image_key; none if
     there is no such file yet."""
     try:
-        data = fs.cat_file(storage.join(root, file))
+        data = storage.read_whole(fs, storage.join(root, file))
     except FileNotFoundError:
         return {}
     if file.endswith(".tar"):
@@ -390,20 +390,19 @@ def commit_shard(
 
 
 def _read_part(fs, path: str) -> list[dict]:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
+    return pq.read_table(pa.BufferReader(storage.read_whole(fs, path))).to_pylist()
 
 
 def read_records(fs, root: str, folder: str, name: str, columns=None) -> pa.Table | None:
     """A shard's committed metadata or errors (``folder``), the given columns it has; None before its
     first commit."""
     try:
-        with fs.open(storage.join(root, folder, f"{name}.parquet"), "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-            return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
+        data = storage.read_whole(fs, storage.join(root, folder, f"{name}.parquet"))
     except FileNotFoundError:
         return None
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    names = parquet.schema_arrow.names
+    return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
 
 
 def _kept(old: pa.Table | None, shard, ids: list, redone: set) -> pa.Table | None:
