@@ -100,7 +100,7 @@ def read_whole(fs, path: str) -> bytes:
     """One object's bytes, in one GET: through obstore on S3 where the options allow (s3fs signs and
     sends in Python, and its ``open`` asks for the object's details first), else the filesystem's own.
     A missing object is FileNotFoundError either way. No retries here: callers say what to retry."""
-    store = None if isinstance(fs, LocalFileSystem) else s3_store(fs, fs.split_path(path)[0])
+    store = _store_for(fs, path)
     if store is None:
         return fs.cat_file(path)
     import obstore
@@ -124,7 +124,7 @@ def write_many(fs, objects: dict[str, bytes], root: str, retry_for_s: float = RE
     if isinstance(fs, LocalFileSystem):
         for path, data in objects.items():
             write_whole(fs, path, data, root)
-    elif (store := s3_store(fs, fs.split_path(root)[0])) is not None:
+    elif (store := _store_for(fs, root)) is not None:
         pending = {fs.split_path(path)[1]: data for path, data in objects.items()}
         retrying(lambda: _put_all(store, pending), what, retry_for_s)
     else:  # one round of concurrent PUTs instead of one round trip per object
@@ -148,6 +148,12 @@ def s3_store(fs, bucket: str):
     if set(options) - S3_OPTIONS or set(options.get("client_kwargs") or {}) - S3_CLIENT_OPTIONS:
         return None
     return _s3_store(json.dumps(options, sort_keys=True, default=str), bucket)
+
+
+def _store_for(fs, path: str):
+    """s3_store for the bucket of ``path`` (None for filesystems without buckets: local, memory)."""
+    split = getattr(fs, "split_path", None)
+    return s3_store(fs, split(path)[0]) if split else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -304,7 +310,7 @@ def remove_files(fs, paths: list[str], retry_for_s: float = RETRY_FOR_S) -> None
     if not paths:
         return
     what = f"removing {len(paths)} files under {posixpath.dirname(paths[0])}"
-    store = None if isinstance(fs, LocalFileSystem) else s3_store(fs, fs.split_path(paths[0])[0])
+    store = _store_for(fs, paths[0])
     if store is not None:
         retrying(lambda: _delete_all(store, [fs.split_path(p)[1] for p in paths]), what, retry_for_s)
     else:
