@@ -49,8 +49,37 @@ def test_the_driver_forgets_ray_datas_per_block_stats_as_the_job_goes(ray_local,
     summary = run_job(job([manifest], tmp_path / "out", model="null", batch_size=1, rows_per_shard=8))
     assert summary["rows"]["succeeded"] == 24
     # 24 rows in blocks of 4 (CALLS_PER_BLOCK calls of one image): 6 reports, a clearing after the 3rd and
-    # 6th; each drops what the four operators output since the last (they run ahead of the driver).
-    assert len(dropped) == 2 and dropped[0] >= 3 and sum(dropped) >= 4 * 6 - 3, dropped
+    # 6th; each drops what the three operators (read, model, write: no sources to load) output since the
+    # last (they run ahead of the driver).
+    assert len(dropped) == 2 and dropped[0] >= 3 and sum(dropped) >= 3 * 6 - 3, dropped
+
+
+@pytest.mark.slow
+def test_sources_load_in_a_stage_of_their_own_only_where_a_row_has_one(ray_local, tmp_path):
+    """A job with a variation row loads sources in tasks of their own, never inside the model actor, even
+    where both ask for the same CPUs (Ray Data would fuse them, and the model would wait on storage); a job
+    whose rows all generate has no source stage. The operators as Ray Data runs them, fused where it fuses."""
+    from helpers import write_manifest
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    from unclip_batch import pipeline, plan
+    from unclip_batch.manifest import manifest_files
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a red circle"}])
+    config = job([manifest], tmp_path / "out", model="null", cpus_per_worker=pipeline.IO_TASK_CPUS)
+    shards = plan.plan_shards(manifest_files((str(manifest),), None), 1000)
+
+    def operators(tasks):
+        dataset = pipeline._dataset(config, shards, None, tasks)
+        op, names = get_execution_plan(dataset._logical_plan)[0].dag, []
+        while op is not None:
+            names.append(op.name)
+            op = op.input_dependencies[0] if op.input_dependencies else None
+        return names[::-1][1:]  # past the input
+
+    model, write = "MapBatches(UnclipPredictorOnBlocks)", "MapBatches(write_stage)"
+    assert operators(("generate", "variation"))[1:] == ["MapBatches(load_sources)", model, write]
+    assert operators(("generate",))[1:] == [model, write]
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 actors, the tasks before the pipeline (duplicate ids, changed rows), the Ray Data pipeline over shards,
 and the shard commits (job.py decides what goes in and what is committed when):
 
-    shards -> read_shard (CPU tasks) -> load_sources (CPU tasks) -> UnclipPredictor (actor pool, GPU)
-           -> write_part (CPU tasks) -> a few numbers per block to the driver -> commit_shard (CPU tasks)
+    shards -> read_shard (CPU tasks) -> load_sources (CPU tasks; a job with sources to fetch)
+           -> UnclipPredictor (actor pool, GPU) -> write_part (CPU tasks)
+           -> a few numbers per block to the driver -> commit_shard (CPU tasks)
 
 One Ray Data row is one model block, packed (``batches.pack``): Ray Data merges a task's outputs into blocks
 of up to 128 MiB, which would hand a whole shard to one actor call and hold its images until the last one
@@ -30,7 +31,7 @@ from unclip_batch.batches import pack, rows_of, unpack
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, caused_by, storage_outage
 from unclip_batch.manifest import ManifestFile, id_digests, read_rows
-from unclip_batch.sources import load_sources
+from unclip_batch.sources import MAX_PIXELS, load_sources
 
 logger = logging.getLogger(__name__)
 
@@ -299,11 +300,26 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # A Ray block per model block (module docstring). Ray Data fuses the read with the split into one task
     # only when both ask for the same CPUs, and its split asks for a whole one: so does the read.
-    ds = ds.map_batches(read_stage, fn_kwargs={"work": work, "format": config.format}, batch_size=1, num_cpus=1)
+    # Sources are fetched in a stage of their own, so that the model never waits on storage. A job whose rows
+    # all generate has none to fetch: its read adds the (empty) source columns itself and hands its blocks to
+    # the model directly, a task and a transfer per block fewer (benchmarks/README.md, "Pipeline ceiling,
+    # 2026-12-02").
+    fetch = any(task != "generate" for task in tasks)
+    fn_kwargs = {"work": work, "format": config.format, "sources": not fetch}
+    ds = ds.map_batches(read_stage, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=1)
     ds = ds.repartition(target_num_rows_per_block=1)
-    ds = ds.map_batches(
-        _packed(load_sources), fn_kwargs=io_kwargs, batch_size=None, num_cpus=IO_TASK_CPUS, batch_format="numpy"
-    )
+    if fetch:
+        # Room to decode the largest source a row may give (RGBA). Asking for it also keeps the stage out of the
+        # model actor: Ray Data fuses a task map into the actor map after it when they ask for the same
+        # resources (on 2 CPUs both want half a CPU), and the model would then wait on storage.
+        ds = ds.map_batches(
+            _packed(load_sources),
+            fn_kwargs=io_kwargs,
+            batch_size=None,
+            num_cpus=IO_TASK_CPUS,
+            memory=4 * MAX_PIXELS,
+            batch_format="numpy",
+        )
     ds = ds.map_batches(
         UnclipPredictorOnBlocks,
         fn_constructor_kwargs=dict(
@@ -332,9 +348,10 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     )
 
 
-def read_stage(batch: dict, work: plan.Work, format: str) -> dict:
+def read_stage(batch: dict, work: plan.Work, format: str, sources: bool = False) -> dict:
     """Shards in, their model blocks out (a packed row each; an empty one for a shard with nothing to do, so
-    the driver still hears of it). Rows that fail validation are stored as a part of their shard here."""
+    the driver still hears of it). Rows that fail validation are stored as a part of their shard here.
+    ``sources``: add the blocks' source columns here (a job with none to fetch, see ``_dataset``)."""
     out = {"shard": [], "block": [], "blocks": [], "report": [], "payload": []}
     for text in batch["shard"]:
         shard = plan.Shard(**json.loads(text))
@@ -352,7 +369,7 @@ def read_stage(batch: dict, work: plan.Work, format: str) -> dict:
                 storage_options=work.storage_options,
                 retry_for_s=work.retry_for_s,
             )["codes"]
-        payloads = [pack(b.to_pydict()) for b in blocks] or [pack({})]
+        payloads = [pack(load_sources(b.to_pydict()) if sources else b.to_pydict()) for b in blocks] or [pack({})]
         for i, payload in enumerate(payloads):
             out["shard"].append(text)
             out["block"].append(i)
