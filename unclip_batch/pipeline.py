@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Load and write tasks wait on storage part of the time: half a CPU each, so two share a core. A quarter
 # (until 2026-12-02) ran twice as many at once, but each is a worker process that imports Ray Data and the
-# storage libraries (~1 s of CPU): on 2 cores, 9 such workers instead of 6 cost more than the waits they
-# covered (benchmarks/README.md, "Pipeline ceiling, 2026-12-02"). Whole CPUs would starve them on 2 cores.
+# storage libraries (~1 s of CPU): on 2 cores, 9 such workers instead of 6 cost more CPU than they saved in
+# waits (benchmarks/README.md, "Pipeline ceiling, 2026-12-02"). Whole CPUs would starve them on 2 cores.
 IO_TASK_CPUS = 0.5
 
 
