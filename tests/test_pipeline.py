@@ -58,7 +58,9 @@ def test_the_driver_forgets_ray_datas_per_block_stats_as_the_job_goes(ray_local,
 def test_sources_load_in_a_stage_of_their_own_only_where_a_row_has_one(ray_local, tmp_path):
     """A job with a variation row loads sources in tasks of their own, never inside the model actor, even
     where both ask for the same CPUs (Ray Data would fuse them, and the model would wait on storage); a job
-    whose rows all generate has no source stage. The operators as Ray Data runs them, fused where it fuses."""
+    whose rows all generate has no source stage. The read and its split into a block per model block run as
+    one task on an I/O slot, not a whole CPU, and apart from the model too. The operators as Ray Data runs
+    them, fused where it fuses (this also fails once the plan internals _a_block_per_row sets move)."""
     from helpers import write_manifest
     from ray.data._internal.logical.optimizers import get_execution_plan
 
@@ -71,15 +73,18 @@ def test_sources_load_in_a_stage_of_their_own_only_where_a_row_has_one(ray_local
 
     def operators(tasks):
         dataset = pipeline._dataset(config, shards, None, tasks)
-        op, names = get_execution_plan(dataset._logical_plan)[0].dag, []
+        op, found = get_execution_plan(dataset._logical_plan)[0].dag, []
         while op is not None:
-            names.append(op.name)
+            found.append((op.name, op._ray_remote_args.get("num_cpus") if hasattr(op, "_ray_remote_args") else None))
             op = op.input_dependencies[0] if op.input_dependencies else None
-        return names[::-1][1:]  # past the input
+        return found[::-1][1:]  # past the input
 
-    model, write = "MapBatches(UnclipPredictorOnBlocks)", "MapBatches(write_stage)"
-    assert operators(("generate", "variation"))[1:] == ["MapBatches(load_sources)", model, write]
-    assert operators(("generate",))[1:] == [model, write]
+    read = ("MapBatches(read_stage)->StreamingRepartition[num_rows_per_block=1,strict=False]", pipeline.IO_TASK_CPUS)
+    load = ("MapBatches(load_sources)", pipeline.IO_TASK_CPUS)
+    model = ("MapBatches(UnclipPredictorOnBlocks)", pipeline.IO_TASK_CPUS)
+    write = ("MapBatches(write_stage)", pipeline.IO_TASK_CPUS)
+    assert operators(("generate", "variation")) == [read, load, model, write]
+    assert operators(("generate",)) == [read, model, write]
 
 
 @pytest.mark.slow

@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 IO_TASK_CPUS = 0.5
 
 
+# The read's ask: an I/O slot, and room for a worker with Ray Data loaded and a shard's rows (Ray Data checks a
+# task's private memory against its ask, and warns past it: 238 MiB measured on the ceiling benchmark's reads).
+# The memory also keeps the read out of the model actor: Ray Data fuses a task map into the actor map after it
+# when they ask for the same resources (on 2 CPUs both want half a CPU), and the model would then wait on storage.
+READ_TASK = {"num_cpus": IO_TASK_CPUS, "memory": 512 << 20}
+
+
 # How many reports pass between two clearings of Ray Data's per-block statistics (forget_block_stats).
 FORGET_STATS_EVERY = 256
 
@@ -298,16 +305,14 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     # One input block per shard: a read task's blocks reach the model as soon as its shard is read.
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # A Ray block per model block (module docstring). Ray Data fuses the read with the split into one task
-    # only when both ask for the same CPUs, and its split asks for a whole one: so does the read.
     # Sources are fetched in a stage of their own, so that the model never waits on storage. A job whose rows
     # all generate has none to fetch: its read adds the (empty) source columns itself and hands its blocks to
     # the model directly, a task and a transfer per block fewer (benchmarks/README.md, "Pipeline ceiling,
     # 2026-12-02").
     fetch = any(task != "generate" for task in tasks)
     fn_kwargs = {"work": work, "format": config.format, "sources": not fetch}
-    ds = ds.map_batches(read_stage, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=1)
-    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(read_stage, fn_kwargs=fn_kwargs, batch_size=1, **READ_TASK)
+    ds = _a_block_per_row(ds, READ_TASK)
     if fetch:
         # Room to decode the largest source a row may give (RGBA). Asking for it also keeps the stage out of the
         # model actor: Ray Data fuses a task map into the actor map after it when they ask for the same
@@ -346,6 +351,22 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
         num_cpus=IO_TASK_CPUS,
         batch_format="numpy",
     )
+
+
+def _a_block_per_row(ds, remote_args: dict):
+    """Split each block into a block per row (a model block each: module docstring), in the task that made it.
+
+    Ray Data fuses the split into the map before it only when both ask for the same resources, and its split
+    asks for a whole CPU, with no public way to ask less: the read had to take a whole CPU too. On 2 cores,
+    with the model actor's reservation, a read then left room for one write task beside it, and the writes
+    fell behind the model all through the run (benchmarks/README.md, "The read on half a CPU"). So the split
+    asks for what the read asks for, through Ray Data 2.60's logical plan; where that is gone, the split keeps
+    its whole CPU, slower but the same output, and a test says so."""
+    ds = ds.repartition(target_num_rows_per_block=1)
+    split = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if isinstance(getattr(split, "ray_remote_args", None), dict):
+        split.ray_remote_args.update(remote_args)
+    return ds
 
 
 def read_stage(batch: dict, work: plan.Work, format: str, sources: bool = False) -> dict:
