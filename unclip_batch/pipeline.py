@@ -314,9 +314,8 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     ds = ds.map_batches(read_stage, fn_kwargs=fn_kwargs, batch_size=1, **READ_TASK)
     ds = _a_block_per_row(ds, READ_TASK)
     if fetch:
-        # Room to decode the largest source a row may give (RGBA). Asking for it also keeps the stage out of the
-        # model actor: Ray Data fuses a task map into the actor map after it when they ask for the same
-        # resources (on 2 CPUs both want half a CPU), and the model would then wait on storage.
+        # Room to decode the largest source a row may give (RGBA); like the read's, the ask keeps the stage out
+        # of the model actor (READ_TASK).
         ds = ds.map_batches(
             _packed(load_sources),
             fn_kwargs=io_kwargs,
