@@ -240,3 +240,17 @@ def test_validate_names_words_the_embedded_model_does_not_know(tmp_path):
     assert "warning: 1 rows use words model 'default' does not know" in result.stdout
     assert "'cat' (1)" in result.stdout and "(first rows: cat)" in result.stdout and "circle" in result.stdout
     assert "warning" not in cli("validate", manifest, "--model", "tiny").stdout  # any text: nothing to say
+
+
+def test_compile_alone_means_torch_compiles_default_mode_and_a_mode_may_be_named(tmp_path):
+    from unclip_batch.cli import build_parser, config_from_args
+
+    def compile_of(*flags):
+        return config_from_args(build_parser().parse_args(["run", "m.parquet", "-o", str(tmp_path), *flags])).compile
+
+    assert compile_of() == "off"
+    assert compile_of("--compile") == "default"
+    assert compile_of("--compile", "max-autotune") == "max-autotune"
+    assert compile_of("--compile", "--limit", "2") == "default"  # the next option is not taken for a mode
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "m.parquet", "-o", str(tmp_path), "--compile", "fast"])

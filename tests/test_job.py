@@ -5,7 +5,15 @@ from helpers import job
 from unclip_batch.job import Progress
 
 # A block's report (writer.write_part): one row with its image, one failed in the model.
-BLOCK = {"succeeded": 1, "images": 1, "candidates": 1, "codes": {"model_error": 1}, "part": True}
+BLOCK = {
+    "succeeded": 1,
+    "images": 1,
+    "candidates": 1,
+    "codes": {"model_error": 1},
+    "warm_ups": 0,
+    "warm_up_s": 0.0,
+    "part": True,
+}
 
 
 def test_progress_says_rows_failures_rate_and_time_left(tmp_path, caplog, monkeypatch):

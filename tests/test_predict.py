@@ -166,3 +166,48 @@ print(seen)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "[2]"
+
+
+# Compiled against eager, the tiny model (2026-12-02, 2 cores): at FAST steps 0.14-0.28% of the values of
+# each task's image differed, by 1 level; at 10 decoder steps, generated images' 0.34%, by at most 2 levels, and
+# variations' and inpaints' by at most 9 levels (0.008 on average). The bar leaves room for another CPU's kernels.
+COMPILED_DIFFER_AT_MOST = 0.01  # of the values
+COMPILED_MAX_LEVELS = 16
+
+
+@pytest.mark.slow  # compiling the tiny model's seven networks: ~2 minutes cold, ~20 s from inductor's cache
+def test_a_compiled_model_matches_eager_within_tolerance_keeps_its_bytes_and_reports_warm_up(predictor):
+    """--compile: every network of the tiny model compiled by inductor (it runs on CPU too), against the same
+    rows eager, for each task that runs networks of its own (generate: CLIP text, prior, UNet, MoVQ decoder;
+    variation: CLIP image; inpaint: its UNet, MoVQ's encoder). Fused kernels add in another order, so a few
+    values differ by a few levels. Compiled, a row's bytes are the same in every call and whatever its
+    companions; the first call of each shape, and only it, reports its seconds as warm-up."""
+    import torch
+
+    tasks = ("generate", "variation", "inpaint")
+    eager = UnclipPredictor(model="tiny", tasks=tasks, batch_size=4, device="cpu", threads=2)
+    compiled = UnclipPredictor(model="tiny", tasks=tasks, batch_size=4, device="cpu", threads=2, compile="default")
+    source = rows_of(predictor(to_batch([row(9)])))[0]["pixels"]
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:32] = 1
+    rows = [
+        row(0),
+        row(1, negative_prompt="blurry"),
+        row(2, task="variation", image="a.png", pixels=source, prompt=""),
+        row(3, task="inpaint", image="a.png", mask="m.png", pixels=source, repaint=mask.tobytes()),
+    ]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    first = {r["id"]: r for r in rows_of(compiled(to_batch(rows)))}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= len(compiled.model.modules()) == 7
+    reference = {r["id"]: r for r in rows_of(eager(to_batch(rows)))}
+    for name, image in first.items():
+        a, b = (np.frombuffer(r["pixels"], np.uint8).astype(int) for r in (image, reference[name]))
+        diff = np.abs(a - b)
+        assert (diff > 0).mean() <= COMPILED_DIFFER_AT_MOST and diff.max() <= COMPILED_MAX_LEVELS, name
+    assert any(first[name]["pixels"] != reference[name]["pixels"] for name in first)  # compiled code ran
+    # Each group's first call compiled: its warm-up is on the group's first row; the second call has none.
+    assert all(r["warm_up_s"] > 0 for r in first.values())
+    again = rows_of(compiled(to_batch([rows[1], rows[0], rows[3], rows[2]])))
+    assert all(r["warm_up_s"] == 0 for r in again)
+    assert all(r["pixels"] == first[r["id"]]["pixels"] for r in again)
+    assert eager(to_batch(rows))["warm_up_s"].tolist() == [0.0] * 4  # eager: no warm-up to report

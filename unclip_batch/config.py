@@ -11,6 +11,9 @@ from unclip_batch.errors import ConfigError
 SCHEDULERS = ("default", "ddpm", "ddim", "dpm++")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# torch.compile's modes. On a GPU, reduce-overhead and max-autotune add CUDA graphs (to the denoisers alone:
+# kandinsky22.WITHOUT_CUDA_GRAPHS); a CPU has none.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 FORMATS = ("files", "webdataset", "parquet")  # writer.FORMATS: kept here so the CLI imports no writer
 
 
@@ -34,6 +37,9 @@ class JobConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     scheduler: str = "default"  # decoder sampler: the checkpoint's own, or ddpm | ddim | dpm++
+    # torch.compile the model's networks in each actor (off | a torch.compile mode): kernels built once per
+    # call shape, the first call of each shape paying for it (the summary's warm_up).
+    compile: str = "off"
     embeddings: bool = False  # store each image's CLIP image embedding (metadata column `embedding`)
     format: str = "files"  # files (a PNG per image) | webdataset (tar shards) | parquet (image bytes in Parquet)
     # Manifest rows per shard: one input shard (read and validated by one task) becomes one output shard
@@ -76,6 +82,8 @@ class JobConfig:
             raise ConfigError("rows_per_shard must be at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}")
 
 
 def default(name: str):

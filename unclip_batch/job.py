@@ -261,7 +261,8 @@ class Progress:
     def __init__(self, config: JobConfig, total: int, vocabulary: frozenset | None = None, bar_file=None):
         self.total = total
         self.kept = self.kept_failed = self.changed = self.retried = 0  # from the read reports
-        self.succeeded = self.images = self.candidates = 0
+        self.succeeded = self.images = self.candidates = self.warm_ups = 0
+        self.warm_up_s = 0.0
         self.codes: Counter = Counter()
         self.words = UnknownWords(vocabulary)  # what the shards' reports found
         self.clock = self.last_report = time.perf_counter()
@@ -300,6 +301,8 @@ class Progress:
         self.succeeded += counts["succeeded"]
         self.images += counts["images"]
         self.candidates += counts["candidates"]
+        self.warm_ups += counts["warm_ups"]
+        self.warm_up_s += counts["warm_up_s"]
         self.codes.update(counts["codes"])
         self._report()
 
@@ -372,6 +375,9 @@ def _summary(
         # Images the model made, best_of candidates each: its work (equal to images without best_of).
         "candidates": progress.candidates,
         "errors_by_code": dict(sorted(progress.codes.items())),
+        # A compiled model's kernels are built in the first call of each call shape in each actor: those
+        # calls, and their seconds (compile and the call's own work).
+        "warm_up": {"compile": config.compile, "calls": progress.warm_ups, "s": round(progress.warm_up_s, 3)},
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 3),

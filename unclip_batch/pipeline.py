@@ -333,6 +333,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
             device=place.device,
             dtype=config.dtype,
             scheduler=config.scheduler,
+            compile=config.compile,
             threads=place.threads,
             storage_options=so,
             embeddings=config.embeddings,

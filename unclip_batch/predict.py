@@ -42,19 +42,28 @@ class UnclipPredictor:
         device: str = "auto",
         dtype: str = "auto",
         scheduler: str = "default",
+        compile: str = "off",
         threads: int | None = None,
         storage_options: dict | None = None,
         embeddings: bool = False,
     ):
         # The family imports its own libraries (the null model: none).
         self.model = ModelSpec.parse(model).load(
-            tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, storage_options=storage_options
+            tasks=tasks,
+            device=device,
+            dtype=dtype,
+            scheduler=scheduler,
+            compile=compile,
+            storage_options=storage_options,
         )
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")
         self.batch_size = batch_size
         self.embeddings = embeddings  # hand each image's CLIP image embedding on (float32 bytes)
         self.threads, self._threaded = threads, set()
+        # A compiled model builds its kernels in the first call of each call shape: that call's time is this
+        # actor's warm-up for the shape, handed on with the group's first row (the summary's warm_up).
+        self.compiled, self._warmed = compile != "off", set()
 
     def _use_threads(self):
         # OpenMP's thread count belongs to each thread. oneDNN's convolutions start OpenMP directly, so in
@@ -84,16 +93,21 @@ class UnclipPredictor:
         # Every candidate c of every image k (best_of per image; one with best_of 1).
         images = [(row, k, c) for row in rows for k in range(int(row["num_images"])) for c in candidates_of(row)]
         results, failed = {}, {}
+        key, warm_up_s = call_key(rows[0]), 0.0
         for start in range(0, len(images), self.batch_size):
             call = images[start : start + self.batch_size]
             try:
-                results.update(self._timed_call(call))
+                made, seconds = self._timed_call(call)
+                results.update(made)
+                if self.compiled and key not in self._warmed:
+                    self._warmed.add(key)
+                    warm_up_s = seconds
             except Exception as exc:  # one bad row must not fail its batch: retry each row alone
                 logger.warning("model call of %d images failed (%s); retrying row by row", len(call), exc)
                 self._free_memory()
                 for row_id in dict.fromkeys(row["id"] for row, _, _ in call):
                     try:
-                        results.update(self._timed_call([image for image in call if image[0]["id"] == row_id]))
+                        results.update(self._timed_call([image for image in call if image[0]["id"] == row_id])[0])
                     except Exception as row_exc:
                         failed[row_id] = f"{type(row_exc).__name__}: {row_exc}"
                         self._free_memory()
@@ -118,20 +132,22 @@ class UnclipPredictor:
                     embedding=embedding,
                 )
                 out.append(image_row)
+        out[0]["warm_up_s"] = warm_up_s
         return out
 
-    def _timed_call(self, call: list[tuple[dict, int, int]]) -> dict:
+    def _timed_call(self, call: list[tuple[dict, int, int]]) -> tuple[dict, float]:
         """Run one call of (row, k, candidate) images: {(row id, k, candidate): (pixels, seconds, CLIP score,
-        embedding)}."""
+        embedding)}, and the call's seconds."""
         start = time.perf_counter()
         padded = call + [call[-1]] * (self.batch_size - len(call))  # fixed shape: see the module docstring
         pixels = self._call(padded)[: len(call)]
         # An interpolation's frames lie between two ends: no one prompt to score them against.
         prompts = ["" if row["task"] == "interpolate" else row["prompt"] for row, _, _ in call]
         scores, embeds = self.model.clip(pixels, prompts)
-        per_image = (time.perf_counter() - start) / len(call)
+        seconds = time.perf_counter() - start
+        per_image = seconds / len(call)
         kept = self.embeddings and embeds is not None
-        return {
+        made = {
             (row["id"], k, c): (
                 pixels[i].tobytes(),
                 per_image,
@@ -140,6 +156,7 @@ class UnclipPredictor:
             )
             for i, (row, k, c) in enumerate(call)
         }
+        return made, seconds
 
     def _call(self, call: list[tuple[dict, int, int]]) -> np.ndarray:
         first = call[0][0]
@@ -211,5 +228,5 @@ def _without_inputs(row: dict) -> dict:
     """The row without its source pixels (not needed downstream), with the image columns every
     output row carries."""
     out = {k: v for k, v in row.items() if k not in ("pixels", "repaint", "pixels2")}
-    out.update(k=-1, candidate=0, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"")
+    out.update(k=-1, candidate=0, pixels=b"", model_s=0.0, clip_score=NO_SCORE, embedding=b"", warm_up_s=0.0)
     return out

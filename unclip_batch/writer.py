@@ -301,12 +301,21 @@ def write_part(
 
 def block_counts(rows: list[dict]) -> dict:
     """Rows, images, candidates made and errors by code among a block's (or a part's) rows: a row with
-    an error counts once, a row's images once each (and best_of candidates each)."""
+    an error counts once, a row's images once each (and best_of candidates each); and the model's warm-ups
+    among them (a compiled model's first call of a shape: predict.py), their count and seconds."""
     failed = {r["row"]: r["code"] for r in rows if r["code"]}
     images = sum(1 for r in rows if not r["code"])
     candidates = sum(int(r["best_of"]) for r in rows if not r["code"])
     succeeded = len({r["row"] for r in rows if not r["code"]} - {r["row"] for r in rows if r["code"]})
-    return {"succeeded": succeeded, "images": images, "candidates": candidates, "codes": dict(Counter(failed.values()))}
+    warm_ups = [r["warm_up_s"] for r in rows if r.get("warm_up_s")]  # rows that failed validation have none
+    return {
+        "succeeded": succeeded,
+        "images": images,
+        "candidates": candidates,
+        "codes": dict(Counter(failed.values())),
+        "warm_ups": len(warm_ups),
+        "warm_up_s": sum(warm_ups),
+    }
 
 
 def commit_shard(

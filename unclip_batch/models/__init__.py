@@ -120,8 +120,11 @@ class Family(Protocol):
     def describe(self, location: str) -> ModelInfo:
         """What rows may ask of the model at ``location`` (a local folder or Hub id), from configs alone."""
 
-    def load(self, location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str) -> Model:
-        """The model, loaded for ``tasks`` only (an inpainting UNet costs memory)."""
+    def load(
+        self, location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str, compile: str
+    ) -> Model:
+        """The model, loaded for ``tasks`` only (an inpainting UNet costs memory); ``compile``: off, or the
+        torch.compile mode its networks are compiled in (a family without them ignores it)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class ModelSpec:
         device: str = "auto",
         dtype: str = "auto",
         scheduler: str = "default",
+        compile: str = "off",
         storage_options: dict | None = None,
     ) -> Model:
         """The one way a model is loaded: by the job's model actors and by the evaluation alike."""
@@ -170,6 +174,7 @@ class ModelSpec:
             device=device,
             dtype=dtype,
             scheduler=scheduler,
+            compile=compile,
         )
         logger.info("model %s loaded in %.1fs", self.spec, time.perf_counter() - start)
         return model

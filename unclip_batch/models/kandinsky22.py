@@ -35,6 +35,13 @@ SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 SETTINGS_FILE = "unclip_batch.json"
+# Compiled kernels per module: one set per call shape (task, size, guidance, batch). A job seldom has
+# more than a few; past this many, a new shape fails its call (a model_error) rather than run eager code.
+RECOMPILE_LIMIT = 64
+# Modes whose CUDA graphs give each call's outputs the memory of the last call's, and the same without them:
+# for the encoders, whose outputs the model keeps past their next call (the zero embedding, each image's
+# CLIP embedding until the call's are joined). On a CPU no mode makes CUDA graphs.
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def _read_config(location: str, component: str, subfolder: str) -> dict:
@@ -110,7 +117,14 @@ class Kandinsky22:
     """Holds CLIP, the prior and the decoder(s); turns a group of same-shaped requests into pixels."""
 
     def __init__(
-        self, location: str, *, tasks: frozenset[str], device: str, dtype: str = "float32", scheduler: str = "default"
+        self,
+        location: str,
+        *,
+        tasks: frozenset[str],
+        device: str,
+        dtype: str = "float32",
+        scheduler: str = "default",
+        compile: str = "off",
     ):
         # Before diffusers' pipelines import transformers' image processor (the notice comes then).
         logging.getLogger("transformers.utils.import_utils").addFilter(NO_TORCHVISION_NOTICE)
@@ -142,6 +156,23 @@ class Kandinsky22:
                 pipe.scheduler = decoder_scheduler(scheduler, pipe.scheduler.config)
         self.movq_scale = self.decoder.movq_scale_factor
         self._zero_embed = self._emb2emb = None
+        if compile != "off":
+            compile_modules(torch, self.denoisers(), compile)
+            compile_modules(torch, self.encoders(), WITHOUT_CUDA_GRAPHS.get(compile, compile))
+
+    def denoisers(self) -> list:
+        """The networks of the denoising loops, the prior and the decoder UNet(s): each step's output is
+        used up before the next step."""
+        return [self.prior.prior] + [pipe.unet for pipe in (self.decoder, self.inpainter) if pipe is not None]
+
+    def encoders(self) -> list:
+        """The other networks, each once: the CLIP text and image encoders, MoVQ's decoder and, for
+        inpainting, its encoder (the inpainter shares the decoder's MoVQ)."""
+        movq = self.decoder.movq
+        return [self.prior.text_encoder, self.prior.image_encoder, movq.decoder] + [movq.encoder] * bool(self.inpainter)
+
+    def modules(self) -> list:
+        return self.denoisers() + self.encoders()
 
     # -- embeddings -------------------------------------------------------------------------------
     def text_embeds(self, prompts, negative_prompts, seeds, s: Sampling):
@@ -340,6 +371,27 @@ class Kandinsky22:
         return self.torch.Generator("cpu").manual_seed(int(seed))
 
 
+def compile_modules(torch, modules: list, mode: str) -> None:
+    """``torch.compile`` each module in place (the pipelines keep calling it as before) in ``mode``, such
+    that a compiled job keeps the contract of an eager one: a row's bytes are the same on a resume and
+    whatever it is batched with.
+
+    - Inductor's deterministic mode: autotuning never picks a kernel by timing it, which would make the
+      bytes depend on how busy the machine was when it compiled (max-autotune picks among its templates by
+      a fixed rule instead).
+    - Static shapes (``dynamic=False``): each call shape gets kernels of its own. With dynamic shapes, the
+      second shape an actor saw would be compiled for every size, and a row's bytes would depend on which
+      shapes its actor had seen before it.
+    - Compiled once per module, call shape and actor, on the first call of that shape: the warm-up the
+      job's summary reports. A job has few shapes (task x size x guidance); the recompile limit is raised
+      past them so that no shape falls back to eager code (other bytes) unseen."""
+    torch._inductor.config.deterministic = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for module in modules:
+        module.compile(mode=mode, dynamic=False)
+
+
 def slerp(torch, a, b, t: float):
     """Spherical interpolation of two embeddings' directions at ``t`` (0: ``a``, 1: ``b``) with their norms
     interpolated linearly; the ends themselves exactly at 0 and 1."""
@@ -409,5 +461,7 @@ def _local_or_hub(cls, location: str, component: str, kwargs: dict):
     return cls.from_pretrained(ref, **kwargs)
 
 
-def load(location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str = "default") -> Kandinsky22:
-    return Kandinsky22(location, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler)
+def load(
+    location: str, *, tasks: frozenset[str], device: str, dtype: str, scheduler: str = "default", compile: str = "off"
+) -> Kandinsky22:
+    return Kandinsky22(location, tasks=tasks, device=device, dtype=dtype, scheduler=scheduler, compile=compile)
