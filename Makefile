@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast model evaluate grid clean
+.PHONY: setup demo test test-fast model evaluate grid gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ evaluate: setup
 # README's copy is manifests/demo_grid.png: copy it there when the model changes.
 grid: setup
 	$(PY) manifests/grid.py out/demo out/demo_grid.png
+
+# What benchmarks/gpu_run.sh installs on a lent GPU machine (Python 3.12, no network, no diffusers), into .whl/.
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
 
 clean:
 	rm -rf out .pytest_cache

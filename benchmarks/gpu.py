@@ -1,9 +1,10 @@
 """GPU: Kandinsky 2.2 at real size, our model stage vs the naive diffusers loop, side by side in one run.
 
     python benchmarks/gpu.py --root /tmp/k22                  # 512 px, bf16, 50 decoder steps
-    python benchmarks/gpu.py --root /tmp/k22 --compile        # also with torch.compile'd UNet
-    python benchmarks/gpu.py --root /tmp/k22 --batch 32 64 --compile --compile-prior   # and UNet + prior
+    python benchmarks/gpu.py --root /tmp/k22 --compile default max-autotune   # also compiled (the job's --compile)
+    python benchmarks/gpu.py --root /tmp/k22 --batch 32 64 --dtype bfloat16 float16 --channels-last  # precisions
     python benchmarks/gpu.py --root /tmp/k22 --small --device cpu --rows 2 --naive-rows 1 --batch 2   # smoke
+    python benchmarks/gpu.py --flops-only                     # FLOPs per image at the real sizes, on any CPU
 
 No hub is reachable, so the checkpoint is Kandinsky 2.2's shape with random weights, built from the
 public configs (ViT-bigG/14 CLIP text and image encoders, the 20-layer 1280-wide prior, the 1.2 B
@@ -19,6 +20,17 @@ sizes and therefore the same cost per image as the real model.
 
 Both sides get the same dtype, resolution, steps and guidance. GPU busy fraction is NVML's
 utilisation (share of time a kernel was running), sampled every 100 ms over each side's timed part.
+
+MFU (model FLOPs utilisation): FLOPs per image, counted by ``torch.utils.flop_counter`` over one of our
+calls (every matrix product and convolution of CLIP, the prior, the UNet steps and MoVQ, divided by the
+call's images), times images/s, over the GPU's dense peak for the dtype (``PEAK_TFLOPS``, or
+``--peak-tflops``). ``mfu_unet`` counts the decoder UNet's FLOPs alone: how much of the peak the part that
+matters most turns into work. The naive loop's MFU uses the same count per image (its calls do the
+same work one image at a time).
+
+Runs on our side, each after one warm-up call: one per ``--batch`` (eager, first dtype); one per other
+``--dtype`` (first batch); one with ``--channels-last``; one per ``--compile`` mode (first batch and dtype,
+channels_last if asked): the job's own ``--compile``, every network compiled, its warm-up reported.
 Prints one JSON line per measurement and a summary line.
 """
 
@@ -32,6 +44,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +52,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # unclip_lab, the model lab, lives beside the package
 
+from unclip_batch.config import COMPILE_MODES, DTYPES  # noqa: E402
 from unclip_batch.models.kandinsky22 import DECODER, PRIOR  # noqa: E402
 from unclip_lab import layout  # noqa: E402
+
+# Dense bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets (without sparsity); the first
+# name found in the device's name counts. float32 has none here: pass --peak-tflops.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 
 PROMPTS = [
     "a red fox in the snow, photograph",
@@ -48,6 +66,52 @@ PROMPTS = [
     "a bowl of ramen, studio lighting",
     "a robot reading a newspaper in a cafe",
 ]
+
+
+def networks(small: bool, tokenizer) -> dict:
+    """Each network of Kandinsky 2.2 as a builder of random weights, by its folder (prior side, then decoder
+    side): the public configs' sizes, or (``small``) a CPU-sized stand-in with the same structure."""
+    embed = 64 if small else 1280
+    text = (
+        dict(width=64, intermediate=128, heads=2, layers=2)
+        if small
+        else dict(width=1280, intermediate=5120, heads=20, layers=32)
+    )  # bigG
+    vision = (
+        dict(width=64, intermediate=128, heads=2, layers=2)
+        if small
+        else dict(width=1664, intermediate=8192, heads=16, layers=48)
+    )  # bigG
+    prior = (
+        dict(heads=2, head_dim=32, layers=2)
+        if small
+        else dict(heads=32, head_dim=64, layers=20, num_embeddings=77, additional_embeddings=4)
+    )
+    return {
+        (PRIOR, "text_encoder"): lambda: layout.clip_text(tokenizer, projection=embed, hidden_act="gelu", **text),
+        (PRIOR, "image_encoder"): lambda: layout.clip_vision(
+            image_size=224, patch_size=14, projection=embed, hidden_act="gelu", **vision
+        ),
+        (PRIOR, "prior"): lambda: layout.prior(embedding_dim=embed, **prior),
+        (DECODER, "unet"): lambda: layout.unet(
+            in_channels=4,
+            sample_size=64,
+            embed_dim=embed,
+            widths=(32, 64) if small else (384, 768, 1152, 1536),
+            layers_per_block=1 if small else 3,
+            cross_attention_dim=128 if small else 768,
+            attention_head_dim=32 if small else 64,
+            norm_num_groups=32,
+            addition_embed_type_num_heads=64,
+        ),
+        (DECODER, "movq"): lambda: layout.movq(
+            widths=[32, 32, 32, 32] if small else [128, 256, 256, 512],
+            layers_per_block=1 if small else 2,
+            norm_num_groups=32,
+            num_vq_embeddings=16384,
+            scaling_factor=0.18215,
+        ),
+    }
 
 
 def build(root: Path, dtype: str, device: str, small: bool) -> None:
@@ -59,65 +123,83 @@ def build(root: Path, dtype: str, device: str, small: bool) -> None:
         return
     started = time.perf_counter()
     torch.manual_seed(0)
-    embed = 64 if small else 1280
-    text_cfg = (
-        dict(width=64, intermediate=128, heads=2, layers=2)
-        if small
-        else dict(width=1280, intermediate=5120, heads=20, layers=32)
-    )  # bigG text
-    vision_cfg = (
-        dict(width=64, intermediate=128, heads=2, layers=2)
-        if small
-        else dict(width=1664, intermediate=8192, heads=16, layers=48)
-    )  # bigG
     prior_dir, decoder_dir = root / PRIOR, root / DECODER
     tokenizer = layout.tokenizer(prior_dir / "tokenizer")
     tokenizer.save_pretrained(prior_dir / "tokenizer")
     dt = getattr(torch, dtype)
     with torch.device(device):
-        text = layout.clip_text(tokenizer, projection=embed, hidden_act="gelu", **text_cfg)
-        text.to(dt).save_pretrained(prior_dir / "text_encoder")
-        del text
-        vision = layout.clip_vision(image_size=224, patch_size=14, projection=embed, hidden_act="gelu", **vision_cfg)
-        vision.to(dt).save_pretrained(prior_dir / "image_encoder")
-        del vision
-        prior = (
-            layout.prior(heads=2, head_dim=32, layers=2, embedding_dim=embed)
-            if small
-            else layout.prior(
-                heads=32, head_dim=64, layers=20, embedding_dim=1280, num_embeddings=77, additional_embeddings=4
-            )
-        )
-        prior.to(dt).save_pretrained(prior_dir / "prior")
-        del prior
-        unet = layout.unet(
-            in_channels=4,
-            sample_size=64,
-            embed_dim=embed,
-            widths=(32, 64) if small else (384, 768, 1152, 1536),
-            layers_per_block=1 if small else 3,
-            cross_attention_dim=128 if small else 768,
-            attention_head_dim=32 if small else 64,
-            norm_num_groups=32,
-            addition_embed_type_num_heads=64,
-        )
-        unet.to(dt).save_pretrained(decoder_dir / "unet")
-        del unet
-        movq = layout.movq(
-            widths=[32, 32, 32, 32] if small else [128, 256, 256, 512],
-            layers_per_block=1 if small else 2,
-            norm_num_groups=32,
-            num_vq_embeddings=16384,
-            scaling_factor=0.18215,
-        )
-        movq.to(dt).save_pretrained(decoder_dir / "movq")
-        del movq
+        for (component, folder), make in networks(small, tokenizer).items():
+            make().to(dt).save_pretrained(root / component / folder)  # one at a time: 5 B parameters in all
     layout.image_processor(224).save_pretrained(prior_dir / "image_processor")
     layout.prior_scheduler().save_pretrained(prior_dir / "scheduler")
     layout.write_prior_index(prior_dir)
     layout.decoder_ddpm_scheduler().save_pretrained(decoder_dir / "scheduler")
     layout.write_decoder_index(decoder_dir, "KandinskyV22Pipeline")
     (root / "built.json").write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+
+
+def flops_on_meta(args) -> dict:
+    """FLOPs per image of each network at Kandinsky 2.2's sizes, counted by torch.utils.flop_counter on meta
+    tensors (shapes only: no weights, no device, seconds on a CPU), composed as the job calls them per
+    image: the prior's text encoder on the prompt and the empty negative, the prior and UNet steps with
+    guidance (two rows each), MoVQ once, and CLIP's image and text encoders once each for the score."""
+    import tempfile
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    latent = args.size // 8
+    with tempfile.TemporaryDirectory() as folder, torch.device("meta"):
+        made = {name: make() for (_, name), make in networks(args.small, layout.tokenizer(Path(folder))).items()}
+        embed = made["prior"].config.embedding_dim
+        once = {
+            "text_encoder": count(lambda: made["text_encoder"](torch.zeros(1, 77, dtype=torch.long))),
+            "image_encoder": count(lambda: made["image_encoder"](torch.randn(1, 3, 224, 224))),
+            "prior": count(
+                lambda: made["prior"](
+                    torch.randn(2, embed),
+                    timestep=torch.tensor(1),
+                    proj_embedding=torch.randn(2, embed),
+                    encoder_hidden_states=torch.randn(2, 77, embed),
+                    attention_mask=torch.ones(2, 77, dtype=torch.bool),
+                )
+            ),
+            "unet": count(
+                lambda: made["unet"](
+                    sample=torch.randn(2, 4, latent, latent),
+                    timestep=torch.tensor(1),
+                    encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": torch.randn(2, embed)},
+                )
+            ),
+            "movq": count(lambda: made["movq"].decode(torch.randn(1, 4, latent, latent), force_not_quantize=True)),
+        }
+    per_image = {
+        "text_encoder": 3 * once["text_encoder"],  # prompt + negative for the prior, prompt for the score
+        "prior": args.prior_steps * once["prior"],
+        "unet": args.steps * once["unet"],
+        "movq": once["movq"],
+        "image_encoder": once["image_encoder"],
+    }
+    return {
+        "tflop_per_image": {k: _figures(v) for k, v in per_image.items()},
+        "total": _figures(sum(per_image.values())),
+    }
+
+
+def _figures(tflop: float) -> float:
+    return float(f"{tflop:.4g}")  # four significant figures: the stand-in's counts are millions of times smaller
+
+
+def peak_tflops(device: str, dtype: str) -> float | None:
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    return next((peak for name, peak in PEAK_TFLOPS.items() if name in device), None)
 
 
 class Busy:
@@ -191,7 +273,7 @@ def naive(root: Path, out: Path, n: int, args) -> dict:
     import torch
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
-    dt = getattr(torch, args.dtype)
+    dt = getattr(torch, args.dtype[0])
     prior = KandinskyV22PriorPipeline.from_pretrained(root / PRIOR, torch_dtype=dt).to(args.device)
     decoder = KandinskyV22Pipeline.from_pretrained(root / DECODER, torch_dtype=dt).to(args.device)
     for pipe in (prior, decoder):
@@ -292,25 +374,90 @@ def profile(predictor, batch_rows: list[dict], device: str) -> dict:
     return phases
 
 
-def ours(root: Path, out: Path, n: int, batch: int, args, compiled: tuple[str, ...] = ()) -> dict:
+@dataclass(frozen=True)
+class Run:
+    """One run of our side: images per call, weights' type, channels_last, torch.compile mode (or off)."""
+
+    batch: int
+    dtype: str
+    channels_last: bool = False
+    compile: str = "off"
+
+    @property
+    def name(self) -> str:
+        extras = [self.dtype] + ["channels_last"] * self.channels_last
+        extras += [f"compiled {self.compile}"] if self.compile != "off" else []
+        return f"ours x{self.batch} ({', '.join(extras)})"
+
+
+def plan_runs(args) -> list[Run]:
+    first, dtype = args.batch[0], args.dtype[0]
+    runs = [Run(batch, dtype) for batch in args.batch]
+    runs += [Run(first, other) for other in args.dtype[1:]]
+    runs += [Run(first, dtype, channels_last=True)] if args.channels_last else []
+    runs += [Run(first, dtype, args.channels_last, mode) for mode in args.compile]
+    return runs
+
+
+def count_flops(predictor, batch_rows: list[dict]) -> dict:
+    """FLOPs per image of one call, counted by torch.utils.flop_counter (matrix products, convolutions,
+    attention), in all and in the decoder UNet alone; eager, after the warm-up."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unclip_batch.batches import to_batch
+
+    unet = predictor.model.decoder.unet
+    counted = {"unet": 0}
+    forward = unet.forward
+
+    def counted_forward(*a, **kw):  # the UNet's share: the counter's total before and after each step
+        before = counter.get_total_flops()
+        out = forward(*a, **kw)
+        counted["unet"] += counter.get_total_flops() - before
+        return out
+
+    unet.forward = counted_forward
+    try:
+        with FlopCounterMode(display=False) as counter:
+            predictor(to_batch(batch_rows))
+    finally:
+        del unet.forward  # the class's own again
+    images = len(batch_rows)
+    total, unet_flops = counter.get_total_flops(), counted["unet"]
+    return {"image_tflop": _figures(total / images / 1e12), "unet_tflop": _figures(unet_flops / images / 1e12)}
+
+
+def mfu(result: dict, flops: dict | None, peak_tflops: float | None) -> dict:
+    """MFU of a timed side: its images/s times the FLOPs per image, over the GPU's peak."""
+    if not flops or not peak_tflops:
+        return {}
+    rate = result["images_per_s"]
+    return {
+        "mfu": round(rate * flops["image_tflop"] / peak_tflops, 3),
+        "mfu_unet": round(rate * flops["unet_tflop"] / peak_tflops, 3),
+    }
+
+
+def ours(root: Path, out: Path, n: int, run: Run, args) -> dict:
     import torch
 
     from unclip_batch.batches import rows_of, to_batch
     from unclip_batch.predict import UnclipPredictor
 
+    # The job's model stage: --compile compiles in the predictor's model, as in each of the job's actors.
     predictor = UnclipPredictor(
-        model=str(root), tasks=("generate",), batch_size=batch, device=args.device, dtype=args.dtype
+        model=str(root),
+        tasks=("generate",),
+        batch_size=run.batch,
+        device=args.device,
+        dtype=run.dtype,
+        compile=run.compile,
     )
     model = predictor.model
-    if args.channels_last:
+    if run.channels_last:
         model.decoder.unet.to(memory_format=torch.channels_last)
         model.decoder.movq.to(memory_format=torch.channels_last)
-    if "unet" in compiled:
-        model.decoder.unet = torch.compile(model.decoder.unet)
-    if "prior" in compiled:  # the prior transformer and the CLIP text encoder it reads
-        model.prior.prior = torch.compile(model.prior.prior)
-        model.prior.text_encoder = torch.compile(model.prior.text_encoder)
-    all_rows = rows(n + batch, args.size, args.steps, args.prior_steps)
+    all_rows = rows(n + run.batch, args.size, args.steps, args.prior_steps)
     # The write stage: PNG encode + write in other processes (Ray workers in the job), beside the model.
     pool = ProcessPoolExecutor(max_workers=4, mp_context=multiprocessing.get_context("spawn"))
 
@@ -318,38 +465,52 @@ def ours(root: Path, out: Path, n: int, batch: int, args, compiled: tuple[str, .
         return pool.submit(write, out / f"ours-{row['id']}.png", row["pixels"], args.size)
 
     warm_started = time.perf_counter()
-    for f in [submit(row) for row in rows_of(predictor(to_batch(all_rows[:batch])))]:  # warm-up (and compile)
+    warm = rows_of(predictor(to_batch(all_rows[: run.batch])))  # warm-up (and compile)
+    for f in [submit(row) for row in warm]:
         f.result()
     synchronize(args.device)
     warm_s = time.perf_counter() - warm_started
     pending = []
     with Busy() as busy:
         started = time.perf_counter()
-        for start in range(batch, len(all_rows), batch):
-            pending += [submit(row) for row in rows_of(predictor(to_batch(all_rows[start : start + batch])))]
+        for start in range(run.batch, len(all_rows), run.batch):
+            pending += [submit(row) for row in rows_of(predictor(to_batch(all_rows[start : start + run.batch])))]
         for f in pending:
             f.result()
         wall = time.perf_counter() - started
     pool.shutdown()
     result = {
-        "side": "ours" + (f" compiled {'+'.join(compiled)}" if compiled else ""),
+        "side": run.name,
+        "attention": sorted({type(p).__name__ for p in model.decoder.unet.attn_processors.values()}),
         "images": n,
-        "batch": batch,
+        "batch": run.batch,
         "wall_s": round(wall, 2),
         "images_per_s": round(n / wall, 3),
         "gpu_busy": busy.fraction,
         "warm_up_s": round(warm_s, 1),
     }
+    if run.compile != "off":  # as the job's summary has it: the first call of the shape, compiling included
+        result["compile_warm_up_s"] = round(sum(r["warm_up_s"] for r in warm), 1)
+    if run.compile == "off" and not run.channels_last:
+        result["flops"] = count_flops(predictor, all_rows[: run.batch])
     if args.profile:
-        result["profile"] = profile(predictor, all_rows[:batch], args.device)
+        result["profile"] = profile(predictor, all_rows[: run.batch], args.device)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, required=True, help="where the random checkpoint is built (reused)")
+    parser.add_argument(
+        "--root", type=Path, help="where the random checkpoint is built (reused); required but with --flops-only"
+    )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["bfloat16"],
+        choices=DTYPES[1:],
+        help="weights' type: the first for the checkpoint, the naive loop and every run; each other one adds a run",
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prior-steps", type=int, default=25)
@@ -362,26 +523,44 @@ def main() -> None:
         default=[16],
         help="images per model call on our side (one run each; compiled runs use the first)",
     )
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd UNet")
     parser.add_argument(
-        "--compile-prior",
-        action="store_true",
-        help="also time ours with the UNet, the prior and its text encoder compiled",
+        "--channels-last", action="store_true", help="also time ours with the UNet and MoVQ in channels_last"
     )
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=[],
+        choices=COMPILE_MODES[1:],
+        metavar="MODE",
+        help="also time ours compiled, once per mode (the job's --compile: every network; default, "
+        "reduce-overhead = CUDA graphs, max-autotune)",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense peak for the dtype (default: PEAK_TFLOPS)")
     parser.add_argument(
         "--profile",
         action="store_true",
         help="after each of our runs, one call under torch.profiler: wall and GPU busy per phase",
     )
     parser.add_argument("--small", action="store_true", help="a CPU-sized stand-in checkpoint (smoke runs)")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count each network's FLOPs per image on meta tensors and stop (no checkpoint, no device: a CPU will do)",
+    )
     parser.add_argument("--out", type=Path, help="PNG folder (default: ROOT/images)")
     args = parser.parse_args()
+    if not args.root and not args.flops_only:
+        parser.error("--root is required")
+    if args.flops_only:
+        print(
+            json.dumps({"size": args.size, "steps": args.steps, "prior_steps": args.prior_steps, **flops_on_meta(args)})
+        )
+        return
     import diffusers
     import torch
     import transformers
 
-    build(args.root, args.dtype, args.device, args.small)
+    build(args.root, args.dtype[0], args.device, args.small)
     out = args.out or args.root / "images"
     out.mkdir(parents=True, exist_ok=True)
     info = {
@@ -389,7 +568,7 @@ def main() -> None:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "dtype": args.dtype,
+        "dtype": args.dtype[0],
         "size": args.size,
         "steps": args.steps,
         "prior_steps": args.prior_steps,
@@ -398,15 +577,22 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = [naive(args.root, out, args.naive_rows, args)]
     print(json.dumps(results[-1]), flush=True)
-    runs = [(batch, ()) for batch in args.batch]
-    runs += [(args.batch[0], ("unet",))] if args.compile else []
-    runs += [(args.batch[0], ("unet", "prior"))] if args.compile_prior else []
-    for batch, compiled in runs:
-        results.append(ours(args.root, out, args.rows, batch, args, compiled))
+    flops = None  # per image, the same at any batch size, dtype or compile mode: counted in the first run
+    for run in plan_runs(args):
+        try:
+            results.append(ours(args.root, out, args.rows, run, args))
+        except Exception as exc:  # a lent GPU's minutes are few: one mode that fails must not lose the others
+            results.append({"side": run.name, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        flops = flops or results[-1].get("flops")
+        results[-1].update(mfu(results[-1], flops, args.peak_tflops or peak_tflops(info["device"], run.dtype)))
         print(json.dumps(results[-1]), flush=True)
+    peak = args.peak_tflops or peak_tflops(info["device"], args.dtype[0])
+    results[0].update(mfu(results[0], flops, peak))  # the same work per image, one image at a time
     base = results[0]["images_per_s"]
-    ratios = {f"{r['side']} x{r['batch']}": round(r["images_per_s"] / base, 2) for r in results[1:]}
-    print(json.dumps({**info, "ratios": ratios, "results": results}), flush=True)
+    ratios = {r["side"]: round(r["images_per_s"] / base, 2) for r in results[1:] if "error" not in r}
+    print(json.dumps({**info, "peak_tflops": peak, "flops": flops, "ratios": ratios, "results": results}), flush=True)
 
 
 if __name__ == "__main__":

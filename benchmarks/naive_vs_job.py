@@ -2,6 +2,7 @@
 
     python benchmarks/naive_vs_job.py                       # 96 mixed rows, 3 runs each, default model
     python benchmarks/naive_vs_job.py --steps 20 --naive-steps 50    # the model's 20 steps vs the docs' 50
+    python benchmarks/naive_vs_job.py --compile default     # and each run the job compiled, beside it eager
 
 The naive loop is what a user writes from diffusers' Kandinsky 2.2 docs: load the prior, decoder and
 inpaint pipelines once, then per row call the prior pipeline once (``interpolate`` for a variation) and the
@@ -10,7 +11,9 @@ Ours is ``unclip-batch run`` on the same rows as a Parquet manifest (a fresh out
 started by the command, so its wall time counts Ray's start too). Each side is a fresh Python process,
 as a user runs either: both walls count interpreter start, imports (torch, diffusers: ~4 s here) and
 model loads. Prints one JSON line per run and a final JSON summary with the medians and the ratio of
-images/s.
+images/s. With ``--compile``, each run also runs the job with ``--compile MODE``, after the eager one; its
+warm-up (the summary's) is reported apart: the first compiled run compiles from nothing, later ones find
+inductor's cache on this machine, as later jobs on a cluster node do.
 """
 
 from __future__ import annotations
@@ -136,7 +139,14 @@ def naive_loop(manifest: str, out: str, model: str, steps: int, prior_steps: int
 
 
 def job(
-    manifest: Path, out: Path, model: str, steps: int, prior_steps: int, scheduler: str, batch_size: int | None
+    manifest: Path,
+    out: Path,
+    model: str,
+    steps: int,
+    prior_steps: int,
+    scheduler: str,
+    batch_size: int | None,
+    compile: str = "off",
 ) -> dict:
     started = time.perf_counter()
     result = subprocess.run(
@@ -158,6 +168,7 @@ def job(
             "--scheduler",
             scheduler,
             *(["--batch-size", str(batch_size)] if batch_size else []),
+            *(["--compile", compile] if compile != "off" else []),
         ],
         capture_output=True,
         text=True,
@@ -167,7 +178,12 @@ def job(
     if result.returncode != 0:
         raise SystemExit(f"unclip-batch run failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "_SUCCESS").read_text())
-    return {"images": summary["images"], "wall_s": round(wall, 2), "job_s": summary["wall_s"]}
+    return {"images": summary["images"], "wall_s": round(wall, 2), "job_s": summary["wall_s"], **_warm_up(summary)}
+
+
+def _warm_up(summary: dict) -> dict:
+    warm_up = summary["warm_up"]
+    return {"warm_up_calls": warm_up["calls"], "warm_up_s": warm_up["s"]} if warm_up["compile"] != "off" else {}
 
 
 def main() -> None:
@@ -185,13 +201,19 @@ def main() -> None:
     parser.add_argument("--naive-steps", type=int, help="decoder steps of the naive loop (default: --steps)")
     parser.add_argument("--scheduler", default="default", help="our job's decoder sampler")
     parser.add_argument("--batch-size", type=int, help="our job's images per model call (default: the job's)")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        metavar="MODE",
+        help="also run the job with --compile MODE in each run, beside the eager one (default: off)",
+    )
     parser.add_argument("--naive-loop", help=argparse.SUPPRESS)  # the naive side's own process: its options
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.naive_loop:
         print(json.dumps(naive_loop(**json.loads(args.naive_loop))))
         return
-    naive_runs, job_runs = [], []
+    naive_runs, job_runs, compiled_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
         folder.mkdir()
@@ -215,8 +237,21 @@ def main() -> None:
                 )
             )
             print(json.dumps({"run": run, "job": job_runs[-1]}), flush=True)
+            if args.compile != "off":
+                settings = (args.model, args.steps, args.prior_steps, args.scheduler, args.batch_size, args.compile)
+                compiled_runs.append(job(manifest, Path(tmp) / f"compiled{run}", *settings))
+                print(json.dumps({"run": run, "compiled": compiled_runs[-1]}), flush=True)
     naive_rate = statistics.median(r["images"] / r["wall_s"] for r in naive_runs)
     job_rate = statistics.median(r["images"] / r["wall_s"] for r in job_runs)
+    compiled = {}
+    if compiled_runs:
+        compiled_rate = statistics.median(r["images"] / r["wall_s"] for r in compiled_runs)
+        compiled = {
+            "compile": args.compile,
+            "compiled_images_per_s": round(compiled_rate, 3),
+            "compiled_vs_eager": round(compiled_rate / job_rate, 2),
+            "warm_up_s": [r["warm_up_s"] for r in compiled_runs],
+        }
     print(
         json.dumps(
             {
@@ -228,6 +263,7 @@ def main() -> None:
                 "naive_images_per_s": round(naive_rate, 3),
                 "job_images_per_s": round(job_rate, 3),
                 "ratio": round(job_rate / naive_rate, 2),
+                **compiled,
             }
         )
     )

@@ -107,8 +107,9 @@ def test_quality_vs_speed_evaluation_runs():
 
 
 def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
-    """The GPU benchmark's code path (checkpoint build, naive loop, our predictor, writer pool) on a
-    small stand-in of Kandinsky 2.2's structure; the real figures come from a lent GPU."""
+    """The GPU benchmark's code path (checkpoint build, naive loop, our predictor, writer pool, every kind
+    of run: another batch, another dtype, channels_last, compiled; the FLOP count and MFU) on a small
+    stand-in of Kandinsky 2.2's structure; the real figures come from a lent GPU (benchmarks/gpu_run.sh)."""
     report = _last_json(
         [
             "benchmarks/gpu.py",
@@ -119,6 +120,12 @@ def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
             "cpu",
             "--dtype",
             "float32",
+            "bfloat16",
+            "--channels-last",
+            "--compile",
+            "default",
+            "--peak-tflops",
+            "1",
             "--size",
             "64",
             "--steps",
@@ -131,11 +138,35 @@ def test_gpu_benchmark_runs_on_a_cpu_sized_stand_in(tmp_path):
             "1",
             "--batch",
             "2",
+            "4",
         ]
     )
-    assert [r["side"] for r in report["results"]] == ["naive", "ours"]
-    assert report["results"][1]["images"] == 4 and report["ratios"]["ours x2"] > 0
-    assert len(list((tmp_path / "k22" / "images").glob("ours-*.png"))) == 6  # 4 timed + 2 warm-up
+    sides = [r["side"] for r in report["results"]]
+    assert sides == [
+        "naive",
+        "ours x2 (float32)",
+        "ours x4 (float32)",
+        "ours x2 (bfloat16)",
+        "ours x2 (float32, channels_last)",
+        "ours x2 (float32, channels_last, compiled default)",
+    ]
+    assert all(r["images"] == 4 and report["ratios"][r["side"]] > 0 for r in report["results"][1:])
+    assert report["results"][-1]["compile_warm_up_s"] > 0
+    # SDPA: diffusers' default processor for Kandinsky's attention with added keys and values.
+    assert report["results"][1]["attention"] == ["AttnAddedKVProcessor2_0"]
+    # FLOPs per image as torch's counter sees them, the UNet's a part; MFU from them at a peak of 1 TFLOP/s.
+    flops = report["flops"]
+    assert 0 < flops["unet_tflop"] < flops["image_tflop"]
+    for result in report["results"]:
+        assert result["mfu"] == round(result["images_per_s"] * flops["image_tflop"], 3)
+        assert result["mfu_unet"] == round(result["images_per_s"] * flops["unet_tflop"], 3)
+    # The same networks counted on meta tensors (how the real sizes' figure is made without a GPU), composed
+    # per image as the job calls them: within 10% of the count over a real call.
+    meta = _last_json(
+        ["benchmarks/gpu.py", "--flops-only", "--small", "--size", "64", "--steps", "2", "--prior-steps", "2"]
+    )
+    assert abs(meta["total"] - flops["image_tflop"]) <= 0.1 * flops["image_tflop"]
+    assert abs(meta["tflop_per_image"]["unet"] - flops["unet_tflop"]) <= 0.1 * flops["unet_tflop"]
 
 
 def test_first_image_benchmark_runs():
