@@ -14,4 +14,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 benchmarks/gpu.py --root /tmp/k22 --batch 32 --rows 64 --naive-rows 8 \
-    --dtype bfloat16 float16 --channels-last --compile default reduce-overhead "$@" 2>&1 | tee "$OUT/gpu.log"
+    --compile default reduce-overhead --dtype bfloat16 float16 "$@" 2>&1 | tee "$OUT/gpu.log"
