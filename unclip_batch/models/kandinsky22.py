@@ -377,8 +377,8 @@ def compile_modules(torch, modules: list, mode: str) -> None:
     whatever it is batched with.
 
     - Inductor's deterministic mode: autotuning never picks a kernel by timing it, which would make the
-      bytes depend on how busy the machine was when it compiled (max-autotune picks among its templates by
-      a fixed rule instead).
+      bytes depend on how busy the machine was when it compiled. max-autotune then keeps the library's
+      matrix kernels where it would have timed its own templates against them.
     - Static shapes (``dynamic=False``): each call shape gets kernels of its own. With dynamic shapes, the
       second shape an actor saw would be compiled for every size, and a row's bytes would depend on which
       shapes its actor had seen before it.
