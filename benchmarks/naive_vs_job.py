@@ -220,26 +220,16 @@ def main() -> None:
         rows = build_rows(args.rows, folder)
         manifest = folder / "manifest.parquet"
         pq.write_table(pa.Table.from_pylist(rows), manifest)
+        settings = (args.model, args.steps, args.prior_steps, args.scheduler, args.batch_size)  # both jobs'
         for run in range(args.runs):  # alternate, so drift in the machine's speed hits both alike
             out = Path(tmp) / f"naive{run}"
             out.mkdir()
             naive_runs.append(naive(manifest, out, args.model, args.naive_steps or args.steps, args.prior_steps))
             print(json.dumps({"run": run, "naive": naive_runs[-1]}), flush=True)
-            job_runs.append(
-                job(
-                    manifest,
-                    Path(tmp) / f"job{run}",
-                    args.model,
-                    args.steps,
-                    args.prior_steps,
-                    args.scheduler,
-                    args.batch_size,
-                )
-            )
+            job_runs.append(job(manifest, Path(tmp) / f"job{run}", *settings))
             print(json.dumps({"run": run, "job": job_runs[-1]}), flush=True)
             if args.compile != "off":
-                settings = (args.model, args.steps, args.prior_steps, args.scheduler, args.batch_size, args.compile)
-                compiled_runs.append(job(manifest, Path(tmp) / f"compiled{run}", *settings))
+                compiled_runs.append(job(manifest, Path(tmp) / f"compiled{run}", *settings, args.compile))
                 print(json.dumps({"run": run, "compiled": compiled_runs[-1]}), flush=True)
     naive_rate = statistics.median(r["images"] / r["wall_s"] for r in naive_runs)
     job_rate = statistics.median(r["images"] / r["wall_s"] for r in job_runs)

@@ -119,10 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODE",
         help="torch.compile the model in each actor, in MODE: default (--compile alone), reduce-overhead (adds "
         "CUDA graphs) or max-autotune (CUDA graphs and more kernels, none chosen by timing); off (the default). "
-        "Each actor compiles once "
-        "per call shape (task, size, guidance) in its first call of it: the summary's warm_up. A compiled job "
-        "resumes to the same bytes; its images differ from an eager job's in few pixels, by a few levels "
-        "(README, 'Compiled models')",
+        "Each actor compiles once per call shape (task, size, guidance) in its first call of it: the summary's "
+        "warm_up. A compiled job resumes to the same bytes; its images differ from an eager job's in few "
+        "pixels, by a few levels (README, 'Compiled models')",
     )
     run.add_argument(
         "--scheduler",
