@@ -8,6 +8,7 @@ from helpers import write_manifest
 from unclip_batch import plan
 from unclip_batch.errors import ManifestError, SetupError
 from unclip_batch.manifest import manifest_files
+from unclip_batch.storage import Location, Stores
 
 
 def test_shards_are_planned_from_footers_and_cover_every_row_once(tmp_path):
@@ -32,7 +33,9 @@ def test_shards_are_planned_from_footers_and_cover_every_row_once(tmp_path):
 def work(out, **kwargs) -> plan.Work:
     from unclip_batch.manifest import SizeRule
 
-    return plan.Work(output=str(out), defaults={}, size=SizeRule(64, 8, 1024), batch_size=4, **kwargs)
+    return plan.Work(
+        output=Location(str(out)), stores=Stores(None), defaults={}, size=SizeRule(64, 8, 1024), batch_size=4, **kwargs
+    )
 
 
 def test_a_shard_read_keeps_what_is_recorded_and_redoes_the_rest(tmp_path):
@@ -66,14 +69,14 @@ def test_a_shard_read_keeps_what_is_recorded_and_redoes_the_rest(tmp_path):
     assert [e["code"] for e in errors] == ["duplicate_id", "invalid_id"]
     assert [row for block in blocks for row in block["id"].to_pylist()] == ["d"]
     assert (report["rows"], report["kept"], report["kept_failed"], report["changed"]) == (6, 3, 1, 0)
-    assert plan.changed_rows(shard, output=str(out), duplicates=duplicates) == []
+    assert plan.changed_rows(shard, output=Location(str(out)), duplicates=duplicates, stores=Stores(None)) == []
     # --retry-errors redoes b; a row edited in place (c) is a changed row.
     blocks, _, report = plan.read_shard(shard, work(out, duplicates=duplicates, retry_errors=True))
     assert [r for b in blocks for r in b["id"].to_pylist()] == ["b", "d"] and report["retried"] == 1
     rows[2]["prompt"] = "yellow"
     write_manifest(tmp_path / "m.parquet", rows)
     (shard,) = plan.plan_shards(manifest_files([manifest]), rows_per_shard=10)
-    assert plan.changed_rows(shard, output=str(out), duplicates=duplicates) == ["c"]
+    assert plan.changed_rows(shard, output=Location(str(out)), duplicates=duplicates, stores=Stores(None)) == ["c"]
     blocks, _, report = plan.read_shard(shard, work(out, duplicates=duplicates))
     assert sorted(r for b in blocks for r in b["id"].to_pylist()) == ["c", "d"] and report["changed"] == 1
 
@@ -96,36 +99,48 @@ def test_the_output_says_which_shards_are_finished_and_refuses_strange_ones(tmp_
         json.dumps({**stats, "start": 2, "stop": 4, "version": "9:old", "failed": 1})
     )
     pq.write_table(pa.table({"id": ["r4"]}), out / "metadata" / "00002.parquet")
-    state = plan.output_state(str(out), "shards")
+    state = plan.output_state(Location(str(out)), "shards")
     assert sorted(state.stats) == ["00000", "00001"] and state.recorded == {"00002"}
     visit, skipped = plan.to_visit(shards, state, retry_errors=False)
     # 00001's stats are of another version of the file (its manifest was written again): read again.
     assert [s.name for s in visit] == ["00001", "00002"] and len(skipped) == 1
-    visit, _ = plan.to_visit(shards[:1], plan.output_state(str(out), "shards"), retry_errors=True)
+    visit, _ = plan.to_visit(shards[:1], plan.output_state(Location(str(out)), "shards"), retry_errors=True)
     assert visit == []  # finished, and no errors to retry
-    plan.check_layout(shards, state, str(out))
+    plan.check_layout(shards, state, Location(str(out)))
     pq.write_table(pa.table({"id": ["x"]}), out / "metadata" / "part-0f3a-00000.parquet")  # an older layout
     with pytest.raises(SetupError, match="do not plan .*part-0f3a-00000"):
-        plan.check_layout(shards, plan.output_state(str(out), "shards"), str(out))
+        plan.check_layout(shards, plan.output_state(Location(str(out)), "shards"), Location(str(out)))
 
 
 def test_another_job_on_the_same_output_is_refused(tmp_path):
     from unclip_batch.writer import write_json
 
-    record = {"model": "tiny", "fingerprint": "abc"}
-    assert plan.check_job_record(str(tmp_path), record) is False
-    write_json(str(tmp_path), plan.JOB_RECORD, record)
-    assert plan.check_job_record(str(tmp_path), record) is True
+    out = Location(str(tmp_path))
+    record = {"model": "tiny", "fingerprint": "abc", "weights": "w1"}
+    assert plan.check_job_record(out, record) is False
+    write_json(out, plan.JOB_RECORD, record)
+    assert plan.check_job_record(out, record) is True
+    assert plan.check_job_record(out, {**record, "weights": None}) is True  # weights not known here: not compared
     with pytest.raises(SetupError, match="--overwrite"):
-        plan.check_job_record(str(tmp_path), {"model": "other", "fingerprint": "def"})
+        plan.check_job_record(out, {"model": "other", "fingerprint": "def"})
+    with pytest.raises(SetupError, match="other weights .*w1 there, w2 here"):
+        plan.check_job_record(out, {**record, "weights": "w2"})
 
 
-def test_overwrite_removes_only_our_names(tmp_path):
-    (tmp_path / "images" / "a").mkdir(parents=True)
-    (tmp_path / "_SUCCESS").write_text("{}")
+def test_overwrite_removes_every_name_of_ours_from_a_jobs_output_and_nothing_else(tmp_path):
+    for name in plan.OURS:
+        (tmp_path / name / "x").mkdir(parents=True) if "." not in name and name[0] != "_" else None
+    for name in ("_SUCCESS", "_job.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "_parts" / "00000").mkdir(parents=True)
+    plan.clear_output(Location(str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "_job.json").write_text("{}")
+    (tmp_path / "images").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    plan.clear_output(str(tmp_path))
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(SetupError, match="notes.txt beside a job's results"):
+        plan.clear_output(Location(str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json", "images", "notes.txt"]
 
 
 def test_model_blocks_end_only_where_a_call_ends():
@@ -199,9 +214,14 @@ def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeyp
 
     read_rows, reads = blinking(manifest.read_rows)
     monkeypatch.setattr(pipeline, "read_rows", read_rows)
-    digests, tasks = pipeline._scan_file(files[0], 2, None, retry_for_s=10)
+    digests, tasks = pipeline._scan_file(files[0], 2, Stores(None), retry_for_s=10)
     assert len(digests) == 2 and tasks == {"generate"} and len(reads) == 2
     records, reads = blinking(plan.shard_records)
     monkeypatch.setattr(plan, "shard_records", records)
-    assert plan.changed_rows(shard, output=str(tmp_path / "out"), duplicates={}, retry_for_s=10) == []
+    assert (
+        plan.changed_rows(
+            shard, output=Location(str(tmp_path / "out")), duplicates={}, stores=Stores(None), retry_for_s=10
+        )
+        == []
+    )
     assert len(reads) == 2

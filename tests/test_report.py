@@ -12,6 +12,7 @@ from helpers import REPO, job, read_output
 
 from unclip_batch.job import run_job
 from unclip_batch.report import write_report
+from unclip_batch.storage import Location, Stores
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,7 +65,7 @@ def visit(browser, url: str, screenshot: Path | None = None) -> dict:
 
 
 def test_the_report_shows_every_image_and_error_opened_from_disk_or_served(demo_output, browser):
-    url = write_report(str(demo_output))
+    url = write_report(Location(str(demo_output)))
     assert url == f"{demo_output}/report/index.html"
     metadata, errors = read_output(demo_output)
     served = http.server.ThreadingHTTPServer(
@@ -105,7 +106,8 @@ def test_the_report_of_an_unfinished_job_says_so_and_writes_to_object_storage(de
     for path in demo_output.rglob("*"):
         if path.is_file() and path.name != "_SUCCESS" and "report" not in path.parts:
             fs.put_file(str(path), f"reports/out/{path.relative_to(demo_output)}")
-    url = write_report("s3://reports/out", s3.storage_options)
+    stores = Stores(s3.storage_options, ["s3://reports/out"])
+    url = write_report(stores.location("s3://reports/out"), stores)
     assert url == "s3://reports/out/report/index.html"
     page = fs.cat_file("reports/out/report/index.html").decode()
     assert "incomplete: no _SUCCESS yet" in page

@@ -4,6 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unclip_batch import report
+from unclip_batch.storage import Location
 
 
 def test_a_large_output_shows_a_sheet_and_says_how_many_there_are(tmp_path, monkeypatch):
@@ -56,7 +57,7 @@ def test_a_large_output_shows_a_sheet_and_says_how_many_there_are(tmp_path, monk
         ),
         tmp_path / "metadata" / "part-0.parquet",
     )
-    report.write_report(str(tmp_path))
+    report.write_report(Location(str(tmp_path)))
     page = (tmp_path / "report" / "index.html").read_text()
     assert "generate: 6 images (the first 2 of 6)" in page and page.count("<figure>") == 2
     assert "<b>a0</b> #0 seed 1, CLIP 0.84" in page
@@ -76,6 +77,6 @@ def test_images_inside_webdataset_shards_are_copied_beside_the_page(tmp_path):
         pa.Table.from_pylist([{**row, "image_key": "shards/00000.tar#00000_000000_00.png"}]),
         tmp_path / "metadata" / "00000.parquet",
     )
-    report.write_report(str(tmp_path))
+    report.write_report(Location(str(tmp_path)))
     assert (tmp_path / "report" / "images" / "00000_000000_00.png").read_bytes() == b"png bytes"
     assert "src='../report/images/00000_000000_00.png'" in (tmp_path / "report" / "index.html").read_text()

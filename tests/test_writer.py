@@ -11,6 +11,7 @@ from PIL import Image
 
 from unclip_batch import plan, writer
 from unclip_batch.manifest import manifest_files
+from unclip_batch.storage import Location, Stores
 from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, commit_shard, image_key, write_json, write_part
 
 
@@ -51,7 +52,7 @@ def image_row(i, k=0, n=1, code="", **kw):
 
 def write_images(rows, output, block=0, format="files"):
     """The write stage on one block of shard 00000 (manifest rows = job rows here)."""
-    write_part(rows, shard="00000", first=0, offset=0, block=block, output=str(output), format=format)
+    write_part(rows, shard="00000", first=0, offset=0, block=block, output=Location(str(output)), format=format)
     return rows
 
 
@@ -111,15 +112,20 @@ def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already():
         def invalidate_cache(self, path):
             pass
 
-        def rm(self, path, recursive=False):
+        def isfile(self, path):
             self.calls += 1
             if self.calls < 2:
                 raise ConnectionError("endpoint down")
-            raise FileNotFoundError(path)
+            return False
 
-    fs = Blinking()
-    storage.remove(fs, "bucket/out/errors/x.parquet", retry_for_s=10)
-    assert fs.calls == 2
+        def exists(self, path):
+            return False
+
+    output = Location("/bucket/out")
+    output._fs, output._root = Blinking(), "bucket/out"
+    output.remove("errors", "x.parquet", retry_for_s=10)
+    assert output.fs.calls == 2
+    assert storage.permanent(FileNotFoundError()) and not storage.permanent(ConnectionError())
 
 
 def test_error_rows_are_not_written(tmp_path):
@@ -130,10 +136,10 @@ def test_error_rows_are_not_written(tmp_path):
 def test_a_killed_write_leaves_nothing_under_a_final_name(tmp_path):
     from unclip_batch import storage
 
-    fs, root = storage.filesystem(str(tmp_path))
-    storage.write_whole(fs, str(tmp_path / "images" / "a" / "0.png"), b"whole", str(tmp_path))
+    output = Location(str(tmp_path))
+    output.write("images/a/0.png", b"whole")
     (tmp_path / "_partial" / "half-written").write_bytes(b"half")  # what SIGKILL mid-write leaves
-    storage.clear_partial(fs, root)
+    storage.clear_partial(output)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["images/a/0.png"]
 
 
@@ -143,7 +149,7 @@ def test_keys_stay_inside_the_output():
 
 def commit(manifest, output, parts, rows_per_shard=10, format="files"):
     (shard, *_) = plan.plan_shards(manifest_files([manifest]), rows_per_shard)
-    return commit_shard(shard, parts, output=str(output), format=format, model="tiny")
+    return commit_shard(shard, parts, output=Location(str(output)), stores=Stores(None), format=format, model="tiny")
 
 
 def test_a_commit_records_each_row_once_in_manifest_order_with_its_manifest_columns(tmp_path):
@@ -153,7 +159,7 @@ def test_a_commit_records_each_row_once_in_manifest_order_with_its_manifest_colu
     out = tmp_path / "out"
     write_images([image_row(2), image_row(0, k=1, n=2), image_row(0, k=0, n=2)], out, block=0)
     write_images([image_row(1, code="model_error")], out, block=1)
-    parts = [str(out / "_parts/00000/0.parquet"), str(out / "_parts/00000/1.parquet")]
+    parts = ["_parts/00000/0.parquet", "_parts/00000/1.parquet"]
     # Ray retried the task of block 0 and delivered it twice: each row still once. Row 3 not done yet.
     stats = commit(manifest, out, parts + parts[:1])
     metadata = pq.read_table(out / "metadata/00000.parquet")
@@ -168,7 +174,7 @@ def test_a_commit_records_each_row_once_in_manifest_order_with_its_manifest_colu
     assert not (out / "stats/00000_stats.json").exists()
     # The next commit of the shard: row 3 done, row 1 redone (--retry-errors) and now fine; the rest kept.
     write_images([image_row(3), image_row(1)], out, block=2)
-    stats = commit(manifest, out, [str(out / "_parts/00000/2.parquet")])
+    stats = commit(manifest, out, ["_parts/00000/2.parquet"])
     metadata = pq.read_table(out / "metadata/00000.parquet")
     assert metadata["id"].to_pylist() == ["r0", "r0", "r1", "r2", "r3"] and not (out / "errors/00000.parquet").exists()
     assert (stats["complete"], stats["rows"], stats["images"]) == (True, 4, 5)
@@ -181,13 +187,13 @@ def test_webdataset_and_parquet_shards_repeat_byte_for_byte(tmp_path):
     for format, data in (("webdataset", "shards/00000.tar"), ("parquet", "data/00000.parquet")):
         one, two = tmp_path / f"{format}-one", tmp_path / f"{format}-two"
         write_images(rows(), one, format=format)
-        commit(manifest, one, [str(one / "_parts/00000/0.parquet")], format=format)
+        commit(manifest, one, ["_parts/00000/0.parquet"], format=format)
         # The same rows in two runs: the first commits two rows, the second the third.
         (first, second, third) = rows()
         write_images([first, second], two, block=0, format=format)
-        commit(manifest, two, [str(two / "_parts/00000/0.parquet")], format=format)
+        commit(manifest, two, ["_parts/00000/0.parquet"], format=format)
         write_images([third], two, block=1, format=format)
-        commit(manifest, two, [str(two / "_parts/00000/1.parquet")], format=format)
+        commit(manifest, two, ["_parts/00000/1.parquet"], format=format)
         assert (one / data).read_bytes() == (two / data).read_bytes(), format
         assert (one / ("shards" if format == "webdataset" else "stats") / "00000_stats.json").exists()
     import tarfile
@@ -203,7 +209,7 @@ def test_webdataset_samples_carry_their_embedding_as_npy(tmp_path):
     vectors = [np.arange(4, dtype=np.float32) / (i + 1) for i in range(2)]
     rows = [image_row(i, embedding=vectors[i].tobytes()) for i in range(2)]
     write_images(rows, tmp_path / "out", format="webdataset")
-    commit(manifest, tmp_path / "out", [str(tmp_path / "out/_parts/00000/0.parquet")], format="webdataset")
+    commit(manifest, tmp_path / "out", ["_parts/00000/0.parquet"], format="webdataset")
     samples = list(wds.WebDataset(str(tmp_path / "out/shards/00000.tar"), shardshuffle=False).decode("pil"))
     assert [s["__key__"] for s in samples] == ["00000_000000_00", "00000_000001_00"]
     for sample, vector in zip(samples, vectors):
@@ -214,7 +220,7 @@ def test_webdataset_samples_carry_their_embedding_as_npy(tmp_path):
 
 
 def test_json(tmp_path):
-    write_json(str(tmp_path), "_SUCCESS", {"a": 1})
+    write_json(Location(str(tmp_path)), "_SUCCESS", {"a": 1})
     assert json.loads((tmp_path / "_SUCCESS").read_text()) == {"a": 1}
 
 

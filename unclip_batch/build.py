@@ -41,10 +41,11 @@ def build(
     templates: list[str] = (),
     num_images: int | None = None,
     seed: int | None = None,
-    storage_options: dict | None = None,
+    stores: storage.Stores | None = None,
 ) -> pa.Table:
     """Read ``sources``, add ids and defaults, write ``target`` (Parquet, any fsspec URL); return the table."""
-    tables = [_read(url, templates, storage_options) for url in sources]
+    stores = stores or storage.Stores(None)
+    tables = [_read(stores.location(url), templates) for url in sources]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     for name, value in (("num_images", num_images), ("seed", seed)):
         if value is not None:
@@ -54,7 +55,8 @@ def build(
         raise ManifestError(f"the sources give {len(ids) - len(pc.unique(ids))} duplicate ids; ids must be unique")
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    fs, path = storage.filesystem(target, storage_options)
+    location = stores.location(target)
+    fs, path = location.fs, location.root
     local = storage.local_path(target)
     if local is not None:  # whole or not at all: a temporary name beside it, renamed into place
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
@@ -67,10 +69,11 @@ def build(
     return table
 
 
-def _read(url: str, templates: list[str], storage_options: dict | None) -> pa.Table:
+def _read(location: storage.Location, templates: list[str]) -> pa.Table:
+    url = location.url
     if not url.lower().endswith(SOURCES):
         raise ManifestError(f"{url}: not a text manifest; give a .txt (a prompt a line), .csv or .jsonl file")
-    fs, path = storage.filesystem(url, storage_options)
+    fs, path = location.fs, location.root
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:

@@ -24,7 +24,8 @@ EXIT_STOPPED = 5  # the job stopped part-way for another reason (cluster, model 
 RUN_EXAMPLES = """examples:
   unclip-batch run manifests/demo.parquet --output out/demo
   unclip-batch run s3://bucket/manifests/ --output s3://bucket/out/run1 --model kandinsky-community \\
-      --batch-size 16 --storage-options '{"endpoint_url": "http://minio:9000"}'
+      --batch-size 16 --storage-options '{"endpoint_url": "http://minio:9000"}'   # keys: the AWS_* variables
+  unclip-batch run s3://bucket/manifests/ --output s3://bucket/out/run1 --storage-options @storage.json
   unclip-batch run manifests/demo.parquet --output out/demo --retry-errors   # resume, redoing failed rows
 
 exit codes: 0 all rows done, 2 nothing computed (bad options/manifest/model/output), 3 storage outage,
@@ -201,14 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
         "from disk, or serve the output folder as it is.",
     )
     report.add_argument("output", metavar="OUTPUT", help="a job's output folder (local path or any fsspec URL)")
+    run.add_argument(
+        "--max-source-bytes",
+        type=int,
+        default=default("max_source_bytes"),
+        help="a source image or mask larger than this many bytes is its row's error, image_too_large "
+        f"(default {default('max_source_bytes'):,}: a 64 Mpx 16-bit RGBA image)",
+    )
     for p in (run, val, build, report):
         p.add_argument(
             "--storage-options",
-            type=json.loads,
+            type=storage_options_arg,
             default=None,
-            metavar="JSON",
-            help='fsspec options for remote URLs, e.g. \'{"endpoint_url": "http://host:8333"}\' '
-            "(default: $UNCLIP_BATCH_STORAGE_OPTIONS or the usual AWS variables)",
+            metavar="JSON|@FILE",
+            help="fsspec options for the job's own stores (output, manifests, model), as JSON without "
+            'secrets, e.g. \'{"endpoint_url": "http://host:8333"}\', or @FILE, a JSON file that may hold them '
+            "(default: $UNCLIP_BATCH_STORAGE_OPTIONS, else none: credentials from the AWS_* variables, a "
+            "profile or the node's role). Rows' sources on other stores get none of them",
         )
     for p in (run, val):
         p.add_argument(
@@ -224,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     defaults = {name: getattr(args, name) for name in sampling.NAMES if getattr(args, name) is not None}
     return JobConfig(
+        max_source_bytes=args.max_source_bytes,
         manifests=tuple(args.manifests),
         output=output_location(args.output),
         model=args.model,
@@ -266,10 +277,88 @@ def output_location(output: str) -> str:
     return os.path.abspath(output)
 
 
+# Option names that hold a secret (fsspec's s3fs, gcsfs, adlfs; botocore's own names): refused on a command
+# line, where Ray's job table, `ps`, shell history and a RayJob's spec would keep them.
+SECRET_OPTIONS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "account_key",
+    "sas_token",
+    "client_secret",
+    "credential",
+    "credentials",
+    "connection_string",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "session_token",
+}
+ENV_OPTIONS = "UNCLIP_BATCH_STORAGE_OPTIONS"
+
+
+def secret_keys(options: dict) -> list[str]:
+    """The names of secret-bearing options, nested ones (client_kwargs) included."""
+    found = []
+    for name, value in options.items():
+        lowered = str(name).lower()
+        if lowered in SECRET_OPTIONS or "secret" in lowered or "password" in lowered:
+            found.append(str(name))
+        if isinstance(value, dict):
+            found += [f"{name}.{inner}" for inner in secret_keys(value)]
+    return found
+
+
+def _parse_options(text: str, where: str) -> dict:
+    """Options as JSON; a message that quotes none of the text (it may hold a secret)."""
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    return options
+
+
+def storage_options_arg(value: str) -> dict:
+    """--storage-options: JSON without secrets, or @FILE (curl's convention) whose JSON may hold them."""
+    try:
+        if value.startswith("@"):
+            try:
+                with open(os.path.expanduser(value[1:]), encoding="utf-8") as f:
+                    return _parse_options(f.read(), f"the file {value[1:]}")
+            except OSError as exc:
+                raise ValueError(f"the file {value[1:]} could not be read ({exc.strerror})") from None
+        options = _parse_options(value, "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    secrets = secret_keys(options)
+    if secrets:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(secrets)}: secrets are not taken on the command line, where the shell history, `ps` "
+            f"and Ray's job table keep them. Put the options in a file and pass --storage-options @FILE, or "
+            f"put them in ${ENV_OPTIONS}, or leave the keys out and let the provider chain find them (the "
+            "AWS_* variables, a profile, the node's role)"
+        )
+    return options
+
+
 def _storage_options(args) -> dict:
     if args.storage_options is not None:
         return args.storage_options
-    return json.loads(os.environ.get("UNCLIP_BATCH_STORAGE_OPTIONS", "{}"))
+    try:
+        return _parse_options(os.environ.get(ENV_OPTIONS, "{}"), f"${ENV_OPTIONS}")
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+
+
+def _stores(args, *urls: str):
+    from unclip_batch.models import ModelSpec
+    from unclip_batch.storage import Stores
+
+    model = getattr(args, "model", None)
+    return Stores(_storage_options(args), [*urls, *([ModelSpec.url_of(model)] if model else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from unclip_batch.report import write_report
 
-            print(write_report(args.output, _storage_options(args)))
+            try:
+                output = _stores(args, args.output).location(args.output)
+            except ValueError as exc:
+                raise SetupError(f"report: {exc}") from exc
+            print(write_report(output, _stores(args, args.output)))
             return 0
         if args.command == "validate":
             return _validate(args)
@@ -328,7 +421,7 @@ def _build(args) -> int:
         templates=args.template,
         num_images=args.num_images,
         seed=args.seed,
-        storage_options=_storage_options(args),
+        stores=_stores(args, *args.sources, args.output),
     )
     print(f"{args.output}: {table.num_rows} rows, columns {', '.join(table.column_names)}")
     print(f"check it with: unclip-batch validate {args.output}")
@@ -339,8 +432,9 @@ def _validate(args) -> int:
     from unclip_batch.manifest import SizeRule, UnknownWords, read_manifests, validate
     from unclip_batch.models import describe_model
 
-    spec, info = describe_model(args.model, _storage_options(args))
-    table = read_manifests(args.manifests, _storage_options(args))
+    stores = _stores(args, *args.manifests)
+    spec, info = describe_model(args.model, stores)
+    table = read_manifests(args.manifests, stores)
     size = SizeRule.of(info)
     good, bad, codes, words = 0, [], Counter(), UnknownWords(info.vocabulary)
     for rows, errors in validate(table, info.defaults, size):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from unclip_batch import sampling, storage
 from unclip_batch.errors import ConfigError
+from unclip_batch.sources import MAX_SOURCE_BYTES
 
 # Decoder samplers a job may ask for: the checkpoint's own, or one the model family swaps in.
 SCHEDULERS = ("default", "ddpm", "ddim", "dpm++")
@@ -22,7 +23,9 @@ class JobConfig:
     manifests: tuple[str, ...]  # Parquet files or folders, any fsspec URL
     output: str  # folder URL that receives images/, metadata/, errors/, _SUCCESS
     model: str = "default"  # model spec: alias, local folder, Hub namespace or object-storage URL
-    storage_options: dict = field(default_factory=dict)  # fsspec options for remote URLs (endpoint, keys)
+    # fsspec options for the job's own stores (output, manifests, model): endpoint, region, keys. Never in a
+    # repr, and never sent to a store a manifest row names (storage.Stores).
+    storage_options: dict = field(default_factory=dict, repr=False)
     address: str | None = None  # Ray address; None starts a local Ray instance
     # Images per model call, a power of two. Calls are padded to exactly this size, so an image's bytes
     # never depend on what it was batched with (see predict.py).
@@ -49,6 +52,7 @@ class JobConfig:
     progress_bar: bool | None = None  # None: a progress bar when stderr is a terminal; else log lines only
     flush_every_s: float = 30.0  # how often unfinished shards are committed: the most work a killed driver loses
     storage_retry_s: float = storage.RETRY_FOR_S  # how long object-storage failures are retried before the job stops
+    max_source_bytes: int = MAX_SOURCE_BYTES  # a source image or mask larger than this is its row's error
 
     def __post_init__(self):
         if not self.manifests:
@@ -82,6 +86,8 @@ class JobConfig:
             raise ConfigError("rows_per_shard must be at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.max_source_bytes < 1:
+            raise ConfigError("max_source_bytes must be at least 1")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}")
 

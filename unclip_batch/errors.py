@@ -88,6 +88,8 @@ CODES = {
     "unused_column": "image2, prompt2, source_prompt (or a mask) given to a task that does not use them",
     "invalid_strength": "text_diff's strength or variation_strength is outside 0-1",
     "unexpected_image": "image or mask is given for a task that does not use it",
+    "source_not_allowed": "the image or mask names a protocol rows may not use (only local paths, s3/gs/az and "
+    "http(s)), a local file from a manifest that is not local, or a link-local or cloud-metadata host",
     "image_unreadable": "the image or mask could not be read (missing object, no access, unreachable)",
     "image_invalid": "the image or mask is not a decodable image (empty, truncated, not an image)",
     "image_too_small": "the image or mask is smaller than 8 px on a side",

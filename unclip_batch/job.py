@@ -37,12 +37,14 @@ SAVE_TIMEOUT_S = 120.0  # how long a stopped job waits for its last commits
 def run_job(config: JobConfig) -> dict:
     """Run a job to completion (or resume it); return the summary also written to ``_SUCCESS``."""
     started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
-    so = config.storage_options
-    # 1. Model config (no weights) and manifests (footers, no rows): every whole-job problem surfaces here.
+    # 1. Where things are, model config (no weights) and manifests (footers, no rows): every whole-job
+    # problem surfaces here. The options go to the job's own stores, and to no other.
     pipeline.ray_address(config.address)  # a Ray Client address is refused before anything else
-    spec, info = describe_model(config.model, so)
+    stores = storage.Stores(config.storage_options, [config.output, *config.manifests, ModelSpec.url_of(config.model)])
+    output = _output(config, stores)
+    spec, info = describe_model(config.model, stores)
     defaults = {**info.defaults, **config.defaults}
-    files = manifest_files(config.manifests, so)
+    files = manifest_files(config.manifests, stores)
     shards = plan.plan_shards(files, config.rows_per_shard, config.limit)
     # 2. Output: refuse to mix jobs; writing the job record proves the output is writable.
     record = plan.job_record(
@@ -53,17 +55,18 @@ def run_job(config: JobConfig) -> dict:
         config.embeddings,
         config.format,
         config.rows_per_shard,
+        info.weights,
     )
-    _prepare_output(config, record)
+    _prepare_output(config, output, record)
     # 3. What the output holds (listings and stats files): the shards to read, and those finished.
-    state = plan.output_state(config.output, FORMATS[config.format].stats_folder, so)
-    plan.check_layout(shards, state, config.output)
+    state = plan.output_state(output, FORMATS[config.format].stats_folder)
+    plan.check_layout(shards, state, output)
     visit, skipped = plan.to_visit(shards, state, config.retry_errors)
     # 4. The ids of every row, in tasks: duplicates (the first occurrence runs), and the tasks asked for.
-    duplicates, tasks = pipeline.scan_ids(config, files)
+    duplicates, tasks = pipeline.scan_ids(config, files, stores)
     # 5. Rows changed under their records since an earlier run: refused (or redone) before any compute.
     checked = [s for s in visit if s.name in state.recorded or s.name in state.stats]
-    changed = pipeline.changed_rows(config, checked, duplicates) if checked else []
+    changed = pipeline.changed_rows(config, output, stores, checked, duplicates) if checked else []
     if changed:
         first = ", ".join(str(c) for c in changed[:5])
         if not config.redo_changed:
@@ -82,18 +85,19 @@ def run_job(config: JobConfig) -> dict:
     )
     # 6. Run the pipeline; commit each shard as its blocks come in.
     work = plan.Work(
-        output=config.output,
+        output=output,
+        stores=stores,
         defaults=defaults,
         size=SizeRule.of(info),
         batch_size=config.batch_size,
         retry_errors=config.retry_errors,
         vocabulary=info.vocabulary,
         duplicates=duplicates,
-        storage_options=so,
+        max_source_bytes=config.max_source_bytes,
         retry_for_s=config.storage_retry_s,
     )
     progress = Progress(config, total=sum(s.limit - s.start for s in visit), vocabulary=info.vocabulary)
-    commits = Commits(config, visit, spec.spec, progress)
+    commits = Commits(config, work, visit, spec.spec, progress)
     batches = None
     try:
         if visit:
@@ -120,34 +124,39 @@ def run_job(config: JobConfig) -> dict:
         logger.warning(progress.words.message(spec.spec))
     # 7. The summary, written last: its presence means every row is accounted for.
     summary = _summary(config, spec, shards, skipped, commits, progress, started, time.perf_counter() - clock)
-    fs, root = storage.filesystem(config.output, so)
-    storage.remove(fs, storage.join(root, plan.PARTS), config.storage_retry_s)
-    write_json(config.output, plan.SUCCESS, summary, so, config.storage_retry_s)
-    storage.clear_partial(fs, root)  # the empty staging folder
+    output.remove(plan.PARTS, retry_for_s=config.storage_retry_s)
+    write_json(output, plan.SUCCESS, summary, config.storage_retry_s)
+    storage.clear_partial(output)  # the empty staging folder
     return summary
 
 
-def _prepare_output(config: JobConfig, record: dict) -> None:
+def _output(config: JobConfig, stores: storage.Stores) -> storage.Location:
+    try:
+        return stores.location(config.output)
+    except ValueError as exc:
+        raise SetupError(f"--output {exc}") from exc
+
+
+def _prepare_output(config: JobConfig, output: storage.Location, record: dict) -> None:
     """--overwrite, the job record check and write, and what a killed run left half-done."""
-    so = config.storage_options
+    shown = storage.redact(config.output)
     try:
         if config.overwrite:
-            plan.clear_output(config.output, so)
-        plan.check_job_record(config.output, record, so)
-        write_json(config.output, plan.JOB_RECORD, record, so, config.storage_retry_s)
-        fs, root = storage.filesystem(config.output, so)
-        storage.clear_partial(fs, root)
+            plan.clear_output(output)
+        plan.check_job_record(output, record)
+        write_json(output, plan.JOB_RECORD, record, config.storage_retry_s)
+        storage.clear_partial(output)
         for name in (plan.SUCCESS, plan.PARTS):  # an earlier run's summary (this run writes its own), parts
-            storage.remove(fs, storage.join(root, name), config.storage_retry_s)
+            output.remove(name, retry_for_s=config.storage_retry_s)
     except SetupError:
         raise
     except PermissionError as exc:
         raise SetupError(
-            f"cannot write to output {config.output}: access denied ({exc}); the credentials "
+            f"cannot write to output {shown}: access denied ({exc}); the credentials "
             "need write access there (nothing was computed)"
         ) from exc
     except Exception as exc:
-        raise SetupError(f"cannot write to output {config.output}: {type(exc).__name__}: {exc}") from exc
+        raise SetupError(f"cannot write to output {shown}: {type(exc).__name__}: {exc}") from exc
 
 
 def _save_what_finished(commits: Commits) -> None:
@@ -178,9 +187,8 @@ class Commits:
     """Each visited shard's blocks as they are reported; a shard is committed once all are in, and its
     finished blocks every flush_every_s before that (a killed driver loses at most that much work)."""
 
-    def __init__(self, config: JobConfig, shards: list[plan.Shard], model: str, progress: Progress):
-        self.config, self.model, self.progress = config, model, progress
-        self.fs, self.root = storage.filesystem(config.output, config.storage_options)
+    def __init__(self, config: JobConfig, work: plan.Work, shards: list[plan.Shard], model: str, progress: Progress):
+        self.config, self.work, self.model, self.progress = config, work, model, progress
         self.shards = {s.name: _Shard(s) for s in shards}
         self.results: dict[str, dict] = {}  # stats of each shard's final commit
         self.last_flush = time.monotonic()
@@ -198,10 +206,10 @@ class Commits:
                 read = json.loads(report["report"])
                 self.progress.read(read)
                 if read.get("invalid_codes"):
-                    state.parts.append(part_path(self.root, name, "invalid"))
+                    state.parts.append(part_path(name, "invalid"))
             counts = json.loads(report["counts"])
             if counts["part"]:
-                state.parts.append(part_path(self.root, name, block))
+                state.parts.append(part_path(name, block))
             self.progress.block(counts)
         self.poll()
 
@@ -225,7 +233,7 @@ class Commits:
 
     def _commit(self, state: _Shard) -> None:
         state.committed = len(state.parts)
-        state.commit = pipeline.commit(self.config, state.shard, list(state.parts), self.model)
+        state.commit = pipeline.commit(self.config, self.work, state.shard, list(state.parts), self.model)
 
     def finish(self) -> None:
         """Wait until every shard is committed whole."""
@@ -356,7 +364,7 @@ def _summary(
     finished = skipped + list(commits.results.values())
     return {
         "status": "complete",
-        "output": config.output,
+        "output": storage.redact(config.output),
         "manifests": list(config.manifests),
         "model": spec.spec,
         "format": config.format,

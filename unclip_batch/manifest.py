@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 from unclip_batch import sampling, storage
 from unclip_batch.errors import ManifestError, RowError
 from unclip_batch.sampling import Sampling
+from unclip_batch.sources import check_source
+from unclip_batch.storage import Location, Stores
+from unclip_batch.writer import OUTPUT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +47,9 @@ INT_COLUMNS = ("num_images", "seed") + tuple(n for n in sampling.NAMES if sampli
 FLOAT_COLUMNS = ("strength",) + tuple(n for n in sampling.NAMES if sampling.KINDS[n] is float)
 DEFAULT_STRENGTH = 0.5  # text_diff: how far along the captions' difference (DALL-E 2's figure 5 goes to 0.5)
 KNOWN_COLUMNS = ("id",) + STRING_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS
-# Columns the output adds to every metadata/error row; a manifest column may not shadow them.
-RESERVED_COLUMNS = (
-    "k",
-    "image_key",
-    "sha256",
-    "model",
-    "parameters",
-    "timings",
-    "stage",
-    "code",
-    "message",
-    "manifest",
-    "manifest_row",
-    "row",
-    "input_hash",
-)
+SOURCE_COLUMNS = ("image", "mask", "image2")  # URLs or paths, relative ones to the manifest's folder
+# Columns any output format writes beside the manifest's own: a manifest column may not shadow them.
+RESERVED_COLUMNS = tuple(sorted(set(OUTPUT_COLUMNS) - set(KNOWN_COLUMNS)))
 # Bookkeeping columns added to the manifest table (leading underscore: never a user column).
 ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST = "_row", "_manifest", "_manifest_row", "_folder", "_first"
 BOOKKEEPING = (ROW, MANIFEST, MANIFEST_ROW, FOLDER, FIRST)
@@ -203,10 +193,11 @@ def default_seed(row_id: str) -> int:
 
 # -- reading ------------------------------------------------------------------------------------
 def read_manifests(
-    urls: tuple[str, ...] | list[str], storage_options: dict | None = None, limit: int | None = None
+    urls: tuple[str, ...] | list[str], stores: Stores | None = None, limit: int | None = None
 ) -> pa.Table:
     """All manifests as one table with bookkeeping columns; raises ManifestError for unusable input."""
-    tables = [_read_one(url, storage_options) for url in urls]
+    stores = stores or Stores(None)
+    tables = [_read_one(url, stores) for url in urls]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     if limit is not None:
         table = table.slice(0, limit)
@@ -214,11 +205,11 @@ def read_manifests(
     return table.append_column(FIRST, first_occurrence(table))
 
 
-def _read_one(url: str, storage_options: dict | None) -> pa.Table:
+def _read_one(url: str, stores: Stores) -> pa.Table:
     """One manifest read whole, in this process (``validate``; a job reads shards in tasks instead)."""
     if "://" not in url:  # workers may run in another folder: relative sources must not depend on it
         url = os.path.abspath(url)
-    fs, path, is_dir = _locate(url, storage_options)
+    fs, path, is_dir = _locate(url, stores)
     with _reading(url):
         table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
     _check_schema(url, table.schema)
@@ -249,15 +240,15 @@ class ManifestFile:
     version: str  # size and ETag or mtime: a file written again has another
 
 
-def manifest_files(urls, storage_options: dict | None = None) -> list[ManifestFile]:
+def manifest_files(urls, stores: Stores | None = None) -> list[ManifestFile]:
     """Every Parquet file of the job's manifests, in order, from footers only: whole-manifest problems
     (unreadable, no ``id``, a column of the wrong type, no rows) raise ManifestError here, before any
     row is read. The footers are read side by side: a folder of thousands of files on S3 takes seconds."""
-    found = []
+    found, stores = [], stores or Stores(None)
     for url in urls:
         if "://" not in url:  # workers may run in another folder: relative sources must not depend on it
             url = os.path.abspath(url)
-        fs, path, is_dir = _locate(url, storage_options)
+        fs, path, is_dir = _locate(url, stores)
         paths = parquet_files(fs, path, url) if is_dir else [path]
         folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
         found.append((url, fs, paths, folder))
@@ -296,10 +287,11 @@ def _reading(where: str, failed: str = "could not be read as Parquet"):
         raise ManifestError(f"manifest {where} {failed}: {exc}") from exc
 
 
-def _locate(url: str, storage_options):
+def _locate(url: str, stores: Stores):
     """(filesystem, path, is a folder) of a manifest URL that exists and is not a text file."""
     with _reading(url, "could not be read"):
-        fs, path = storage.filesystem(url, storage_options)
+        location = stores.location(url)
+        fs, path = location.fs, location.root
         is_dir = fs.isdir(path)
         if not is_dir and not fs.exists(path):
             raise ManifestError(f"manifest {url} does not exist")
@@ -323,11 +315,11 @@ def _footer(fs, path: str, where: str) -> tuple[pa.Schema, int, str]:
     return schema, meta.num_rows, version
 
 
-def read_rows(manifest: str, path: str, start: int, stop: int, columns, storage_options=None) -> pa.Table:
-    """Rows [start, stop) of a manifest's Parquet file, the given columns that it has (string columns as
-    plain strings, whatever string type was written); only the row groups holding them are read."""
-    fs, _ = storage.filesystem(manifest, storage_options)
-    with fs.open(path, "rb") as f:
+def read_rows(manifest: Location, path: str, start: int, stop: int, columns) -> pa.Table:
+    """Rows [start, stop) of a manifest's Parquet file (``path``, on the manifest's filesystem), the given
+    columns that it has (string columns as plain strings, whatever string type was written); only the row
+    groups holding them are read."""
+    with manifest.fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         present = names if columns is None else [c for c in columns if c in names]
@@ -351,9 +343,11 @@ def id_digests(ids: pa.Array) -> np.ndarray:
     digest across every manifest file, in tasks, without any one process holding the ids."""
     # One join of the digests, then one array: 1.3 s per million ids here, 3.0 s as a row-by-row copy
     # (a resume of 3M rows waits on this scan before its first image).
+    # Ids equal but for case are one file on macOS, Windows and SMB disks: they are one id here too.
     blake2b, null = hashlib.blake2b, bytes(16)
     digests = b"".join(
-        null if value is None else blake2b(str(value).encode(), digest_size=16).digest() for value in ids.to_pylist()
+        null if value is None else blake2b(str(value).casefold().encode(), digest_size=16).digest()
+        for value in ids.to_pylist()
     )
     return np.frombuffer(digests, dtype=[("a", "<u8"), ("b", "<u8")])  # read-only: no caller writes to it
 
@@ -436,7 +430,9 @@ def extra_columns(table: pa.Table) -> list[str]:
 
 def first_occurrence(table: pa.Table) -> pa.ChunkedArray:
     """True for the first row of each id across all manifests (later ones are duplicates)."""
-    firsts = table.select(["id", ROW]).group_by("id", use_threads=False).aggregate([(ROW, "min")])
+    folded = pc.utf8_lower(pc.cast(table["id"], pa.string()))  # ids are ASCII: lower is casefold (id_digests)
+    keyed = pa.table({"id": folded, ROW: table[ROW]})
+    firsts = keyed.group_by("id", use_threads=False).aggregate([(ROW, "min")])
     return pc.is_in(table[ROW], value_set=firsts[f"{ROW}_min"])
 
 
@@ -489,7 +485,11 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
     if row_id is None or not ID_PATTERN.fullmatch(row_id):
         raise RowError("invalid_id", f"id {row_id!r} is not 1-128 characters of [A-Za-z0-9._-] (not starting with '.')")
     if not record[FIRST]:
-        raise RowError("duplicate_id", f"id {row_id!r} appears earlier in the manifests; ids must be unique")
+        raise RowError(
+            "duplicate_id",
+            f"id {row_id!r} appears earlier in the manifests (ids are compared ignoring case: macOS, Windows "
+            "and SMB disks keep 'A' and 'a' as one file); ids must be unique",
+        )
     task = (record.get("task") or "generate").strip()
     folder = record[FOLDER]
     values = {}
@@ -505,15 +505,16 @@ def parse_row(record: dict, defaults: dict, size: SizeRule) -> Row:
     for name in ("width", "height"):
         values[name] = size.default if values[name] is None else values[name]
         size.check(name, values[name])
+    sources = {name: storage.resolve(record[name], folder) if record.get(name) else "" for name in SOURCE_COLUMNS}
+    for url in filter(None, sources.values()):
+        check_source(url, folder)
     return Row(
         row=record[ROW],
         id=row_id,
         task=task,
         prompt=record.get("prompt") or "",
         negative_prompt=record.get("negative_prompt") or "",
-        image=storage.resolve(record["image"], folder) if record.get("image") else "",
-        mask=storage.resolve(record["mask"], folder) if record.get("mask") else "",
-        image2=storage.resolve(record["image2"], folder) if record.get("image2") else "",
+        **sources,
         prompt2=record.get("prompt2") or "",
         source_prompt=record.get("source_prompt") or "",
         input_hash=input_hash(record),

@@ -31,7 +31,7 @@ from unclip_batch.batches import pack, rows_of, unpack
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import Interrupted, JobFailed, SetupError, caused_by, storage_outage
 from unclip_batch.manifest import ManifestFile, id_digests, read_rows
-from unclip_batch.sources import MAX_PIXELS, load_sources
+from unclip_batch.sources import MAX_PIXELS, SourcePolicy, load_sources
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def ensure_ray(config: JobConfig) -> None:
         start_ray(config.address)  # before `import ray` here: see start_ray on token auth
 
 
-def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[str, ...]]:
+def scan_ids(config: JobConfig, files: list[ManifestFile], stores: storage.Stores) -> tuple[dict, tuple[str, ...]]:
     """(duplicate ids, tasks) of the job's rows, in tasks: each file's ids are digested where it is read,
     and one task finds the digests that occur twice, with the job-wide row of the first occurrence (the
     one that runs). The driver gets only the duplicates, and the set of tasks the rows ask for."""
@@ -105,7 +105,7 @@ def scan_ids(config: JobConfig, files: list[ManifestFile]) -> tuple[dict, tuple[
             spans.append((file, rows))
         left -= rows
     scan = _task(_scan_file, num_returns=2)
-    refs = [scan.remote(file, rows, config.storage_options, config.storage_retry_s) for file, rows in spans]
+    refs = [scan.remote(file, rows, stores, config.storage_retry_s) for file, rows in spans]
     digests, tasks = [r[0] for r in refs], [r[1] for r in refs]
     duplicates = _task(_duplicates).remote(*digests)
     return _get(duplicates), tuple(sorted(set().union(*_get(tasks))))
@@ -125,10 +125,10 @@ def _get(refs):
         raise
 
 
-def _scan_file(file: ManifestFile, rows: int, storage_options, retry_for_s: float = storage.RETRY_FOR_S):
+def _scan_file(file: ManifestFile, rows: int, stores: storage.Stores, retry_for_s: float = storage.RETRY_FOR_S):
     # Storage may be away for a moment: read again, as every write does, before failing the job.
     table = storage.retrying(
-        lambda: read_rows(file.manifest, file.path, 0, rows, ["id", "task"], storage_options),
+        lambda: read_rows(stores.location(file.manifest), file.path, 0, rows, ["id", "task"]),
         f"reading {file.manifest}",
         retry_for_s,
     )
@@ -144,26 +144,28 @@ def _duplicates(*digests: np.ndarray) -> dict[bytes, int]:
     return {u.tobytes(): int(i) for u, i in zip(unique[twice], first[twice])}
 
 
-def changed_rows(config: JobConfig, shards: list[plan.Shard], duplicates: dict) -> list:
+def changed_rows(
+    config: JobConfig, output: storage.Location, stores: storage.Stores, shards: list[plan.Shard], duplicates: dict
+) -> list:
     """Rows of these shards changed since an earlier run recorded them (a task per shard)."""
     import ray
 
     dup = ray.put(duplicates)
     check = _task(plan.changed_rows)
-    options = {"storage_options": config.storage_options, "retry_for_s": config.storage_retry_s}
-    refs = [check.remote(s, output=config.output, duplicates=dup, **options) for s in shards]
+    options = {"output": output, "stores": stores, "retry_for_s": config.storage_retry_s}
+    refs = [check.remote(s, duplicates=dup, **options) for s in shards]
     return [row for found in _get(refs) for row in found]
 
 
-def commit(config: JobConfig, shard: plan.Shard, parts: list[str], model: str):
+def commit(config: JobConfig, work: plan.Work, shard: plan.Shard, parts: list[str], model: str):
     """Start a shard's commit (writer.commit_shard) as a task; its reference, for ``finished``."""
     return _task(writer.commit_shard).remote(
         shard,
         parts,
-        output=config.output,
+        output=work.output,
+        stores=work.stores,
         format=config.format,
         model=model,
-        storage_options=config.storage_options,
         retry_for_s=config.storage_retry_s,
     )
 
@@ -300,8 +302,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
         place.workers,
         "one GPU each" if place.device == "cuda" else f"CPU, {place.threads} threads each",
     )
-    so = config.storage_options
-    io_kwargs = {"storage_options": so, "retry_for_s": config.storage_retry_s}
+    policy = SourcePolicy(work.stores, work.max_source_bytes, config.storage_retry_s)
     # One input block per shard: a read task's blocks reach the model as soon as its shard is read.
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -318,7 +319,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
         # of the model actor (READ_TASK).
         ds = ds.map_batches(
             _packed(load_sources),
-            fn_kwargs=io_kwargs,
+            fn_kwargs={"policy": policy},
             batch_size=None,
             num_cpus=IO_TASK_CPUS,
             memory=4 * MAX_PIXELS,
@@ -335,7 +336,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
             scheduler=config.scheduler,
             compile=config.compile,
             threads=place.threads,
-            storage_options=so,
+            stores=work.stores,
             embeddings=config.embeddings,
         ),
         compute=ActorPoolStrategy(size=place.workers),
@@ -346,7 +347,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     )
     return ds.map_batches(
         write_stage,
-        fn_kwargs={"output": config.output, "format": config.format, **io_kwargs},
+        fn_kwargs={"output": work.output, "format": config.format, "retry_for_s": config.storage_retry_s},
         batch_size=None,
         num_cpus=IO_TASK_CPUS,
         batch_format="numpy",
@@ -387,10 +388,11 @@ def read_stage(batch: dict, work: plan.Work, format: str, sources: bool = False)
                 block="invalid",
                 output=work.output,
                 format=format,
-                storage_options=work.storage_options,
                 retry_for_s=work.retry_for_s,
             )["codes"]
-        payloads = [pack(load_sources(b.to_pydict()) if sources else b.to_pydict()) for b in blocks] or [pack({})]
+        policy = SourcePolicy(work.stores, work.max_source_bytes, work.retry_for_s)
+        payloads = [pack(load_sources(b.to_pydict(), policy) if sources else b.to_pydict()) for b in blocks]
+        payloads = payloads or [pack({})]
         for i, payload in enumerate(payloads):
             out["shard"].append(text)
             out["block"].append(i)
@@ -424,7 +426,7 @@ class UnclipPredictorOnBlocks:
         return self.run(batch)
 
 
-def write_stage(batch: dict, output: str, format: str, storage_options=None, retry_for_s=None) -> dict:
+def write_stage(batch: dict, output: storage.Location, format: str, retry_for_s: float = storage.RETRY_FOR_S) -> dict:
     """Each block's images stored and its rows stored as a part; only its numbers go on to the driver."""
     counts = []
     for text, block, payload in zip(batch["shard"], batch["block"], batch["payload"]):
@@ -438,7 +440,6 @@ def write_stage(batch: dict, output: str, format: str, storage_options=None, ret
             block=int(block),
             output=output,
             format=format,
-            storage_options=storage_options,
             retry_for_s=retry_for_s,
         )
         counts.append(json.dumps({**found, "part": bool(rows)}))

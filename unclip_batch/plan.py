@@ -10,6 +10,7 @@ shard whose every row is done has a stats file, and a resume skips it without re
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -38,6 +39,8 @@ from unclip_batch.manifest import (
     read_rows,
 )
 from unclip_batch.sampling import call_key
+from unclip_batch.sources import MAX_SOURCE_BYTES
+from unclip_batch.storage import PARTIAL, Location, Stores
 from unclip_batch.writer import read_records
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ logger = logging.getLogger(__name__)
 JOB_RECORD = "_job.json"
 SUCCESS = "_SUCCESS"
 PARTS = "_parts"  # each finished model block's results, until its shard is committed
+# Every name a job writes at the top of its output (the report page's too): --overwrite removes these, and
+# only these, and only from an output holding a job record.
+OURS = ("images", "metadata", "errors", "shards", "data", "stats", "report", PARTS, JOB_RECORD, SUCCESS)
 # The job record's settings besides its defaults: each changes what the output holds or how it is laid out.
 RECORDED = ("model", "batch_size", "scheduler", "embeddings", "format", "rows_per_shard")
 # Model calls per Ray block (one block is one batch of the model actor): enough that a block's calls are
@@ -108,16 +114,14 @@ class OutputState:
     recorded: frozenset  # names of shards with a metadata or errors file (done in part, or whole)
 
 
-def output_state(output: str, stats_folder: str, storage_options: dict | None = None) -> OutputState:
-    fs, root = storage.filesystem(output, storage_options)
-    fs.invalidate_cache()  # what is there now, not what this process listed before
+def output_state(output: Location, stats_folder: str) -> OutputState:
+    output.fs.invalidate_cache()  # what is there now, not what this process listed before
     names = {}
     for folder, suffix in (("metadata", ".parquet"), ("errors", ".parquet"), (stats_folder, "_stats.json")):
-        path = storage.join(root, folder)
-        files = fs.find(path) if fs.exists(path) else []
-        names[folder, suffix] = sorted(f for f in files if f.endswith(suffix))
+        names[folder, suffix] = [f for f in output.files(folder) if f.endswith(suffix)]
     stats_files = names[stats_folder, "_stats.json"]
-    blobs = fs.cat(stats_files) if stats_files else {}  # a list: fetched side by side on object storage
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # side by side: object storage round trips add up
+        blobs = dict(zip(stats_files, pool.map(output.read, stats_files)))
     stats = {path.rsplit("/", 1)[-1].removesuffix("_stats.json"): json.loads(blob) for path, blob in blobs.items()}
     recorded = {
         p.rsplit("/", 1)[-1].removesuffix(".parquet")
@@ -127,7 +131,7 @@ def output_state(output: str, stats_folder: str, storage_options: dict | None = 
     return OutputState(stats=stats, recorded=frozenset(recorded))
 
 
-def check_layout(shards: list[Shard], state: OutputState, output: str) -> None:
+def check_layout(shards: list[Shard], state: OutputState, output: Location) -> None:
     """Refuse an output holding shards this job's manifests do not plan: files were added, removed or
     reordered, so a shard's name now means other rows, and rows would be lost or recorded twice."""
     planned = {s.name for s in shards}
@@ -135,9 +139,9 @@ def check_layout(shards: list[Shard], state: OutputState, output: str) -> None:
     if strange:
         shown = ", ".join(strange[:5]) + (" ..." if len(strange) > 5 else "")
         raise SetupError(
-            f"{output} holds shards that these manifests do not plan ({shown}): the manifests gained or lost "
-            "rows or files since that output was written, or it comes from an older unclip-batch. Use a new "
-            "--output, or --overwrite to discard the old results (nothing was computed)"
+            f"{storage.redact(output.url)} holds shards that these manifests do not plan ({shown}): the manifests "
+            "gained or lost rows or files since that output was written, or it comes from an older unclip-batch. "
+            "Use a new --output, or --overwrite to discard the old results (nothing was computed)"
         )
 
 
@@ -155,14 +159,13 @@ def to_visit(shards: list[Shard], state: OutputState, retry_errors: bool) -> tup
     return visit, skipped
 
 
-def previous_records(output: str, name: str, storage_options: dict | None = None) -> dict[int, dict]:
+def previous_records(output: Location, name: str) -> dict[int, dict]:
     """The records an earlier run committed for a shard, by manifest_row: id, input_hash, manifest and code
     (None for output)."""
-    fs, root = storage.filesystem(output, storage_options)
-    fs.invalidate_cache()  # a worker's filesystem may have listed the output before this shard's commit
+    output.fs.invalidate_cache()  # a worker's filesystem may have listed the output before this shard's commit
     found = {}
     for folder in ("metadata", "errors"):
-        table = read_records(fs, root, folder, name, ["id", "input_hash", "manifest", "manifest_row", "code"])
+        table = read_records(output, folder, name, ["id", "input_hash", "manifest", "manifest_row", "code"])
         for record in table.to_pylist() if table is not None else []:
             found[record["manifest_row"]] = {**record, "code": record.get("code")}
     return found
@@ -203,9 +206,9 @@ def sort_out(records: list[dict], previous: dict[int, dict], manifest: str, retr
     return out
 
 
-def shard_records(shard: Shard, duplicates: dict, storage_options: dict | None = None) -> list[dict]:
+def shard_records(shard: Shard, duplicates: dict, stores: Stores) -> list[dict]:
     """The shard's rows this run covers, as raw manifest records with their bookkeeping columns."""
-    table = read_rows(shard.manifest, shard.path, shard.start, shard.limit, KNOWN_COLUMNS, storage_options)
+    table = read_rows(stores.location(shard.manifest), shard.path, shard.start, shard.limit, KNOWN_COLUMNS)
     n = table.num_rows
     positions = pa.array(range(shard.offset, shard.offset + n), pa.int64())
     digests = id_digests(table["id"].combine_chunks() if n else pa.array([], pa.string()))
@@ -220,13 +223,13 @@ def shard_records(shard: Shard, duplicates: dict, storage_options: dict | None =
     return table.to_pylist()
 
 
-def _records_and_previous(shard: Shard, output: str, duplicates: dict, storage_options, retry_for_s: float):
+def _records_and_previous(shard: Shard, output: Location, duplicates: dict, stores: Stores, retry_for_s: float):
     """A shard's manifest rows as records and what earlier runs recorded for it. Storage may be away for a
     moment: read again, as every write does, before failing the job."""
     return storage.retrying(
         lambda: (
-            shard_records(shard, duplicates, storage_options),
-            previous_records(output, shard.name, storage_options),
+            shard_records(shard, duplicates, stores),
+            previous_records(output, shard.name),
         ),
         f"reading shard {shard.name}",
         retry_for_s,
@@ -236,13 +239,13 @@ def _records_and_previous(shard: Shard, output: str, duplicates: dict, storage_o
 def changed_rows(
     shard: Shard,
     *,
-    output: str,
+    output: Location,
     duplicates: dict,
-    storage_options: dict | None = None,
+    stores: Stores,
     retry_for_s: float = storage.RETRY_FOR_S,
 ) -> list:
     """Rows of a shard changed since an earlier run recorded them (a task: for the check before compute)."""
-    records, previous = _records_and_previous(shard, output, duplicates, storage_options, retry_for_s)
+    records, previous = _records_and_previous(shard, output, duplicates, stores, retry_for_s)
     found = sort_out(records, previous, shard.manifest, retry_errors=False).changed
     gone = [p for p in previous if not shard.first <= p < shard.first + (shard.stop - shard.start)]
     return found + [f"{shard.manifest}#{p}" for p in gone]
@@ -250,25 +253,25 @@ def changed_rows(
 
 @dataclass(frozen=True)
 class Work:
-    """What ``read_shard`` needs besides the shard: the same for every shard of a job."""
+    """What ``read_shard`` needs besides the shard: the same for every shard of a job. No field holds a
+    credential as such: ``output`` and ``stores`` keep theirs out of reprs and Ray Data's exports."""
 
-    output: str
+    output: Location
+    stores: Stores
     defaults: dict
     size: SizeRule
     batch_size: int
     retry_errors: bool = False
     vocabulary: frozenset | None = None
     duplicates: dict = dataclasses.field(default_factory=dict)  # id digest -> job-wide row of its first occurrence
-    storage_options: dict | None = None
+    max_source_bytes: int = MAX_SOURCE_BYTES
     retry_for_s: float = storage.RETRY_FOR_S
 
 
 def read_shard(shard: Shard, work: Work) -> tuple[list[pa.Table], list[dict], dict]:
     """The read stage of one shard: its rows left to do, validated, cut into model blocks; the error
     records of rows that failed validation; and a report (counts and unknown words) for the driver."""
-    records, previous = _records_and_previous(
-        shard, work.output, work.duplicates, work.storage_options, work.retry_for_s
-    )
+    records, previous = _records_and_previous(shard, work.output, work.duplicates, work.stores, work.retry_for_s)
     sorted_out = sort_out(records, previous, shard.manifest, work.retry_errors)
     rows, errors = parse_records(sorted_out.todo, work.defaults, work.size)
     words = UnknownWords(work.vocabulary)
@@ -304,6 +307,7 @@ def job_record(
     embeddings: bool = False,
     format: str = "files",
     rows_per_shard: int = 1000,
+    weights: str | None = None,
 ) -> dict:
     """What makes two runs one job: the model, the sampling defaults, the batch size (model calls have
     exactly batch_size images, and the call shape decides the last bits of every pixel, see predict.py),
@@ -320,20 +324,29 @@ def job_record(
         "format": format,
         "rows_per_shard": rows_per_shard,
         "unclip_batch": __version__,
+        # The model's files (models.weights_fingerprint): a resume on other weights is refused. Apart from the
+        # fingerprint, which outputs written before it was recorded keep.
+        "weights": weights,
     }
     settings = json.dumps([model, defaults, batch_size, scheduler, embeddings, format, rows_per_shard], sort_keys=True)
     record["fingerprint"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     return record
 
 
-def check_job_record(output: str, record: dict, storage_options: dict | None = None) -> bool:
-    """Refuse to mix results of different models or settings in one output; True when resuming."""
-    fs, root = storage.filesystem(output, storage_options)
-    path = storage.join(root, JOB_RECORD)
-    try:
-        earlier = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
+def check_job_record(output: Location, record: dict) -> bool:
+    """Refuse to mix results of different models, weights or settings in one output; True when resuming."""
+    earlier = read_job_record(output)
+    if earlier is None:
+        _check_unclaimed(output)
         return False
+    weights = earlier.get("weights"), record.get("weights")
+    if None not in weights and weights[0] != weights[1]:
+        raise SetupError(
+            f"{storage.redact(output.url)} holds results of model {earlier.get('model')!r} with other weights "
+            f"(fingerprint {weights[0]} there, {weights[1]} here): the files of the model changed since. To "
+            "resume it, use the weights it started with; else use a new --output, or --overwrite to discard "
+            "the old results."
+        )
     if earlier.get("fingerprint") != record["fingerprint"]:
         there, here = _settings(earlier), _settings(record)
         differs = [
@@ -342,8 +355,8 @@ def check_job_record(output: str, record: dict, storage_options: dict | None = N
             if there.get(key) != here.get(key)
         ]
         raise SetupError(
-            f"{output} holds results of another job ({'; '.join(differs) or 'other settings'}). To resume it, "
-            "run with its settings; else use a new --output, or --overwrite to discard the old results."
+            f"{storage.redact(output.url)} holds results of another job ({'; '.join(differs) or 'other settings'}). "
+            "To resume it, run with its settings; else use a new --output, or --overwrite to discard the old results."
         )
     return True
 
@@ -353,14 +366,41 @@ def _settings(record: dict) -> dict:
     return {**{key: record.get(key) for key in RECORDED}, **record.get("defaults", {})}
 
 
-def clear_output(output: str, storage_options: dict | None = None) -> None:
-    """--overwrite: remove what an earlier job wrote (only our own names, never the whole folder)."""
-    fs, root = storage.filesystem(output, storage_options)
-    for name in ("images", "metadata", "errors", "shards", "data", "stats", "report", PARTS, JOB_RECORD, SUCCESS):
-        path = storage.join(root, name)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    logger.info("--overwrite: cleared earlier results under %s", output)
+def read_job_record(output: Location) -> dict | None:
+    try:
+        return json.loads(output.read(JOB_RECORD))
+    except FileNotFoundError:
+        return None
+
+
+def _check_unclaimed(output: Location) -> None:
+    """An output without our job record may hold nothing of ours: the names a job writes, found there,
+    belong to someone else (or to a job whose record was removed), and a job must not mix in or delete them."""
+    ours = sorted(set(output.top()) & set(OURS))
+    if ours:
+        raise SetupError(
+            f"{storage.redact(output.url)} holds {', '.join(ours)} but no {JOB_RECORD}: no unclip-batch job "
+            "wrote them, and this one will neither write beside them nor remove them (--overwrite included). "
+            "Use a new --output (nothing was computed)"
+        )
+
+
+def clear_output(output: Location) -> None:
+    """--overwrite: remove what an earlier job wrote, only from an output that holds our job record and
+    nothing at its top that a job does not write; never the whole folder."""
+    if read_job_record(output) is None:
+        _check_unclaimed(output)
+        return  # nothing of a job's here: nothing to discard
+    foreign = sorted(set(output.top()) - set(OURS) - {PARTIAL})
+    if foreign:
+        raise SetupError(
+            f"--overwrite: {storage.redact(output.url)} holds {', '.join(foreign[:5])} beside a job's results; "
+            "a job writes none of these, so the folder is not only a job's output. Nothing was removed: move "
+            "them, or use a new --output"
+        )
+    for name in OURS:
+        output.remove(name)
+    logger.info("--overwrite: cleared earlier results under %s", storage.redact(output.url))
 
 
 def model_blocks(rows: list, batch_size: int) -> Iterator[list]:

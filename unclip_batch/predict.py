@@ -16,12 +16,16 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from unclip_batch.batches import image_of, mark_error, mask_of, rows_of, to_batch
 from unclip_batch.models import ModelSpec
 from unclip_batch.sampling import Sampling, call_key
+
+if TYPE_CHECKING:
+    from unclip_batch.storage import Stores
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class UnclipPredictor:
         scheduler: str = "default",
         compile: str = "off",
         threads: int | None = None,
-        storage_options: dict | None = None,
+        stores: Stores | None = None,
         embeddings: bool = False,
     ):
         # The family imports its own libraries (the null model: none).
@@ -54,7 +58,7 @@ class UnclipPredictor:
             dtype=dtype,
             scheduler=scheduler,
             compile=compile,
-            storage_options=storage_options,
+            stores=stores,
         )
         if batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two, not {batch_size}")

@@ -13,14 +13,17 @@ import html
 import io
 import json
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unclip_batch import storage
-from unclip_batch.manifest import TASKS
-from unclip_batch.sources import open_image
+from unclip_batch.manifest import ID_PATTERN, TASKS
+from unclip_batch.sources import SourcePolicy, check_source, open_image
+from unclip_batch.storage import Location, Stores
+from unclip_batch.writer import IMAGE_KEY as _IMAGE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,11 @@ SORTED_UP_TO = 1_000_000  # rows; more are shown in shard order
 METADATA_COLUMNS = ["id", "k", "task", "image_key", "prompt", "image", "mask", "seed", "clip_score"]
 ERROR_COLUMNS = ["id", "stage", "code", "message"]
 THUMBNAIL = 96  # px, the longer side of a source or mask thumbnail
+# The page loads its own files and nothing else, and runs no script: it shows prompts and messages that came
+# from manifests.
+CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+_SHARD_FILE = re.compile(r"(shards/[0-9]+\.tar|data/[0-9]+\.parquet)")
+_SAMPLE = re.compile(r"images/[0-9]+_[0-9]+_[0-9]+\.png")
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
@@ -41,63 +49,74 @@ figcaption { font-size: 12px; word-wrap: break-word; } .inputs img { width: 48px
 """
 
 
-def write_report(output: str, storage_options: dict | None = None) -> str:
-    """Write the report page (and source thumbnails) under ``output``; return the page's URL."""
-    fs, root = storage.filesystem(output, storage_options)
-    summary = _summary(fs, root)
-    metadata = _read(fs, root, "metadata", METADATA_COLUMNS)
-    errors = _read(fs, root, "errors", ERROR_COLUMNS)
+def write_report(output: Location, stores: Stores | None = None) -> str:
+    """Write the report page (and source thumbnails) under ``output``; return the page's URL. The output's
+    records are read as data: the sources they name are read under the jobs' source policy (``stores``:
+    which stores get the options), and only shard files of the output's own are opened."""
+    policy = SourcePolicy(stores or Stores(None), retry_for_s=5.0)
+    summary = _summary(output)
+    metadata = _read(output, "metadata", METADATA_COLUMNS)
+    errors = _read(output, "errors", ERROR_COLUMNS)
     objects: dict[str, bytes] = {}
-    body = [f"<h1>unclip-batch report: {html.escape(output)}</h1>", _summary_html(summary, metadata, errors)]
+    shown = storage.redact(output.url)
+    body = [f"<h1>unclip-batch report: {html.escape(shown)}</h1>", _summary_html(summary, metadata, errors)]
     for task in TASKS:
         if metadata is not None:
             of_task = metadata.filter(pc.equal(metadata["task"], task))
             if of_task.num_rows:
-                shown = of_task.slice(0, PER_TASK).to_pylist()  # only what the page shows becomes Python
-                _copy_from_shards(fs, root, shown, objects)
-                body.append(_sheet(task, shown, of_task.num_rows, objects, storage_options))
+                rows = of_task.slice(0, PER_TASK).to_pylist()  # only what the page shows becomes Python
+                _copy_from_shards(output, rows, objects)
+                body.append(_sheet(task, rows, of_task.num_rows, objects, policy, output))
     body.append(_errors_html(errors))
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>unclip-batch report</title>"
         "<link rel='icon' href='data:,'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
         f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     objects["index.html"] = page.encode()  # report-relative names, as the page links them
-    storage.write_many(fs, {storage.join(root, FOLDER, name): data for name, data in objects.items()}, root)
+    output.write_many({f"{FOLDER}/{name}": data for name, data in objects.items()})
     if summary is not None:  # the job is over: nothing else writes under the output now
-        storage.clear_partial(fs, root)
-    url = f"{output.rstrip('/')}/{FOLDER}/index.html"
+        storage.clear_partial(output)
+    url = output.url_of(FOLDER, "index.html")
     images = metadata.num_rows if metadata is not None else 0
     logger.info("report: %s (%d images, %d error records)", url, images, errors.num_rows if errors else 0)
     return url
 
 
-def _copy_from_shards(fs, root: str, shown: list[dict], objects: dict) -> None:
+def _copy_from_shards(output: Location, shown: list[dict], objects: dict) -> None:
     """Images inside shards (``shards/00000.tar#<key>.png``, ``data/00000.parquet#...``), which a browser
     cannot open there: copied beside the page, and the rows point at the copies."""
     from unclip_batch.writer import shard_pngs
 
     inside = [row for row in shown if "#" in row["image_key"]]
+    for row in shown:  # a key no job writes (the records are an output's earlier contents): no picture
+        if "#" in row["image_key"] and not _SHARD_FILE.fullmatch(row["image_key"].split("#")[0]):
+            inside.remove(row)
+            row["image_key"] = ""
     for file in sorted({row["image_key"].split("#")[0] for row in inside}):
-        pngs = shard_pngs(fs, root, file)
+        pngs = shard_pngs(output, file)
         for row in inside:
             if row["image_key"].startswith(file + "#"):
                 copy = f"images/{row['image_key'].split('#')[1]}"
+                if row["image_key"] not in pngs or not _SAMPLE.fullmatch(copy):
+                    row["image_key"] = ""
+                    continue
                 objects[copy] = pngs[row["image_key"]]
                 row["image_key"] = f"{FOLDER}/{copy}"  # the page links ../<image_key>
 
 
-def _summary(fs, root: str) -> dict | None:
+def _summary(output: Location) -> dict | None:
     try:
-        return json.loads(fs.cat_file(storage.join(root, "_SUCCESS")))
+        return json.loads(output.read("_SUCCESS"))
     except FileNotFoundError:
         return None
 
 
-def _read(fs, root: str, folder: str, columns: list[str]) -> pa.Table | None:
+def _read(output: Location, folder: str, columns: list[str]) -> pa.Table | None:
     """The shards' columns the page uses (not the carried ones), in id order where that is cheap."""
-    path = storage.join(root, folder)
-    files = sorted(fs.glob(path + "/*.parquet")) if fs.exists(path) else []
+    files = [output.path(f) for f in output.files(folder) if f.endswith(".parquet")]
+    fs = output.fs
     # Shards written before a column existed (clip_score) lack it: read what each has.
     tables = [
         pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in pq.read_schema(f, filesystem=fs).names])
@@ -126,13 +145,13 @@ def _summary_html(summary: dict | None, metadata: pa.Table | None, errors: pa.Ta
                 f"{summary['started']} to {summary['finished']}, {summary['wall_s']:.1f} s, "
                 f"{summary['images_per_s'] or 0:.2f} images/s",
             ),
-            ("manifests", ", ".join(summary["manifests"])),
+            ("manifests", ", ".join(storage.redact(m) for m in summary["manifests"])),
         ]
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     return f"<h2>Summary</h2><table id='summary'>{cells}</table>"
 
 
-def _sheet(task: str, shown: list[dict], total: int, objects: dict, storage_options) -> str:
+def _sheet(task: str, shown: list[dict], total: int, objects: dict, policy: SourcePolicy, output: Location) -> str:
     more = f" (the first {len(shown)} of {total})" if total > len(shown) else ""
     figures = []
     for row in shown:
@@ -140,36 +159,40 @@ def _sheet(task: str, shown: list[dict], total: int, objects: dict, storage_opti
         if task != "generate" and row["k"] == 0:
             inputs = (
                 "<div class='inputs'>"
-                + "".join(
-                    _thumbnail(row, what, objects, storage_options) for what in ("image", "mask") if row.get(what)
-                )
+                + "".join(_thumbnail(row, what, objects, policy, output) for what in ("image", "mask") if row.get(what))
                 + "</div>"
             )
-        caption = f"<b>{html.escape(row['id'])}</b> #{row['k']} seed {row['seed']}"
+        caption = f"<b>{html.escape(str(row['id']))}</b> #{row['k']} seed {row['seed']}"
         if row.get("clip_score") is not None:
             caption += f", CLIP {row['clip_score']:.2f}"
         if row.get("prompt"):
             caption += f"<br>{html.escape(row['prompt'])}"
-        figures.append(
-            f"<figure><a href='../{html.escape(row['image_key'])}'><img class='out' "
-            f"src='../{html.escape(row['image_key'])}' alt='{html.escape(row['id'])}'></a>"
-            f"<figcaption>{caption}{inputs}</figcaption></figure>"
+        key = row["image_key"]
+        picture = (
+            f"<a href='../{html.escape(key)}'><img class='out' src='../{html.escape(key)}' "
+            f"alt='{html.escape(str(row['id']))}'></a>"
+            if _IMAGE_KEY.fullmatch(key) or key.startswith(f"{FOLDER}/images/")
+            else "<p>(no picture: its key is not one a job writes)</p>"
         )
+        figures.append(f"<figure>{picture}<figcaption>{caption}{inputs}</figcaption></figure>")
     return f"<h2 id='{task}'>{task}: {total} images{more}</h2><div class='sheet'>{''.join(figures)}</div>"
 
 
-def _thumbnail(row: dict, what: str, objects: dict, storage_options) -> str:
+def _thumbnail(row: dict, what: str, objects: dict, policy: SourcePolicy, output: Location) -> str:
     """A small copy of a row's source image or mask beside the page (the original may be anywhere)."""
     name = f"sources/{row['id']}-{what}.png"
+    if not ID_PATTERN.fullmatch(str(row["id"])):
+        return f"<span>({what} not shown)</span>"
     try:
-        image = open_image(row[what], what, storage_options, retry_for_s=5.0)
+        check_source(row[what], output.url)  # as the job checked it against the manifest's folder
+        image = open_image(row[what], what, policy)
         image.thumbnail((THUMBNAIL, THUMBNAIL))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
     except Exception as exc:  # the row's source moved since the job ran: say so, keep the page
         return f"<span title='{html.escape(str(exc))}'>({what} unreadable)</span>"
     objects[name] = buffer.getvalue()
-    return f"<img src='{html.escape(name)}' alt='{what}' title='{what}: {html.escape(row[what])}'>"
+    return f"<img src='{html.escape(name)}' alt='{what}' title='{what}: {html.escape(storage.redact(row[what]))}'>"
 
 
 def _errors_html(errors: pa.Table | None) -> str:

@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import os
 import posixpath
+import shutil
 import time
 import uuid
 
@@ -28,23 +29,35 @@ PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirector
 PARTIAL = "_partial"  # local staging folder under the output: whole files are renamed out of it
 
 
-def filesystem(url: str, storage_options: dict | None = None):
-    """(filesystem, path) for a URL; storage options apply to remote protocols only."""
+# Protocols by the store they name: options given for one of a family apply to all of it, and to no other.
+FAMILIES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az", "adl": "az"}
+FAMILIES.update({"http": "http", "https": "http", "file": "file", "local": "file"})
+
+
+def family(url: str) -> str:
+    """The store a URL names: file, s3, gs, az, http, or its own protocol (``memory``, ``webhdfs`` ...)."""
     protocol = fsspec.core.split_protocol(url)[0] or "file"
-    options = {} if protocol in ("file", "local") else dict(storage_options or {})
-    return fsspec.core.url_to_fs(url, **options)
+    return FAMILIES.get(protocol, protocol)
 
 
-def join(base: str, *parts: str) -> str:
-    """Join URL path parts with '/', keeping the protocol of ``base``."""
-    return posixpath.join(base.rstrip("/"), *parts)
+def redact(url: str) -> str:
+    """A URL fit for a log line, a message or a page: no user:password@, no query (pre-signed URLs carry
+    their signature there)."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    path, question, _ = path.partition("?")
+    return f"{scheme}://{authority}{slash}{path}" + ("?..." if question else "")
 
 
 def resolve(value: str, folder: str) -> str:
     """A source reference as written in a manifest -> a URL; relative paths are relative to ``folder``."""
     if "://" in value or value.startswith("/"):
         return value
-    return join(folder, value)
+    return posixpath.join(folder.rstrip("/"), value)
 
 
 def local_path(url: str) -> str | None:
@@ -54,9 +67,189 @@ def local_path(url: str) -> str | None:
     return url.removeprefix("file://") if url.startswith("file://") else None
 
 
-def is_web(url: str) -> bool:
-    """Web URLs are data (a dead link is the row's problem); every other remote store is infrastructure."""
-    return url.startswith(("http://", "https://"))
+class Location:
+    """A storage location: a root URL and the options (credentials) bound to it, built once and passed down.
+
+    Every path is joined below the root, literally: a part that is absolute, empty, ``.`` or ``..`` is
+    refused, and nothing is ever glob-expanded (fsspec's ``rm``, ``cat`` and ``expand_path`` read ``[``,
+    ``*`` and ``?`` as patterns: a job into ``run[1]`` would read or delete ``run1``). A root that names
+    no place of its own (empty, ``/``, a bare ``s3://``) is refused. The options are the credentials of
+    this store: they are no field of any dataclass (Ray Data exports its operators' arguments, dataclasses
+    as dicts), never in a repr, and a Location of another store never gets them (see ``Stores``)."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        url = str(url)
+        protocol = fsspec.core.split_protocol(url)[0]
+        bare = url.split("://", 1)[1] if "://" in url else url
+        if not bare.strip("/") or "::" in url:
+            raise ValueError(
+                f"{url!r} names no folder of its own (an empty path, '/', or a store with no bucket: an unset "
+                "variable?); give a folder such as s3://bucket/run1 or /data/run1"
+            )
+        self.url = url.rstrip("/")
+        self.family = family(url)
+        self._options = {} if self.family == "file" else dict(options or {})
+        self._fs = None
+        if protocol is None and not os.path.isabs(url):
+            self.url = os.path.abspath(url)
+
+    def __repr__(self) -> str:
+        return f"Location({redact(self.url)!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Location) and (self.url, self._options) == (other.url, other._options)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __deepcopy__(self, memo):  # immutable; and a copy would have to copy the options
+        return self
+
+    def __getstate__(self):
+        return {"url": self.url, "family": self.family, "_options": self._options, "_fs": None}
+
+    def __setstate__(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self._options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        """The root as its filesystem names it."""
+        self.fs  # noqa: B018 (sets _root)
+        return self._root
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def child(self, *parts: str) -> Location:
+        """The location of a folder below this one, with the same options."""
+        child = Location(self.url + "/" + "/".join(_checked(parts)), self._options)
+        return child
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a file or folder below the root (parts joined with '/', each checked)."""
+        return posixpath.join(self.root, *_checked(parts)) if parts else self.root
+
+    def url_of(self, *parts: str) -> str:
+        return "/".join((self.url, *_checked(parts)))
+
+    def relative(self, path: str) -> str:
+        """A filesystem path below the root, relative to it (a path outside is a ValueError)."""
+        rel = posixpath.relpath(path, self.root)
+        if rel == "." or rel.startswith("../") or rel == "..":
+            raise ValueError(f"{path} is not below {redact(self.url)}")
+        return rel
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def files(self, *parts: str) -> list[str]:
+        """Every file below a folder (relative to the root, sorted), asked of the store (no cached listing)."""
+        path = self.path(*parts)
+        self.fs.invalidate_cache(path)
+        if not self.fs.exists(path):
+            return []
+        return sorted(self.relative(p) for p in self.fs.find(path, withdirs=False))
+
+    def top(self) -> list[str]:
+        """The names directly under the root (files and folders); [] where there is no root yet."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def read(self, *parts: str) -> bytes:
+        """One object whole (FileNotFoundError where there is none)."""
+        return read_whole(self.fs, self.path(*parts))
+
+    def write(self, relative: str, data: bytes, retry_for_s: float = RETRY_FOR_S) -> None:
+        write_whole(self.fs, self.path(*relative.split("/")), data, self.root, retry_for_s)
+
+    def write_many(self, objects: dict[str, bytes], retry_for_s: float = RETRY_FOR_S) -> None:
+        """Several whole objects by path relative to the root."""
+        paths = {self.path(*key.split("/")): data for key, data in objects.items()}
+        write_many(self.fs, paths, self.root, retry_for_s)
+
+    def remove(self, *parts: str, retry_for_s: float = RETRY_FOR_S) -> None:
+        """Remove a file, or a folder and everything below it, if it is there: each file by its literal
+        name (listed first), never a pattern."""
+        path = self.path(*parts)
+
+        def rm():
+            self.fs.invalidate_cache(path)
+            if self.fs.isfile(path):
+                found = [path]
+            else:
+                found = self.fs.find(path, withdirs=False) if self.fs.exists(path) else []
+            _remove_literal(self.fs, found)
+            if self.is_local and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)  # the folders left empty
+
+        retrying(rm, f"removing {redact(path)}", retry_for_s)
+
+    def remove_files(self, relatives: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
+        """Remove files that may or may not be there (paths relative to the root), without listing."""
+        remove_files(self.fs, [self.path(*r.split("/")) for r in relatives], retry_for_s)
+
+    def options_for(self, other: str) -> dict:
+        """This location's options for a URL of the same store; none for any other."""
+        return dict(self._options) if family(other) == self.family else {}
+
+
+def _checked(parts) -> list[str]:
+    """Path parts as written, each split at '/', refusing any that would leave the folder it is joined to."""
+    out = []
+    for part in parts:
+        for piece in str(part).split("/"):
+            if piece in ("", ".", "..") or "\\" in piece or "\x00" in piece:
+                raise ValueError(f"path part {part!r} would not stay below its folder")
+            out.append(piece)
+    return out
+
+
+def _remove_literal(fs, paths: list[str]) -> None:
+    """Delete these files, by name: in bulk on S3 (obstore's DeleteObjects takes keys, not patterns), else
+    one by one (fsspec's ``rm`` expands patterns)."""
+    if not paths:
+        return
+    store = _store_for(fs, paths[0])
+    if store is not None and all(fs.split_path(p)[0] == fs.split_path(paths[0])[0] for p in paths):
+        _delete_all(store, [fs.split_path(p)[1] for p in paths])
+        return
+    for path in paths:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
+class Stores:
+    """The job's storage options and the stores they were given for: the output's, the manifests' and the
+    model's, when those are remote. A Location of one of those stores gets the options; any other (a
+    manifest row's http:// source, another cloud) gets none. Never printed."""
+
+    def __init__(self, options: dict | None, urls=()):
+        self._options = dict(options or {})
+        self.families = frozenset(family(u) for u in urls) - {"file"}
+
+    def __repr__(self) -> str:
+        return f"Stores({sorted(self.families)})"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def location(self, url: str) -> Location:
+        return Location(url, self._options if family(url) in self.families else None)
 
 
 def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
@@ -65,9 +258,9 @@ def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
     while True:
         try:
             return action()
-        except PERMANENT:
-            raise
         except Exception as exc:
+            if permanent(exc):
+                raise
             if time.monotonic() + delay > deadline:
                 raise StorageUnavailable(
                     f"{what} kept failing for {retry_for_s:.0f}s "
@@ -76,6 +269,15 @@ def retrying(action, what: str, retry_for_s: float = RETRY_FOR_S):
             logger.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether retrying cannot fix a failure: the object is not there, we may not touch it, or the request
+    itself is malformed (botocore refuses an invalid bucket name before sending anything)."""
+    if isinstance(exc, PERMANENT):
+        return True
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    return bool(names & {"ParamValidationError", "InvalidURL", "NoCredentialsError"})
 
 
 def write_whole(fs, path: str, data: bytes, root: str, retry_for_s: float = RETRY_FOR_S) -> None:
@@ -288,20 +490,6 @@ def _builtin(error: Exception, prefix: str = "") -> OSError:
     return OSError(prefix + reason)
 
 
-def remove(fs, path: str, retry_for_s: float = RETRY_FOR_S) -> None:
-    """Remove a file or folder if it is there, through a short outage as writes are. Asked of the store,
-    not of the filesystem's cache of listings: other processes (the job's tasks) write under the output."""
-
-    def rm():
-        fs.invalidate_cache(path)
-        try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-
-    retrying(rm, f"removing {path}", retry_for_s)
-
-
 def remove_files(fs, paths: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
     """Remove files that may or may not be there, through a short outage as writes are, without listing
     anything (``remove`` lists each path before its DELETE on S3): S3 gets one DeleteObjects request per
@@ -328,7 +516,7 @@ def _delete_all(store, keys: list[str]) -> None:
 
 def _rm_files(fs, paths: list[str]) -> None:
     try:
-        fs.rm(list(paths))  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
+        fs.rm([_literal(fs, p) for p in paths])  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
     except FileNotFoundError:  # a filesystem that stops at a missing file: the rest one by one
         for path in paths:
             try:
@@ -337,8 +525,15 @@ def _rm_files(fs, paths: list[str]) -> None:
                 pass
 
 
-def clear_partial(fs, root: str) -> None:
+def _literal(fs, path: str) -> str:
+    """A path fsspec's ``rm`` takes as itself: it expands ``*``, ``?`` and ``[`` as patterns, so a path
+    holding one is deleted by ``rm_file`` instead (see remove_files)."""
+    if any(c in path for c in "*?["):
+        raise FileNotFoundError(path)  # -> one by one, by name
+    return path
+
+
+def clear_partial(location: Location) -> None:
     """Remove what a killed run left half-written (local outputs only; object stores have none)."""
-    staging = join(root, PARTIAL)
-    if isinstance(fs, LocalFileSystem) and fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    if location.is_local and os.path.isdir(location.path(PARTIAL)):
+        shutil.rmtree(location.path(PARTIAL), ignore_errors=True)

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import re
 import tarfile
 import time
 import zlib
@@ -31,6 +32,7 @@ from PIL import Image
 
 from unclip_batch import sampling, storage
 from unclip_batch.batches import image_of, mark_error
+from unclip_batch.storage import Location, Stores
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ ERROR_SCHEMA = pa.schema(
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 HF_FEATURES = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()
 ERROR_FIELDS = ("id", "task", "stage", "code", "message", "row", "input_hash")
+# Every column some output format writes: the records' own, their place in the manifest (``_merge``), and the
+# parquet format's image with the source URL renamed (ParquetWriter). manifest.RESERVED_COLUMNS derives from it.
+OUTPUT_COLUMNS = frozenset(
+    METADATA_SCHEMA.names + ERROR_SCHEMA.names + ["manifest", "manifest_row", "row", "source_image", "image"]
+)
 
 
 def image_key(row_id: str, k: int) -> str:
@@ -108,7 +115,7 @@ class ImageWriter(Protocol):
 
     stats_folder: str  # where each shard's stats file goes
 
-    def __init__(self, *, output: str, storage_options: dict | None, retry_for_s: float): ...
+    def __init__(self, *, output: Location, retry_for_s: float): ...
 
     def store(self, rows: list[dict]) -> None: ...
 
@@ -124,15 +131,14 @@ class _Writer:
     # folder of their own: pyarrow, pandas and duckdb read a Parquet folder whole and would choke on JSON.
     stats_folder = "stats"
 
-    def __init__(self, *, output: str, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S):
-        self.fs, self.root = storage.filesystem(output, storage_options)
-        self.retry_for_s = retry_for_s
+    def __init__(self, *, output: Location, retry_for_s: float = storage.RETRY_FOR_S):
+        self.output, self.retry_for_s = output, retry_for_s
 
     def store(self, rows: list[dict]) -> None:
         pass  # the PNG bytes stay in the rows, for the shard
 
     def _write(self, relative: str, data: bytes) -> None:
-        storage.write_whole(self.fs, storage.join(self.root, relative), data, self.root, self.retry_for_s)
+        self.output.write(relative, data, self.retry_for_s)
 
 
 class FilesWriter(_Writer):
@@ -140,8 +146,8 @@ class FilesWriter(_Writer):
     as it is made; the shard is its metadata and errors alone."""
 
     def store(self, rows: list[dict]) -> None:
-        objects = {storage.join(self.root, r["image_key"]): r.pop("png") for r in rows if r["image_key"]}
-        storage.write_many(self.fs, objects, self.root, self.retry_for_s)
+        objects = {r["image_key"]: r.pop("png") for r in rows if r["image_key"]}
+        self.output.write_many(objects, self.retry_for_s)
         for row in rows:
             row["png"] = b""
 
@@ -179,7 +185,7 @@ class WebDatasetWriter(_Writer):
         self._write(f"shards/{shard}.tar", tar_bytes(members))
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
-        return shard_pngs(self.fs, self.root, f"shards/{shard}.tar")
+        return shard_pngs(self.output, f"shards/{shard}.tar")
 
 
 class ParquetWriter(_Writer):
@@ -202,10 +208,10 @@ class ParquetWriter(_Writer):
         table = table.rename_columns(["source_image" if c == "image" else c for c in table.column_names])
         table = table.append_column("image", image)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"huggingface": HF_FEATURES})
-        write_parquet(self.fs, storage.join(self.root, f"data/{shard}.parquet"), table, self.root, self.retry_for_s)
+        write_parquet(self.output, f"data/{shard}.parquet", table, self.retry_for_s)
 
     def read_pngs(self, shard: str) -> dict[str, bytes]:
-        return shard_pngs(self.fs, self.root, f"data/{shard}.parquet")
+        return shard_pngs(self.output, f"data/{shard}.parquet")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -236,11 +242,11 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return b"".join(out)
 
 
-def shard_pngs(fs, root: str, file: str) -> dict[str, bytes]:
+def shard_pngs(output: Location, file: str) -> dict[str, bytes]:
     """The PNGs in a shard file (``shards/<shard>.tar``, ``data/<shard>.parquet``) by image_key; none if
     there is no such file yet."""
     try:
-        data = storage.read_whole(fs, storage.join(root, file))
+        data = output.read(file)
     except FileNotFoundError:
         return {}
     if file.endswith(".tar"):
@@ -254,8 +260,9 @@ def shard_pngs(fs, root: str, file: str) -> dict[str, bytes]:
 FORMATS: dict[str, type[ImageWriter]] = {"files": FilesWriter, "webdataset": WebDatasetWriter, "parquet": ParquetWriter}
 
 
-def part_path(root: str, shard: str, block: int | str) -> str:
-    return storage.join(root, "_parts", shard, f"{block}.parquet")
+def part_path(shard: str, block: int | str) -> str:
+    """A block's part, relative to the output."""
+    return f"_parts/{shard}/{block}.parquet"
 
 
 def write_part(
@@ -265,16 +272,15 @@ def write_part(
     first: int,
     offset: int,
     block: int | str,
-    output: str,
+    output: Location,
     format: str = "files",
-    storage_options: dict | None = None,
     retry_for_s: float = storage.RETRY_FOR_S,
 ) -> dict:
     """The write stage of one block: encode every generated image, store it in the output's format, and
     store the block's rows (pixels replaced by key, checksum and, for the shard formats, PNG bytes) as a
     part of its shard. Returns the block's counts for the driver."""
     start = time.perf_counter()
-    writer = FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s)
+    writer = FORMATS[format](output=output, retry_for_s=retry_for_s)
     for row in rows:
         row["position"] = first + int(row["row"]) - offset  # manifest_row
         row["image_key"], row["sha256"], row["png"] = "", "", b""
@@ -294,8 +300,7 @@ def write_part(
         row.pop("repaint", None)
         row["write_s"] = per_row
     if rows:
-        part = part_path(writer.root, shard, block)
-        write_parquet(writer.fs, part, pa.Table.from_pylist(rows), writer.root, retry_for_s)
+        write_parquet(output, part_path(shard, block), pa.Table.from_pylist(rows), retry_for_s)
     return block_counts(rows)
 
 
@@ -322,10 +327,10 @@ def commit_shard(
     shard,
     parts: list[str],
     *,
-    output: str,
+    output: Location,
+    stores: Stores,
     format: str,
     model: str,
-    storage_options: dict | None = None,
     retry_for_s: float = storage.RETRY_FOR_S,
 ) -> dict:
     """Write a shard whole: what earlier runs committed for it, with every row this run redid replaced by
@@ -335,15 +340,14 @@ def commit_shard(
     shard's counts (``complete``: it has its stats file)."""
     from unclip_batch.manifest import BOOKKEEPING, KNOWN_COLUMNS, read_rows
 
-    writer = FORMATS[format](output=output, storage_options=storage_options, retry_for_s=retry_for_s)
-    fs, root = writer.fs, writer.root
+    writer = FORMATS[format](output=output, retry_for_s=retry_for_s)
 
     def read():  # the parts, the manifest's rows of the shard and what earlier runs committed for it
-        fs.invalidate_cache()  # listings this worker's filesystem cached may be older than the shard's files
+        output.fs.invalidate_cache()  # listings this worker's filesystem cached may be older than the shard's files
         return (
-            [r for part in parts for r in _read_part(fs, part)],
-            read_rows(shard.manifest, shard.path, shard.start, shard.stop, None, storage_options),
-            *(read_records(fs, root, folder, shard.name) for folder in ("metadata", "errors")),
+            [r for part in parts for r in _read_part(output, part)],
+            read_rows(stores.location(shard.manifest), shard.path, shard.start, shard.stop, None),
+            *(read_records(output, folder, shard.name) for folder in ("metadata", "errors")),
         )
 
     # Storage may be away for a moment: read again, as every write does, before failing the job.
@@ -366,15 +370,15 @@ def commit_shard(
             old = storage.retrying(lambda: writer.read_pngs(shard.name), f"reading shard {shard.name}", retry_for_s)
         writer.write_shard(shard.name, metadata, [pngs.get(k) or old[k] for k in metadata["image_key"].to_pylist()])
     # 2. The records.
-    write_parquet(fs, storage.join(root, "metadata", f"{shard.name}.parquet"), metadata, root, retry_for_s)
-    error_file = storage.join(root, "errors", f"{shard.name}.parquet")
+    write_parquet(output, f"metadata/{shard.name}.parquet", metadata, retry_for_s)
+    error_file = f"errors/{shard.name}.parquet"
     if errors.num_rows:
-        write_parquet(fs, error_file, errors, root, retry_for_s)
+        write_parquet(output, error_file, errors, retry_for_s)
     else:  # its rows are all done now (--retry-errors), or it never had errors
-        storage.remove(fs, error_file, retry_for_s)
+        output.remove_files([error_file], retry_for_s)
     if format == "files" and old_meta is not None:  # images of records replaced by fewer images
         gone = set(old_meta["image_key"].to_pylist()) - set(metadata["image_key"].to_pylist())
-        storage.remove_files(fs, [storage.join(root, key) for key in sorted(gone)], retry_for_s)
+        output.remove_files(_image_keys(gone), retry_for_s)
     # 3. The stats, once every row has its record.
     recorded = set(metadata["manifest_row"].to_pylist()) | set(errors["manifest_row"].to_pylist())
     codes = Counter(errors["code"].to_pylist())
@@ -393,20 +397,33 @@ def commit_shard(
     }
     stats["complete"] = len(recorded) == shard.stop - shard.start
     if stats["complete"]:
-        path = storage.join(root, writer.stats_folder, f"{shard.name}_stats.json")
-        storage.write_whole(fs, path, (json.dumps(stats, indent=2) + "\n").encode(), root, retry_for_s)
+        path = f"{writer.stats_folder}/{shard.name}_stats.json"
+        output.write(path, (json.dumps(stats, indent=2) + "\n").encode(), retry_for_s)
     return stats
 
 
-def _read_part(fs, path: str) -> list[dict]:
-    return pq.read_table(pa.BufferReader(storage.read_whole(fs, path))).to_pylist()
+# The key of an image the files format writes: images/<a valid id>/<k>.png (manifest.ID_PATTERN).
+IMAGE_KEY = re.compile(r"images/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}/[0-9]{1,2}\.png")
 
 
-def read_records(fs, root: str, folder: str, name: str, columns=None) -> pa.Table | None:
+def _image_keys(keys) -> list[str]:
+    """The keys of images to delete, read back from an earlier commit's metadata: only keys of the form a job
+    writes (the metadata is an output folder's earlier contents, not to be trusted to name what to delete)."""
+    kept = sorted(k for k in keys if k and IMAGE_KEY.fullmatch(k))
+    if len(kept) < len([k for k in keys if k]):
+        logger.warning("%d image keys in earlier metadata are not a job's and were left alone", len(keys) - len(kept))
+    return kept
+
+
+def _read_part(output: Location, path: str) -> list[dict]:
+    return pq.read_table(pa.BufferReader(output.read(path))).to_pylist()
+
+
+def read_records(output: Location, folder: str, name: str, columns=None) -> pa.Table | None:
     """A shard's committed metadata or errors (``folder``), the given columns it has; None before its
     first commit."""
     try:
-        data = storage.read_whole(fs, storage.join(root, folder, f"{name}.parquet"))
+        data = output.read(folder, f"{name}.parquet")
     except FileNotFoundError:
         return None
     parquet = pq.ParquetFile(pa.BufferReader(data))
@@ -470,11 +487,11 @@ def _merge(kept: pa.Table | None, new: list[dict], schema: pa.Schema, shard, car
     return table.sort_by([(c, "ascending") for c in sort]).combine_chunks()
 
 
-def write_parquet(fs, path: str, table: pa.Table, root: str, retry_for_s: float = storage.RETRY_FOR_S) -> None:
-    """A table as one whole Parquet object (parts, data, metadata and errors shards)."""
+def write_parquet(output: Location, relative: str, table: pa.Table, retry_for_s: float = storage.RETRY_FOR_S) -> None:
+    """A table as one whole Parquet object (parts, data, metadata and errors shards), relative to the output."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_whole(fs, path, buffer.getvalue(), root, retry_for_s)
+    output.write(relative, buffer.getvalue(), retry_for_s)
 
 
 def metadata_record(row: dict, model: str) -> dict:
@@ -508,9 +525,6 @@ def metadata_record(row: dict, model: str) -> dict:
     }
 
 
-def write_json(
-    output: str, name: str, payload: dict, storage_options: dict | None = None, retry_for_s: float = storage.RETRY_FOR_S
-) -> None:
-    fs, root = storage.filesystem(output, storage_options)
+def write_json(output: Location, name: str, payload: dict, retry_for_s: float = storage.RETRY_FOR_S) -> None:
     data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
-    storage.write_whole(fs, storage.join(root, name), data, root, retry_for_s)
+    output.write(name, data, retry_for_s)

@@ -7,8 +7,10 @@ node copies once into a local cache. Families are looked up by name; each lives 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from unclip_batch.sampling import Sampling
+    from unclip_batch.storage import Location, Stores
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class ModelInfo:
     # The words the model knows, for a model trained on a closed world (the embedded shapes model); None
     # for one that reads any text (Kandinsky 2.2's CLIP): then nothing is said about words.
     vocabulary: frozenset[str] | None = None
+    # What the model's files hold (weights_fingerprint), recorded by a job so that a resume on other weights
+    # is refused; None where the files are not on this machine (a Hub namespace).
+    weights: str | None = None
 
 
 @runtime_checkable
@@ -147,14 +153,24 @@ class ModelSpec:
     def module(self) -> Family:
         return importlib.import_module(FAMILIES[self.family])
 
-    def local_location(self, storage_options: dict | None = None) -> str:
+    @staticmethod
+    def url_of(spec: str) -> str:
+        """The location a spec names, for telling which store it is on ("" for one that is not a spec)."""
+        try:
+            return ModelSpec.parse(spec).location
+        except ValueError:
+            return ""
+
+    def local_location(self, stores: Stores | None = None) -> str:
         """The location with object-storage URLs replaced by this node's cached copy."""
-        from unclip_batch.storage import local_path
+        from unclip_batch.storage import Stores, local_path
 
-        return local_path(self.location) or sync_to_cache(self.location, storage_options or {})
+        return local_path(self.location) or sync_to_cache((stores or Stores(None)).location(self.location))
 
-    def describe(self, storage_options: dict | None = None) -> ModelInfo:
-        return self.module().describe(self.local_location(storage_options))
+    def describe(self, stores: Stores | None = None) -> ModelInfo:
+        local = self.local_location(stores)
+        info = self.module().describe(local)
+        return dataclasses.replace(info, weights=weights_fingerprint(local) if Path(local).is_dir() else None)
 
     def load(
         self,
@@ -164,12 +180,12 @@ class ModelSpec:
         dtype: str = "auto",
         scheduler: str = "default",
         compile: str = "off",
-        storage_options: dict | None = None,
+        stores: Stores | None = None,
     ) -> Model:
         """The one way a model is loaded: by the job's model actors and by the evaluation alike."""
         start = time.perf_counter()
         model = self.module().load(
-            self.local_location(storage_options),
+            self.local_location(stores),
             tasks=frozenset(tasks),
             device=device,
             dtype=dtype,
@@ -183,7 +199,7 @@ class ModelSpec:
 _HUB_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # a Hub user or organisation name
 
 
-def describe_model(model: str, storage_options: dict | None = None) -> tuple[ModelSpec, ModelInfo]:
+def describe_model(model: str, stores: Stores | None = None) -> tuple[ModelSpec, ModelInfo]:
     """The spec and what rows may ask of it, or a SetupError saying what is wrong with ``--model``."""
     from unclip_batch.errors import SetupError
     from unclip_batch.storage import local_path
@@ -202,7 +218,7 @@ def describe_model(model: str, storage_options: dict | None = None) -> tuple[Mod
                 f"known alias ({known})"
             )
         try:
-            return spec, spec.describe(storage_options)
+            return spec, spec.describe(stores)
         except Exception as exc:  # the Hub answers in many exception types; the first line says enough
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
             if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -212,31 +228,44 @@ def describe_model(model: str, storage_options: dict | None = None) -> tuple[Mod
                 f"loadable from the Hugging Face Hub as a namespace ({reason})"
             ) from exc
     try:
-        return spec, spec.describe(storage_options)
+        return spec, spec.describe(stores)
     except Exception as exc:
-        raise SetupError(f"model {model!r} could not be read: {type(exc).__name__}: {exc}") from exc
+        from unclip_batch.storage import redact
+
+        raise SetupError(f"model {redact(model)!r} could not be read: {type(exc).__name__}: {exc}") from exc
 
 
-def sync_to_cache(url: str, storage_options: dict) -> str:
-    """Copy a checkpoint tree from object storage into a per-node cache, once; return the local folder."""
-    from unclip_batch.storage import filesystem
+def _cache_root() -> Path:
+    return Path(os.environ.get("UNCLIP_BATCH_CACHE", Path.home() / ".cache" / "unclip-batch"))
 
-    cache_root = Path(os.environ.get("UNCLIP_BATCH_CACHE", Path.home() / ".cache" / "unclip-batch")) / "models"
-    target = cache_root / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+def sync_to_cache(location: Location) -> str:
+    """Copy a checkpoint tree from object storage into a per-node cache, once per version of it; return the
+    local folder. The copy is keyed by the URL and by what the store says of each file (size, ETag or
+    mtime), so new weights under the same URL are a new copy; a name that would land outside the copy
+    (``..``, an absolute key) is refused."""
+    cache_root = _cache_root() / "models"
+    fs, root = location.fs, location.root
+    listing = {path: info for path, info in fs.find(root, detail=True).items() if path.endswith(SYNCED_SUFFIXES)}
+    if not listing:
+        raise FileNotFoundError(f"no model files (safetensors/json) under {location.url}")
+    names = {path: _confined(location.relative(path)) for path in listing}
+    version = sorted(
+        (names[p], i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified")))
+        for p, i in listing.items()
+    )
+    key = json.dumps([location.url, version], default=str)
+    target = cache_root / hashlib.sha256(key.encode()).hexdigest()[:16]
     if target.is_dir():
         return str(target)
-    fs, root = filesystem(url, storage_options)
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".sync-"))
     try:
-        files = [p for p in fs.find(root) if p.endswith(SYNCED_SUFFIXES)]
-        if not files:
-            raise FileNotFoundError(f"no model files (safetensors/json) under {url}")
-        for path in files:
-            local = staging / os.path.relpath(path, root)
+        for path, name in names.items():
+            local = staging / name
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(fs.cat_file(path))
-        logger.info("copied %d model files from %s to %s", len(files), url, target)
+        logger.info("copied %d model files from %s to %s", len(names), location.url, target)
         os.rename(staging, target)  # atomic: a concurrent actor on this node either sees all or nothing
     except OSError:
         if not target.is_dir():
@@ -244,3 +273,40 @@ def sync_to_cache(url: str, storage_options: dict) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _confined(name: str) -> str:
+    """An object's name below the model's folder, as a relative local path that stays inside the copy."""
+    parts = name.split("/")
+    if name.startswith("/") or any(part in ("", ".", "..") or "\\" in part for part in parts):
+        raise ValueError(f"model file {name!r} would be copied outside the model's folder; refusing the model")
+    return os.path.join(*parts)
+
+
+def weights_fingerprint(folder: str) -> str:
+    """A digest of every model file under a local folder (names and contents), so that a job can tell the
+    weights it started with from others under the same spec. Each file's digest is remembered in the cache
+    by its path, size and modification time: a 10 GB checkpoint is read once per machine, not per job."""
+    memo_path = _cache_root() / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest, changed = hashlib.sha256(), False
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith(SYNCED_SUFFIXES)):
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            with open(path, "rb") as f:
+                memo[key] = hashlib.file_digest(f, "sha256").hexdigest()
+            changed = True
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{memo[key]}\n".encode())
+    if changed:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(memo))
+            os.replace(partial, memo_path)
+        except OSError:  # a read-only home: computed again next time, nothing else lost
+            pass
+    return digest.hexdigest()[:16]
