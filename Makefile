@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast model evaluate grid gpu-wheels clean
+.PHONY: setup demo test test-fast docs model evaluate grid gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The reference pages generated from the code (docs/cli.md, errors.md, outputs.md); tests/test_docs.py checks them.
+docs: setup
+	$(PY) docs/generate.py
 
 # Retrain the embedded model from nothing (a little over 3 h on 2 CPU cores: README) and measure the committed one.
 model: setup

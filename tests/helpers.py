@@ -59,13 +59,13 @@ def job(manifests, output, **kwargs) -> JobConfig:
 
 def read_output(output) -> tuple[pa.Table, pa.Table]:
 
-    from unclip_batch import storage
+    from unclip_batch.storage import Location
+
+    location = Location(str(output))
 
     def read(folder):
-        fs, root = storage.filesystem(str(output))
-        path = storage.join(root, folder)
-        files = fs.glob(path + "/*.parquet") if fs.exists(path) else []
-        tables = [pq.read_table(f, filesystem=fs) for f in files]
+        files = [location.path(f) for f in location.files(folder) if f.endswith(".parquet")]
+        tables = [pq.read_table(f, filesystem=location.fs) for f in files]
         return pa.concat_tables(tables) if tables else None
 
     return read("metadata"), read("errors")
@@ -132,9 +132,9 @@ def make_sources(folder: Path) -> Path:
     return folder
 
 
-def readme_columns(label: str) -> list[str]:
-    """The output columns the README lists after ``label`` ("Metadata columns:"), in order."""
-    text = (REPO / "README.md").read_text()
-    start = text.index(label) + len(label)
-    listed = re.sub(r"\([^)]*\)", "", text[start : text.index("carried-through columns", start)])
-    return [name.strip() for span in re.findall(r"`([^`]*)`", listed) for name in span.split(",") if name.strip()]
+def doc_columns(section: str) -> list[str]:
+    """The output columns docs/outputs.md lists in its section ``section`` ("## Metadata"), in order."""
+    text = (REPO / "docs" / "outputs.md").read_text()
+    start = text.index(section)
+    table = text[start : text.index("\n\n", text.index("| column", start))]
+    return re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)

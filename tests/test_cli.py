@@ -190,23 +190,17 @@ def test_pickle_weights_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_every_run_option_has_help_and_a_line_in_the_readme():
-    import re
-
+def test_every_option_of_every_command_has_help():
+    """docs/cli.md is generated from these (tests/test_docs.py): an option without help would be a blank line."""
     from unclip_batch.cli import build_parser
 
-    run = build_parser()._subparsers._group_actions[0].choices["run"]
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| option | meaning |") :]
-    table = table[: table.index("\n\n")]
-    for action in run._actions:
-        if action.dest in ("help",):
-            continue
-        assert action.help, action.option_strings or action.dest
-        for option in action.option_strings:
-            if option.startswith("--"):
-                assert re.search(re.escape(option) + r"\b(?!-)", table), f"{option} is not in the README's table"
-    assert "examples:" in run.format_help() and "exit codes:" in run.format_help()
+    commands = build_parser()._subparsers._group_actions[0].choices
+    parsers = [commands["run"], commands["validate"], commands["report"]]
+    parsers += list(commands["manifest"]._subparsers._group_actions[0].choices.values())
+    for parser in parsers:
+        for action in parser._actions:
+            assert action.help, (parser.prog, action.option_strings or action.dest)
+    assert "examples:" in commands["run"].format_help() and "exit codes:" in commands["run"].format_help()
 
 
 def test_version():
@@ -237,7 +231,10 @@ def test_validate_names_words_the_embedded_model_does_not_know(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     result = cli("validate", manifest)  # the default model: a closed world, its words in unclip_batch.json
     assert result.returncode == 0, result.stderr  # a warning, not an invalid row
-    assert "warning: 1 rows use words model 'default' does not know" in result.stdout
+    assert (
+        "1 rows use words model 'default' does not know" in result.stdout
+        and "is the embedded 64 px shapes model" in result.stdout
+    )
     assert "'cat' (1)" in result.stdout and "(first rows: cat)" in result.stdout and "circle" in result.stdout
     assert "warning" not in cli("validate", manifest, "--model", "tiny").stdout  # any text: nothing to say
 
@@ -254,3 +251,92 @@ def test_compile_alone_means_torch_compiles_default_mode_and_a_mode_may_be_named
     assert compile_of("--compile", "--limit", "2") == "default"  # the next option is not taken for a mode
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "m.parquet", "-o", str(tmp_path), "--compile", "fast"])
+
+
+def test_the_default_model_trap_is_named_only_when_most_rows_are_other_words(tmp_path):
+    """Item 4 of the docs issue: a manifest of ordinary prompts on the embedded model is told, once, that this is
+    the 64 px shapes model and how to run Kandinsky 2.2; a manifest mostly in its world's words is not."""
+    shapes = [{"id": f"s{i}", "prompt": "a red circle"} for i in range(3)]
+    mostly_shapes = write_manifest(tmp_path / "a.parquet", [*shapes, {"id": "cat", "prompt": "a photo of a cat"}])
+    result = cli("validate", mostly_shapes)
+    assert "1 rows use words" in result.stdout and "--model kandinsky-community" not in result.stdout
+    ordinary = write_manifest(
+        tmp_path / "b.parquet", [{"id": f"c{i}", "prompt": f"a photo of cat {i}"} for i in range(3)]
+    )
+    result = cli("validate", ordinary)
+    assert (
+        result.stdout.count("is the embedded 64 px shapes model") == 1
+        and "--model kandinsky-community" in result.stdout
+    )
+
+
+def test_validate_checks_the_sizes_of_the_model_named(tmp_path):
+    """Item 4: without --model, sizes are checked against the embedded model (multiples of 8); with --model,
+    against the one named (tiny: multiples of 4; Kandinsky 2.2: of 64)."""
+    manifest = write_manifest(
+        tmp_path / "m.parquet", [{"id": "a", "prompt": "a red circle", "width": 36, "height": 64}]
+    )
+    result = cli("validate", manifest)
+    assert result.returncode == 4 and "unsupported_size: 1" in result.stdout and "multiple of 8" in result.stdout
+    assert cli("validate", manifest, "--model", "tiny").returncode == 0
+
+
+def test_a_negative_prompt_on_a_variation_is_refused_not_ignored(tmp_path):
+    """Item 5: a variation's negative_prompt was accepted and ignored."""
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [{"id": "v", "task": "variation", "image": "img.png", "negative_prompt": "blurry"}],
+    )
+    (tmp_path / "img.png").write_bytes(b"")
+    result = cli("validate", manifest)
+    assert result.returncode == 4 and "unused_column: 1" in result.stdout and "negative_prompt" in result.stdout
+
+
+def test_a_terminal_shows_warnings_only_unless_verbose(tmp_path, monkeypatch):
+    """Item 17: on a terminal, the progress bar and summary say it all: the job's INFO lines and Ray Data's
+    execution-plan lines stay off the console unless -v (Ray's log folder keeps them)."""
+    import logging
+
+    from unclip_batch import cli as cli_module
+    from unclip_batch import pipeline
+
+    seen = {}
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def fake_run_job(config):
+        seen["level"] = logging.getLogger().level
+        seen["verbose"] = config.verbose
+        raise cli_module.SetupError("stop here")
+
+    monkeypatch.setattr("unclip_batch.job.run_job", fake_run_job)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    for flags, level, verbose in (([], logging.WARNING, False), (["-v"], logging.INFO, True)):
+        logging.getLogger().handlers.clear()
+        assert cli_module.main(["run", manifest, "-o", str(tmp_path / "out"), *flags]) == 2
+        assert (seen["level"], seen["verbose"]) == (level, verbose)
+    # Ray Data's console handler: INFO off unless verbose, its file handler untouched.
+    console, file = logging.StreamHandler(), logging.FileHandler(tmp_path / "ray-data.log")
+    ray_data = logging.getLogger("ray.data")
+    monkeypatch.setattr(ray_data, "handlers", [console, file])
+    info = logging.LogRecord("ray.data", logging.INFO, "", 0, "Execution plan of Dataset ...", None, None)
+    pipeline._quiet_console(verbose=False)
+    assert not console.filter(info) and file.filter(info)
+    pipeline._quiet_console(verbose=True)
+    assert console.filter(info)
+
+
+def test_invalid_json_in_the_environment_is_exit_2(tmp_path):
+    """Item 14: a traceback and exit 1 before."""
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
+    result = cli("validate", manifest, env={"UNCLIP_BATCH_STORAGE_OPTIONS": "{not json"})
+    assert result.returncode == 2 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from helpers import images_of, job, pixels, read_output, readme_columns, write_manifest
+from helpers import doc_columns, images_of, job, pixels, read_output, write_manifest
 
 from unclip_batch.config import JobConfig
 from unclip_batch.errors import SetupError
@@ -110,9 +110,9 @@ def test_mixed_manifest_accounts_for_every_row(ray_local, sources, tmp_path):
     assert max(files, key=files.get) == "_SUCCESS" and not (output / "_parts").exists()
     shards = [f"{i:05d}" for i in range(math.ceil(len(rows) / 20))]
     assert [p for p in sorted(files) if p.endswith("_stats.json")] == [f"stats/{s}_stats.json" for s in shards]
-    # The full schemas the README lists, then the carried-through columns.
-    assert metadata.column_names == readme_columns("Metadata columns:") + ["tag"]
-    assert errors.column_names == readme_columns("Error columns:") + ["tag"]
+    # The full schemas docs/outputs.md lists, then the carried-through columns.
+    assert metadata.column_names == doc_columns("## Metadata") + ["tag"]
+    assert errors.column_names == doc_columns("## Errors") + ["tag"]
     assert len(rows) >= 50
     assert summary["errors_by_code"] == expected_codes
     assert metadata.column("id").unique().to_pylist().__len__() + errors.num_rows == len(rows)

@@ -68,6 +68,8 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
     fs.mkdir("creds")
     fs.put(str(REPO / "manifests" / "demo.parquet"), "creds/in/demo.parquet")
     fs.put(str(REPO / "manifests" / "images") + "/", "creds/in/images/", recursive=True)
+    options = tmp_path / "storage.json"  # the options file: secrets never on a command line
+    options.write_text(json.dumps(s3.options(key, secret)))
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     try:
@@ -83,7 +85,7 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
                 "--model",
                 "null",
                 "--storage-options",
-                json.dumps(s3.options(key, secret)),
+                f"@{options}",
                 *cli_flags(),
             ],
             capture_output=True,

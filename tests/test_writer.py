@@ -224,11 +224,11 @@ def test_json(tmp_path):
     assert json.loads((tmp_path / "_SUCCESS").read_text()) == {"a": 1}
 
 
-def test_the_readme_lists_the_output_schemas():
-    from helpers import readme_columns
+def test_the_docs_list_the_output_schemas():
+    from helpers import doc_columns
 
-    assert readme_columns("Metadata columns:") == METADATA_SCHEMA.names + ["manifest", "manifest_row"]
-    assert readme_columns("Error columns:") == ERROR_SCHEMA.names + ["manifest", "manifest_row"]
+    assert doc_columns("## Metadata") == METADATA_SCHEMA.names + ["manifest", "manifest_row"]
+    assert doc_columns("## Errors") == ERROR_SCHEMA.names + ["manifest", "manifest_row"]
 
 
 def test_pngs_are_lossless_and_as_small_as_pillows_default():

@@ -14,7 +14,7 @@ from unclip_batch import __version__, sampling
 from unclip_batch.config import COMPILE_MODES, DEVICES, DTYPES, FORMATS, SCHEDULERS, JobConfig, default
 from unclip_batch.errors import JobFailed, SetupError, StorageUnavailable
 
-# Exit codes (README, "Exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
+# Exit codes (README, "Resume, failures and exit codes"). 1 stays Python's own: an unexpected error, a bug to report.
 EXIT_SETUP = 2  # the job could not start: bad manifest, model, output or options; nothing was computed
 EXIT_STORAGE = 3  # object storage stayed unavailable past --storage-retry-seconds; rerunning resumes
 EXIT_ROWS_FAILED = 4  # every row is accounted for, but some are error records (validate: invalid rows)
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         help="Ray cluster to join: auto, HOST:6379 (default: $RAY_ADDRESS, else a new "
         "local Ray for this job alone). Ray Client (ray://) does not work with Ray Data: use "
-        "`ray job submit` (README, 'On a Ray cluster')",
+        "`ray job submit` (docs/operators.md)",
     )
     run.add_argument(
         "--batch-size",
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--cpus-per-worker",
         type=float,
-        help="CPUs reserved per model actor (default: 1 with a GPU, else a quarter of the cluster's CPUs)",
+        help="CPUs reserved per model actor (default: 1 with a GPU; without one, a quarter of the cluster's CPUs "
+        "shared among the actors, at least 0.25 and at most 1 each)",
     )
     run.add_argument(
         "--overwrite",
@@ -122,13 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA graphs) or max-autotune (CUDA graphs and more kernels, none chosen by timing); off (the default). "
         "Each actor compiles once per call shape (task, size, guidance) in its first call of it: the summary's "
         "warm_up. A compiled job resumes to the same bytes; its images differ from an eager job's in few "
-        "pixels, by a few levels (README, 'Compiled models')",
+        "pixels, by a few levels (docs/operators.md, 'Compiled models')",
     )
     run.add_argument(
         "--scheduler",
         default=default("scheduler"),
         choices=SCHEDULERS,
-        help="decoder sampler (default: the checkpoint's own; dpm++ needs far fewer steps)",
+        help="decoder sampler: the checkpoint's own (default: DDPM for Kandinsky 2.2), ddpm, ddim or dpm++ "
+        "(DPM-Solver++ 2M: on the embedded model as good in 20 steps as DDPM in far more; set "
+        "--num-inference-steps too, it does not lower them by itself; part of the job record)",
     )
     run.add_argument(
         "--embeddings",
@@ -153,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines")
     run.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="also show Ray's and Ray Data's own lines on the terminal (they always go to Ray's log folder)",
+    )
+    run.add_argument(
         "--flush-seconds",
         type=float,
         default=default("flush_every_s"),
@@ -170,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(
             f"--{setting.name.replace('_', '-')}", type=sampling.KINDS[setting.name], help=setting.metadata["help"]
         )
-    val = sub.add_parser("validate", help="check manifests without loading a model")
+    val = sub.add_parser(
+        "validate",
+        help="check manifests without loading a model",
+        description="Check every row of the manifests against the model named by --model (its sizes and "
+        "settings: Kandinsky 2.2 takes multiples of 64 up to 1024), and that local source files exist, "
+        "without loading weights. Exit 4 when some rows are invalid.",
+    )
     val.add_argument("manifests", nargs="+", metavar="MANIFEST", help="Parquet file or folder (any fsspec URL)")
     val.add_argument("--show", type=int, default=20, help="bad rows to list (default 20)")
     manifest = sub.add_parser("manifest", help="manifest tools (build a Parquet manifest from text files)")
@@ -253,6 +268,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         compile=args.compile,
         scheduler=args.scheduler,
         progress_bar=False if args.quiet else None,
+        verbose=args.verbose,
         embeddings=args.embeddings,
         format=args.format,
         rows_per_shard=args.rows_per_shard,
@@ -363,8 +379,10 @@ def _stores(args, *urls: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # On a terminal the progress bar and the summary say what the log lines would: warnings only, unless -v.
+    quiet = getattr(args, "quiet", False) or (args.command == "run" and sys.stderr.isatty() and not args.verbose)
     logging.basicConfig(
-        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -50,6 +50,7 @@ class JobConfig:
     # shard is also what a crash loses, so fewer.
     rows_per_shard: int = 1000
     progress_bar: bool | None = None  # None: a progress bar when stderr is a terminal; else log lines only
+    verbose: bool = False  # Ray's and Ray Data's own INFO lines on the console too (always in Ray's log folder)
     flush_every_s: float = 30.0  # how often unfinished shards are committed: the most work a killed driver loses
     storage_retry_s: float = storage.RETRY_FOR_S  # how long object-storage failures are retried before the job stops
     max_source_bytes: int = MAX_SOURCE_BYTES  # a source image or mask larger than this is its row's error

@@ -67,13 +67,13 @@ class RowError(ValueError):
         self.message = message
 
 
-# code -> when it happens. Stages: validate (driver, before compute), load (reading sources),
-# predict (the model), write (encoding and storing images).
+# code -> when it happens; STAGES says in which stage: validate (in the read tasks, before compute), load
+# (reading sources), predict (the model), write (encoding images). docs/errors.md is generated from both.
 CODES = {
     "invalid_id": "id is missing, too long, or has characters outside [A-Za-z0-9._-] (or starts with '.')",
-    "duplicate_id": "an earlier row of the manifests has the same id; only the first is run",
+    "duplicate_id": "an earlier row of the manifests has the same id, compared ignoring case; only the first is run",
     "unknown_task": "task is not one of generate, variation, inpaint, interpolate, text_diff",
-    "missing_prompt": "generate and inpaint need a non-empty prompt; text_diff a prompt and a source_prompt",
+    "missing_prompt": "generate and inpaint need a non-empty prompt; text_diff both a prompt and a source_prompt",
     "prompt_too_long": "prompt or negative_prompt is longer than the limit",
     "invalid_value": "a field has the wrong type, is not a whole number where one is needed, or is NaN",
     "invalid_num_images": "num_images is outside 1-16",
@@ -81,11 +81,13 @@ CODES = {
     "unsupported_size": "width/height is not a multiple the model supports, or is too small or too large",
     "invalid_steps": "num_inference_steps is outside 1-1000, or prior_num_inference_steps outside 2-1000",
     "invalid_guidance": "guidance_scale or prior_guidance_scale is outside 0-100",
-    "invalid_best_of": "best_of is outside 1-16, or above 1 on a row without a prompt to rank candidates by",
+    "invalid_best_of": "best_of is outside 1-16, or above 1 on a row without a prompt to rank candidates by, or "
+    "on an interpolate row (its frames share one noise)",
     "missing_image": "variation, inpaint and text_diff need an image",
     "missing_source": "interpolate needs two ends: image or prompt, and image2 or prompt2",
     "ambiguous_source": "an interpolate end is given both as an image and as a prompt",
-    "unused_column": "image2, prompt2, source_prompt (or a mask) given to a task that does not use them",
+    "unused_column": "image2, prompt2, source_prompt, a mask or a negative_prompt given to a task that does not use "
+    "them (negative_prompt: generate and inpaint only)",
     "invalid_strength": "text_diff's strength or variation_strength is outside 0-1",
     "unexpected_image": "image or mask is given for a task that does not use it",
     "source_not_allowed": "the image or mask names a protocol rows may not use (only local paths, s3/gs/az and "
@@ -100,4 +102,18 @@ CODES = {
     "invalid_prompt": "prompt has control characters or U+FFFD (text decoded with the wrong encoding)",
     "model_error": "the model raised on this row, also when run alone",
     "write_failed": "an image could not be encoded for writing",
+}
+
+
+STAGES = {code: "validate" for code in CODES} | {
+    "source_not_allowed": "validate, load",
+    "image_unreadable": "load",
+    "image_invalid": "load",
+    "image_too_small": "load",
+    "image_too_large": "load",
+    "missing_mask": "load",
+    "mask_size_mismatch": "load",
+    "mask_empty": "load",
+    "model_error": "predict",
+    "write_failed": "write",
 }

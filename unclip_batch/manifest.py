@@ -103,6 +103,12 @@ class Row(Sampling):
             raise RowError("missing_image", f"task {self.task!r} needs an image (URL or path)")
         if self.task == "variation" and self.mask:
             raise RowError("unexpected_image", "task 'variation' takes no mask; use task 'inpaint' to repaint")
+        if self.task == "variation" and self.negative_prompt:
+            raise RowError(
+                "unused_column",
+                "task 'variation' takes no negative_prompt (its prompt steers it; only generate and inpaint "
+                "steer away from a negative prompt): leave it empty",
+            )
         if not 1 <= self.num_images <= MAX_NUM_IMAGES:
             raise RowError("invalid_num_images", f"num_images is {self.num_images}; use 1-{MAX_NUM_IMAGES}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -545,12 +551,14 @@ class UnknownWords:
         self.vocabulary = vocabulary
         self.words: dict[str, int] = {}
         self.rows = 0
+        self.checked = 0  # rows with a prompt of any kind, checked
         self.first_ids: list[str] = []
 
     def check(self, rows: list[Row]) -> None:
         if self.vocabulary is None:
             return
         for row in rows:
+            self.checked += any((row.prompt, row.negative_prompt, row.prompt2, row.source_prompt))
             texts = (row.prompt, row.negative_prompt, row.prompt2, row.source_prompt)
             unknown = {w for text in texts for w in _WORD.findall(text.lower())}
             unknown -= self.vocabulary
@@ -562,11 +570,12 @@ class UnknownWords:
                     self.words[word] = self.words.get(word, 0) + 1
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "words": self.words, "first_ids": self.first_ids}
+        return {"rows": self.rows, "checked": self.checked, "words": self.words, "first_ids": self.first_ids}
 
     def add(self, found: dict) -> None:
         """Count in what another UnknownWords found (a shard's, read in a task)."""
         self.rows += found["rows"]
+        self.checked += found.get("checked", 0)
         for word, n in found["words"].items():
             self.words[word] = self.words.get(word, 0) + n
         self.first_ids.extend(found["first_ids"][: max(0, 5 - len(self.first_ids))])
@@ -577,7 +586,14 @@ class UnknownWords:
             return ""
         common = sorted(self.words.items(), key=lambda item: (-item[1], item[0]))
         shown = ", ".join(f"{word!r} ({n})" for word, n in common[:12]) + (" ..." if len(common) > 12 else "")
-        return (
+        trap = ""
+        if 2 * self.rows >= self.checked:  # mostly other words: this is not the model the user meant
+            trap = (
+                f"Model {model!r} is the embedded 64 px shapes model, which draws only coloured circles, squares "
+                "and triangles; to run Kandinsky 2.2, give --model kandinsky-community (or a local or s3:// copy "
+                "of its three folders). "
+            )
+        return trap + (
             f"{self.rows} rows use words model {model!r} does not know, and it draws them as if those words "
             f"were not there: {shown} (first rows: {', '.join(self.first_ids)}). Its words: "
             f"{', '.join(sorted(self.vocabulary))}"

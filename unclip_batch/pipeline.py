@@ -204,7 +204,7 @@ def ray_address(address: str | None) -> str | None:
         raise SetupError(
             f"--address {address}: Ray Client (ray://) does not work with Ray Data. Submit the job "
             f"to the cluster instead: ray job submit --address http://{host}:8265 --working-dir . -- "
-            "python jobs/run_job.py ... (see README, 'On a Ray cluster'), or run unclip-batch on a "
+            "python jobs/run_job.py ... (docs/operators.md), or run unclip-batch on a "
             "node of the cluster with --address auto"
         )
     return address
@@ -289,7 +289,7 @@ def _dataset(config: JobConfig, shards: list[plan.Shard], work: plan.Work, tasks
     context.enable_progress_bars = False  # the job shows one bar of its own (job.Progress), not one per operator
     # Ray Data says once that its bars are off ("to enable, set ..."): the job chose so, not the user.
     log_once("ray_data_progress_manager_disabled")
-    _quiet_expected_failures()
+    _quiet_console(config.verbose)
     resources = ray.cluster_resources()
     place = placement(config, resources)
     # Read no further ahead of the model than keeps it fed: the driver holds every queued block (backpressure.py).
@@ -465,9 +465,20 @@ class _ExpectedFailures(logging.Filter):
         return record.levelno < logging.ERROR or caused_by(exc, JobFailed) is None
 
 
-def _quiet_expected_failures() -> None:
-    """Filter Ray Data's console handlers (not its log file) with _ExpectedFailures."""
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def _quiet_console(verbose: bool) -> None:
+    """Filter Ray Data's console handlers (not its log file): expected failures out (_ExpectedFailures), and
+    its INFO lines (the execution plan, "Starting execution ...") unless ``verbose``: the job's own progress
+    says what a user needs. Ray's log folder keeps every record."""
     for handler in logging.getLogger("ray.data").handlers:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
+        if not console:
+            continue
+        handler.filters = [f for f in handler.filters if f is not _warnings_only]
+        if not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
             handler.addFilter(_ExpectedFailures())
+        if not verbose:
+            handler.addFilter(_warnings_only)

@@ -81,7 +81,7 @@ class Location:
         url = str(url)
         protocol = fsspec.core.split_protocol(url)[0]
         bare = url.split("://", 1)[1] if "://" in url else url
-        if not bare.strip("/") or "::" in url:
+        if not bare.strip("/") or "::" in url or any(part in (".", "..") for part in bare.split("/")):
             raise ValueError(
                 f"{url!r} names no folder of its own (an empty path, '/', or a store with no bucket: an unset "
                 "variable?); give a folder such as s3://bucket/run1 or /data/run1"

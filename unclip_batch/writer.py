@@ -77,6 +77,54 @@ ERROR_SCHEMA = pa.schema(
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 HF_FEATURES = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()
 ERROR_FIELDS = ("id", "task", "stage", "code", "message", "row", "input_hash")
+# What each output column and stats field means: docs/outputs.md is generated from these and the schemas
+# (docs/generate.py), and a test fails when a column has no line here.
+COLUMN_DOCS = {
+    "id": "the manifest row's id",
+    "k": "which of the row's images, 0 .. num_images - 1 (an interpolation's frame)",
+    "task": "generate, variation, inpaint, interpolate or text_diff",
+    "image_key": "where the image is: images/<id>/<k>.png (files), shards/<shard>.tar#<key>.png (webdataset), "
+    "data/<shard>.parquet#<key>.png (parquet)",
+    "prompt": "the row's prompt (empty for a variation without one)",
+    "negative_prompt": "the row's negative prompt",
+    "image": "the source image's URL as resolved (variation, inpaint, text_diff, an interpolation's first end); "
+    "source_image in the parquet format",
+    "mask": "the mask's URL as resolved (inpaint)",
+    "seed": "the image's own seed: seed + k (with best_of N, the kept candidate's: seed + k * N + c); every "
+    "frame of an interpolation has the row's seed",
+    "candidate": "which of best_of candidates was kept, from 0 (0 with best_of 1)",
+    "width": "the image's width in pixels",
+    "height": "the image's height in pixels",
+    "sha256": "SHA-256 of the PNG's bytes",
+    "clip_score": "cosine similarity of the image's CLIP image embedding and its prompt's text embedding in the "
+    "model's own CLIP, in [-1, 1]; null without a prompt, or for a model without CLIP",
+    "embedding": "the image's CLIP image embedding, float32, with --embeddings; else null (webdataset: <key>.npy "
+    "instead of a JSON field)",
+    "model": "the model spec the job ran",
+    "parameters": "struct of the sampling settings used: steps, guidance, variation_strength, best_of",
+    "timings": "struct of seconds per image: load_s, model_s, write_s (left out of the webdataset and parquet "
+    "data files, so their bytes repeat)",
+    "input_hash": "a fingerprint of the manifest row as written: a resume spots a row changed under its id",
+    "stage": "where the row failed: validate, load, predict or write",
+    "code": "a stable error code (docs/errors.md)",
+    "message": "what went wrong and what to fix, in words",
+    "manifest": "the manifest URL the row came from",
+    "manifest_row": "the row's position in its manifest (a folder's files count on from each other)",
+}
+STATS_DOCS = {
+    "shard": "the shard's name (00000 ...)",
+    "manifest": "its manifest",
+    "path": "its manifest file",
+    "start": "its first row in the file",
+    "stop": "the row after its last",
+    "version": "the manifest file's size and ETag or mtime, when the shard was planned",
+    "rows": "rows recorded",
+    "succeeded": "rows with images",
+    "failed": "rows recorded as errors",
+    "images": "images",
+    "failures_by_code": "error records by code",
+    "complete": "every row recorded (always true in a stats file: it is written only then)",
+}
 # Every column some output format writes: the records' own, their place in the manifest (``_merge``), and the
 # parquet format's image with the source URL renamed (ParquetWriter). manifest.RESERVED_COLUMNS derives from it.
 OUTPUT_COLUMNS = frozenset(
@@ -382,7 +430,7 @@ def commit_shard(
     # 3. The stats, once every row has its record.
     recorded = set(metadata["manifest_row"].to_pylist()) | set(errors["manifest_row"].to_pylist())
     codes = Counter(errors["code"].to_pylist())
-    stats = {
+    stats = {  # STATS_DOCS says what each means
         "shard": shard.name,
         "manifest": shard.manifest,
         "path": shard.path,
