@@ -83,7 +83,8 @@ class SeaweedFS:
                 "-master.volumeSizeLimitMB=64",
                 # One master: on a restart it waits this long before electing itself (10 s by default).
                 "-master.electionTimeout=1s",
-                "-volume.max=100",
+                # Each bucket takes volumes of its own (a collection); the session's server holds ~25 buckets.
+                "-volume.max=400",
                 # Iceberg and Lance listeners have fixed default ports: off, so several servers can run at once.
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",

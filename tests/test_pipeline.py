@@ -65,14 +65,22 @@ def test_sources_load_in_a_stage_of_their_own_only_where_a_row_has_one(ray_local
     from ray.data._internal.logical.optimizers import get_execution_plan
 
     from unclip_batch import pipeline, plan
-    from unclip_batch.manifest import manifest_files
+    from unclip_batch.manifest import SizeRule, manifest_files
+    from unclip_batch.storage import Location, Stores
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a red circle"}])
     config = job([manifest], tmp_path / "out", model="null", cpus_per_worker=pipeline.IO_TASK_CPUS)
     shards = plan.plan_shards(manifest_files((str(manifest),), None), 1000)
+    work = plan.Work(
+        output=Location(str(tmp_path / "out")),
+        stores=Stores(None),
+        defaults={},
+        size=SizeRule(64, 8, 1024),
+        batch_size=4,
+    )
 
     def operators(tasks):
-        dataset = pipeline._dataset(config, shards, None, tasks)
+        dataset = pipeline._dataset(config, shards, work, tasks)
         op, found = get_execution_plan(dataset._logical_plan)[0].dag, []
         while op is not None:
             found.append((op.name, op._ray_remote_args.get("num_cpus") if hasattr(op, "_ray_remote_args") else None))

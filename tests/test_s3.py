@@ -3,6 +3,7 @@
 import io
 import json
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +11,7 @@ import pytest
 from helpers import box_mask, job, png_bytes, scene
 
 from unclip_batch.job import run_job
+from unclip_batch.storage import Stores
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +86,16 @@ def test_model_from_object_storage_is_copied_once_per_node(s3, tmp_path, monkeyp
     fs.pipe("models/tiny/kandinsky-2-2-decoder/unet/stray.bin", b"a pickle must never be copied")
     monkeypatch.setenv("UNCLIP_BATCH_CACHE", str(tmp_path / "cache"))
     spec = ModelSpec.parse("s3://models/tiny")
-    local = spec.local_location(s3.storage_options)
+    stores = Stores(s3.storage_options, ["s3://models/tiny"])
+    local = spec.local_location(stores)
     assert local.startswith(str(tmp_path / "cache"))
-    assert spec.describe(s3.storage_options).default_size == 64
+    assert spec.describe(stores).default_size == 64
     assert not list((tmp_path / "cache").rglob("*.bin"))
-    fs.rm("models/tiny", recursive=True)  # the second look-up is served from the cache alone
-    assert spec.local_location(s3.storage_options) == local
+    # The second look-up lists the store (its sizes and ETags key the copy) and copies nothing again.
+    copied = (Path(local) / "kandinsky-2-2-prior" / "model_index.json").stat().st_mtime_ns
+    assert spec.local_location(stores) == local
+    assert (Path(local) / "kandinsky-2-2-prior" / "model_index.json").stat().st_mtime_ns == copied
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
     model = Kandinsky22(local, tasks=frozenset({"generate"}), device="cpu")
     assert model.inpainter is None
 

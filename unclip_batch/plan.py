@@ -376,7 +376,11 @@ def read_job_record(output: Location) -> dict | None:
 def _check_unclaimed(output: Location) -> None:
     """An output without our job record may hold nothing of ours: the names a job writes, found there,
     belong to someone else (or to a job whose record was removed), and a job must not mix in or delete them."""
-    ours = sorted(set(output.top()) & set(OURS))
+    # A folder of ours counts only where it holds a file: stores with real folders (SeaweedFS, a local disk)
+    # keep a folder whose objects were all deleted.
+    ours = sorted(
+        name for name in set(output.top()) & set(OURS) if output.fs.isfile(output.path(name)) or output.files(name)
+    )
     if ours:
         raise SetupError(
             f"{storage.redact(output.url)} holds {', '.join(ours)} but no {JOB_RECORD}: no unclip-batch job "

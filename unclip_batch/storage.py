@@ -158,7 +158,8 @@ class Location:
         self.fs.invalidate_cache(path)
         if not self.fs.exists(path):
             return []
-        return sorted(self.relative(p) for p in self.fs.find(path, withdirs=False))
+        # A store with real folders (SeaweedFS) may list an emptied folder as an object of the folder's own name.
+        return sorted(self.relative(p) for p in self.fs.find(path, withdirs=False) if p.rstrip("/") != path.rstrip("/"))
 
     def top(self) -> list[str]:
         """The names directly under the root (files and folders); [] where there is no root yet."""
