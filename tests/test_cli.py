@@ -253,43 +253,49 @@ def test_compile_alone_means_torch_compiles_default_mode_and_a_mode_may_be_named
         build_parser().parse_args(["run", "m.parquet", "-o", str(tmp_path), "--compile", "fast"])
 
 
-def test_the_default_model_trap_is_named_only_when_most_rows_are_other_words(tmp_path):
+def validate(capsys, *args) -> tuple[int, str, str]:
+    """`unclip-batch validate ARGS` in this process: (exit code, stdout, stderr)."""
+    from unclip_batch.cli import main
+
+    code = main(["validate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_default_model_trap_is_named_only_when_most_rows_are_other_words(tmp_path, capsys):
     """Item 4 of the docs issue: a manifest of ordinary prompts on the embedded model is told, once, that this is
     the 64 px shapes model and how to run Kandinsky 2.2; a manifest mostly in its world's words is not."""
     shapes = [{"id": f"s{i}", "prompt": "a red circle"} for i in range(3)]
     mostly_shapes = write_manifest(tmp_path / "a.parquet", [*shapes, {"id": "cat", "prompt": "a photo of a cat"}])
-    result = cli("validate", mostly_shapes)
-    assert "1 rows use words" in result.stdout and "--model kandinsky-community" not in result.stdout
+    _, out, _ = validate(capsys, mostly_shapes)
+    assert "1 rows use words" in out and "--model kandinsky-community" not in out
     ordinary = write_manifest(
         tmp_path / "b.parquet", [{"id": f"c{i}", "prompt": f"a photo of cat {i}"} for i in range(3)]
     )
-    result = cli("validate", ordinary)
-    assert (
-        result.stdout.count("is the embedded 64 px shapes model") == 1
-        and "--model kandinsky-community" in result.stdout
-    )
+    _, out, _ = validate(capsys, ordinary)
+    assert out.count("is the embedded 64 px shapes model") == 1 and "--model kandinsky-community" in out
 
 
-def test_validate_checks_the_sizes_of_the_model_named(tmp_path):
+def test_validate_checks_the_sizes_of_the_model_named(tmp_path, capsys):
     """Item 4: without --model, sizes are checked against the embedded model (multiples of 8); with --model,
     against the one named (tiny: multiples of 4; Kandinsky 2.2: of 64)."""
     manifest = write_manifest(
         tmp_path / "m.parquet", [{"id": "a", "prompt": "a red circle", "width": 36, "height": 64}]
     )
-    result = cli("validate", manifest)
-    assert result.returncode == 4 and "unsupported_size: 1" in result.stdout and "multiple of 8" in result.stdout
-    assert cli("validate", manifest, "--model", "tiny").returncode == 0
+    code, out, _ = validate(capsys, manifest)
+    assert code == 4 and "unsupported_size: 1" in out and "multiple of 8" in out
+    assert validate(capsys, manifest, "--model", "tiny")[0] == 0
 
 
-def test_a_negative_prompt_on_a_variation_is_refused_not_ignored(tmp_path):
+def test_a_negative_prompt_on_a_variation_is_refused_not_ignored(tmp_path, capsys):
     """Item 5: a variation's negative_prompt was accepted and ignored."""
     manifest = write_manifest(
         tmp_path / "m.parquet",
         [{"id": "v", "task": "variation", "image": "img.png", "negative_prompt": "blurry"}],
     )
     (tmp_path / "img.png").write_bytes(b"")
-    result = cli("validate", manifest)
-    assert result.returncode == 4 and "unused_column: 1" in result.stdout and "negative_prompt" in result.stdout
+    code, out, _ = validate(capsys, manifest)
+    assert code == 4 and "unused_column: 1" in out and "negative_prompt" in out
 
 
 def test_a_terminal_shows_warnings_only_unless_verbose(tmp_path, monkeypatch):
@@ -319,9 +325,12 @@ def test_a_terminal_shows_warnings_only_unless_verbose(tmp_path, monkeypatch):
 
     monkeypatch.setattr("unclip_batch.job.run_job", fake_run_job)
     monkeypatch.setattr(sys, "stderr", Terminal())
+    # basicConfig sets the root logger up once per process: give it a fresh one, and put it back after.
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.root.level)
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
     for flags, level, verbose in (([], logging.WARNING, False), (["-v"], logging.INFO, True)):
-        logging.getLogger().handlers.clear()
+        logging.root.handlers = []
         assert cli_module.main(["run", manifest, "-o", str(tmp_path / "out"), *flags]) == 2
         assert (seen["level"], seen["verbose"]) == (level, verbose)
     # Ray Data's console handler: INFO off unless verbose, its file handler untouched.
@@ -335,8 +344,9 @@ def test_a_terminal_shows_warnings_only_unless_verbose(tmp_path, monkeypatch):
     assert console.filter(info)
 
 
-def test_invalid_json_in_the_environment_is_exit_2(tmp_path):
+def test_invalid_json_in_the_environment_is_exit_2(tmp_path, capsys, monkeypatch):
     """Item 14: a traceback and exit 1 before."""
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p"}])
-    result = cli("validate", manifest, env={"UNCLIP_BATCH_STORAGE_OPTIONS": "{not json"})
-    assert result.returncode == 2 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setenv("UNCLIP_BATCH_STORAGE_OPTIONS", "{not json")
+    code, _, err = validate(capsys, manifest)
+    assert code == 2 and "not valid JSON" in err and "Traceback" not in err
