@@ -23,6 +23,18 @@ class JobFailed(Exception):
     """The job stopped part-way for a reason that is not any row's fault; rerunning it resumes."""
 
 
+class RowsFailed(Exception):
+    """The job completed, every row accounted for, but some rows are error records (the CLI's exit 4);
+    ``summary`` says how many, by code. ``run(..., allow_failures=True)`` returns instead."""
+
+    def __init__(self, summary):
+        self.summary = summary
+        super().__init__(
+            f"{summary.failed} rows failed ({', '.join(f'{c}: {n}' for c, n in summary.errors_by_code.items())}); "
+            f"their records are in {summary.output}/errors/"
+        )
+
+
 class StorageUnavailable(JobFailed):
     """Object storage kept failing past the retry window (an outage, not a missing object)."""
 
@@ -102,6 +114,7 @@ CODES = {
     "invalid_prompt": "prompt has control characters or U+FFFD (text decoded with the wrong encoding)",
     "model_error": "the model raised on this row, also when run alone",
     "write_failed": "an image could not be encoded for writing",
+    "preprocess_failed": "the Python processor's preprocess function raised on this row",
 }
 
 
@@ -116,4 +129,5 @@ STAGES = {code: "validate" for code in CODES} | {
     "mask_empty": "load",
     "model_error": "predict",
     "write_failed": "write",
+    "preprocess_failed": "preprocess",
 }

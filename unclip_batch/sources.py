@@ -38,6 +38,9 @@ MAX_SOURCE_BYTES = 512 << 20
 SOURCE_STORES = ("file", "s3", "gs", "az", "http")
 # Pillow decodes these and nothing else (its other plugins include EPS, which runs Ghostscript).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# A source given as bytes in a row's column (the Python processor), not by URL: its URL is this, and the bytes
+# ride in the row as ``<name>_bytes``. A manifest naming such a URL gets source_not_allowed at load.
+BYTES_URL = "column://"
 HTTP_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
 # Cloud metadata services: a row's http:// source must not reach them (they hand out the node's credentials).
@@ -57,8 +60,11 @@ class SourcePolicy:
 
 def check_source(url: str, manifest_folder: str) -> None:
     """Refuse a source a row may not name (``source_not_allowed``): a protocol other than the local disk,
-    s3/gs/az and http(s); a local file named by a manifest that is not itself local."""
+    s3/gs/az and http(s); a local file named by a manifest that is not itself local. (``column://``: bytes
+    the processor holds in the row; anywhere else it fails at load.)"""
     where = storage.family(url)
+    if url.startswith(BYTES_URL):
+        return
     if where not in SOURCE_STORES:
         raise RowError(
             "source_not_allowed",
@@ -97,16 +103,13 @@ def _load_row(row: dict, policy: SourcePolicy) -> tuple[bytes, bytes, bytes]:
     """(pixels, repaint, pixels2) of a row: its image, inpaint mask, interpolation's second image."""
     size = (int(row["width"]), int(row["height"]))
     if row["task"] == "interpolate":  # each end an image or a prompt
-        ends = [
-            _rgb(open_image(row[name], name, policy), size).tobytes() if row[name] else b""
-            for name in ("image", "image2")
-        ]
+        ends = [_rgb(_open(row, name, policy), size).tobytes() if row[name] else b"" for name in ("image", "image2")]
         return ends[0], b"", ends[1]
-    image = open_image(row["image"], "image", policy)
+    image = _open(row, "image", policy)
     if row["task"] in ("variation", "text_diff"):
         return _rgb(image, size).tobytes(), b"", b""
     if row["mask"]:
-        mask = open_image(row["mask"], "mask", policy)
+        mask = _open(row, "mask", policy)
         if mask.size != image.size:
             raise RowError(
                 "mask_size_mismatch",
@@ -134,11 +137,23 @@ def _load_row(row: dict, policy: SourcePolicy) -> tuple[bytes, bytes, bytes]:
     return _rgb(image, size).tobytes(), repaint.astype(np.uint8).tobytes(), b""
 
 
+def _open(row: dict, name: str, policy: SourcePolicy) -> Image.Image:
+    data = row.get(f"{name}_bytes")
+    if data and row[name] == BYTES_URL + name:
+        _cap(data, f"{name} (bytes)", policy.max_bytes)
+        return decode_image(data, f"{name} (bytes)")
+    return open_image(row[name], name, policy)
+
+
 def open_image(url: str, what: str, policy: SourcePolicy) -> Image.Image:
     """A source, fetched under the policy and decoded; every failure of it is a RowError with a stable code
     (an object store that stays away is StorageUnavailable: the job stops, and resumes later)."""
     shown = f"{what} {storage.redact(url)}"
-    data = fetch(url, shown, policy)
+    return decode_image(fetch(url, shown, policy), shown)
+
+
+def decode_image(data: bytes, shown: str) -> Image.Image:
+    """A source's bytes as an image, by the allowed formats only; a RowError saying what is wrong."""
     if not data:
         raise RowError("image_invalid", f"{shown} is empty (0 bytes)")
     try:
