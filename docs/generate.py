@@ -4,6 +4,7 @@ tests/test_docs.py fails when a committed page differs from what the code genera
 - cli.md: every command and option, from the argparse parser the CLI runs
 - errors.md: every row error code and its stage, from unclip_batch.errors
 - outputs.md: the files of an output and every column of its records, from the writer's schemas
+- api.md: every public name of the Python API, from its signatures and docstrings
 """
 
 from __future__ import annotations
@@ -166,7 +167,48 @@ def output_schemas() -> str:
     return "\n".join(lines)
 
 
-PAGES = {"cli.md": cli_reference, "errors.md": error_codes, "outputs.md": output_schemas}
+def api_reference() -> str:
+    """Every public name of unclip_batch (its ``__all__``), with its signature and docstring."""
+    import dataclasses
+    import inspect
+
+    import unclip_batch
+    from unclip_batch import api
+
+    lines = [
+        GENERATED,
+        "# Python API",
+        "",
+        "`import unclip_batch as ub`. " + inspect.cleandoc(api.__doc__ or ""),
+        "",
+    ]
+    for name in unclip_batch.__all__:
+        if name == "__version__":
+            continue
+        thing = getattr(api, name)
+        kind = "class" if inspect.isclass(thing) else "function"
+        signature = "" if kind == "class" and issubclass(thing, Exception) else str(inspect.signature(thing))
+        lines += [f"## `ub.{name}{signature}`", "", f"*{kind}*", ""]
+        lines += [inspect.cleandoc(thing.__doc__ or ""), ""]
+        if dataclasses.is_dataclass(thing):
+            lines += ["| field | type | default |", "| --- | --- | --- |"]
+            for f in dataclasses.fields(thing):
+                if f.repr or f.name == "storage_options":
+                    default = (
+                        f.default
+                        if f.default is not dataclasses.MISSING
+                        else f"{f.default_factory.__name__}()"
+                        if f.default_factory is not dataclasses.MISSING
+                        else ""
+                    )
+                    lines.append(
+                        f"| `{f.name}` | `{_cell(f.type)}` | {_cell(f'`{default!r}`' if default != '' else '')} |"
+                    )
+            lines.append("")
+    return "\n".join(lines)
+
+
+PAGES = {"cli.md": cli_reference, "errors.md": error_codes, "outputs.md": output_schemas, "api.md": api_reference}
 
 
 def main() -> int:

@@ -36,6 +36,13 @@ def test_the_references_cover_every_code_option_and_column():
         assert flag in cli, flag
 
 
+def test_the_api_page_lists_every_public_name():
+    import unclip_batch
+
+    text = (REPO / "docs" / "api.md").read_text()
+    assert [n for n in unclip_batch.__all__ if n != "__version__" and f"## `ub.{n}" not in text] == []
+
+
 def test_the_manifest_page_names_every_manifest_column():
     from unclip_batch.manifest import KNOWN_COLUMNS
 

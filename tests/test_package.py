@@ -69,3 +69,34 @@ def test_the_tree_is_clean_under_ruff():
     for command in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
         result = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.slow  # mypy takes ~20 s from an empty cache
+def test_the_public_api_passes_mypy_strict(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--ignore-missing-imports",
+            f"--cache-dir={tmp_path}",
+            "unclip_batch/api.py",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_public_names_import_lazily():
+    """``import unclip_batch`` stays light (the CLI and the workers import it); the API comes on first use."""
+    code = (
+        "import sys, unclip_batch; print('unclip_batch.api' in sys.modules); "
+        "unclip_batch.run; print('unclip_batch.api' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -32,7 +32,7 @@ __all__ = [
     "RowsFailed",
 ]
 
-Row = dict[str, Any]
+Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ class ProcessorConfig(ModelOptions):
             raise ConfigError("concurrency and rows_per_batch must be at least 1; num_gpus and num_cpus not negative")
 
 
-Preprocess = Callable[[Row], Row]
-Postprocess = Callable[[Row], Row]
+Preprocess = Callable[[Record], Record]
+Postprocess = Callable[[Record], Record]
 
 
 def build_processor(
@@ -172,7 +172,7 @@ class Processor:
         # The job's placement rule, so that an actor computes as the job's do (on CPU the torch threads per
         # actor decide the last bits of every pixel: same threads, same bytes).
         asked = types.SimpleNamespace(device=config.device, workers=config.concurrency, cpus_per_worker=config.num_cpus)
-        place = placement(asked, ray.cluster_resources())
+        place = placement(asked, ray.cluster_resources())  # type: ignore[no-untyped-call]
         gpus = config.num_gpus if config.num_gpus is not None else (1 if place.device == "cuda" else 0)
         stores = Stores(config.storage_options, [_model_url(config.model)])
         spec, info = describe_model(config.model, stores)  # a bad model spec fails here, before any row
@@ -231,8 +231,8 @@ def _size_rule(info: Any) -> Any:
 
 
 def _prepare_rows(
-    table: Any, preprocess: Preprocess | None, defaults: dict, size: Any, stores: Any, max_bytes: int
-) -> dict:
+    table: Any, preprocess: Preprocess | None, defaults: dict[str, Any], size: Any, stores: Any, max_bytes: int
+) -> dict[str, Any]:
     """Validate each row as the job does (a manifest row), load its sources, and hand the model stage a batch
     of model rows; rows that fail here carry their error. Every row keeps its input row (``_input``)."""
     from unclip_batch.batches import to_batch
@@ -284,10 +284,10 @@ def _prepare_rows(
                 "message": message,
             }
         )
-    for row in model_rows:
-        row["_input"] = pickle.dumps(inputs[row["row"]], protocol=5)
+    for model_row in model_rows:
+        model_row["_input"] = pickle.dumps(inputs[model_row["row"]], protocol=5)
         for name in SOURCE_COLUMNS:
-            row.pop(f"{name}_bytes", None)
+            model_row.pop(f"{name}_bytes", None)
     return to_batch(model_rows)
 
 
@@ -303,13 +303,13 @@ def _url_in(value: bytes) -> str | None:
     return text if text.isprintable() and (text.startswith("/") or "://" in text) else None
 
 
-def _rows(batch: dict) -> list[Row]:
+def _rows(batch: dict[str, Any]) -> list[Record]:
     from unclip_batch.batches import rows_of
 
     return rows_of(batch)
 
 
-def _id(original: Row, records: list[Row], position: int) -> str:
+def _id(original: Record, records: list[Record], position: int) -> str:
     from unclip_batch.manifest import ROW
 
     for record in records:
@@ -318,12 +318,12 @@ def _id(original: Row, records: list[Row], position: int) -> str:
     return str(original.get("id", ""))
 
 
-def _template(defaults: dict, size: Any) -> Row:
+def _template(defaults: dict[str, Any], size: Any) -> Record:
     """A model row with every column and nothing in it: what a row that failed before the model carries."""
     from unclip_batch.manifest import Row as ManifestRow
     from unclip_batch.predict import model_input
 
-    values = {name: defaults.get(name, sampling.DEFAULTS.get(name)) for name in sampling.NAMES}
+    values: dict[str, Any] = {name: defaults.get(name, sampling.DEFAULTS.get(name)) for name in sampling.NAMES}
     values.update(width=size.default, height=size.default)
     blank = ManifestRow(
         row=0,
@@ -350,11 +350,11 @@ class _ModelStage:
             tasks=("generate", "variation", "inpaint", "interpolate", "text_diff"), **kwargs
         )
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.predictor(batch)
 
 
-def _finish_rows(batch: dict, model: str, postprocess: Postprocess | None) -> Any:
+def _finish_rows(batch: dict[str, Any], model: str, postprocess: Postprocess | None) -> Any:
     """Each image as an output row: its input row's columns, the PNG (the job's encoding), its figures."""
     import numpy as np
     import pyarrow as pa
@@ -364,7 +364,7 @@ def _finish_rows(batch: dict, model: str, postprocess: Postprocess | None) -> An
 
     out = []
     for row in _rows(batch):
-        result: Row = {**pickle.loads(row["_input"]), "id": row["id"], "k": None, "seed": None, "candidate": None}
+        result: Record = {**pickle.loads(row["_input"]), "id": row["id"], "k": None, "seed": None, "candidate": None}
         result["model"] = model
         result.update(png=None, sha256=None, clip_score=None, embedding=None, parameters=None)
         result.update(error_stage=None, error_code=None, error_message=None)

@@ -40,7 +40,7 @@ class ModelOptions:
     storage_options: dict = field(default_factory=dict, repr=False)
     max_source_bytes: int = MAX_SOURCE_BYTES  # a source image or mask larger than this is its row's error
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.batch_size < 1 or self.batch_size & (self.batch_size - 1):
             raise ConfigError(
                 f"batch_size must be a power of two (1, 2, 4, 8, 16 ...), not {self.batch_size}: "

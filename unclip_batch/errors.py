@@ -6,6 +6,8 @@ codes freely, never rename one.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SetupError(Exception):
     """A problem with the job as a whole (manifest, output, model, storage): raised before any compute."""
@@ -27,7 +29,7 @@ class RowsFailed(Exception):
     """The job completed, every row accounted for, but some rows are error records (the CLI's exit 4);
     ``summary`` says how many, by code. ``run(..., allow_failures=True)`` returns instead."""
 
-    def __init__(self, summary):
+    def __init__(self, summary: Any) -> None:
         self.summary = summary
         super().__init__(
             f"{summary.failed} rows failed ({', '.join(f'{c}: {n}' for c, n in summary.errors_by_code.items())}); "

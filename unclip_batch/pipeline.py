@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -257,7 +258,15 @@ class Placement:
     threads: int | None  # torch threads per actor on CPU (None: torch's own choice, with a GPU)
 
 
-def placement(config: JobConfig, resources: dict) -> Placement:
+class Asks(Protocol):
+    """What placement reads of a job (JobConfig) or a processor's config."""
+
+    device: str
+    workers: int | None
+    cpus_per_worker: float | None
+
+
+def placement(config: Asks, resources: dict) -> Placement:
     """One actor per GPU with --device auto or cuda when the cluster has GPUs; else CPU actors."""
     gpus = int(resources.get("GPU", 0))
     if config.device == "cuda" and gpus == 0:
