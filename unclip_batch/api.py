@@ -172,7 +172,7 @@ class Processor:
         # The job's placement rule, so that an actor computes as the job's do (on CPU the torch threads per
         # actor decide the last bits of every pixel: same threads, same bytes).
         asked = types.SimpleNamespace(device=config.device, workers=config.concurrency, cpus_per_worker=config.num_cpus)
-        place = placement(asked, ray.cluster_resources())  # type: ignore[no-untyped-call]
+        place = placement(asked, ray.cluster_resources())
         gpus = config.num_gpus if config.num_gpus is not None else (1 if place.device == "cuda" else 0)
         stores = Stores(config.storage_options, [_model_url(config.model)])
         spec, info = describe_model(config.model, stores)  # a bad model spec fails here, before any row

@@ -483,8 +483,10 @@ def _quiet_console(verbose: bool) -> None:
     its INFO lines (the execution plan, "Starting execution ...") unless ``verbose``: the job's own progress
     says what a user needs. Ray's log folder keeps every record."""
     for handler in logging.getLogger("ray.data").handlers:
+        # Ray's own console handler only: a test runner's capture handler can sit here too, and is not ours to filter.
+        ours = type(handler).__module__.startswith("ray.")
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if not console:
+        if not (ours and console):
             continue
         handler.filters = [f for f in handler.filters if f is not _warnings_only]
         if not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
