@@ -8,22 +8,14 @@ pipeline of your own), ``Summary`` and the exceptions a job raises.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = [
-    "run",
-    "Summary",
-    "ProcessorConfig",
-    "build_processor",
-    "Processor",
-    "SetupError",
-    "StorageUnavailable",
-    "JobFailed",
-    "RowsFailed",
-    "__version__",
-]
+# The public names of the Python API (unclip_batch.api's __all__ is this list).
+API = ["run", "Summary", "ProcessorConfig", "build_processor", "Processor"]
+API += ["SetupError", "StorageUnavailable", "JobFailed", "RowsFailed"]
+__all__ = [*API, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
+    if name in API:
         from unclip_batch import api
 
         return getattr(api, name)

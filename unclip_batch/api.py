@@ -16,21 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from unclip_batch import sampling
+from unclip_batch import API, sampling
 from unclip_batch.config import JobConfig, ModelOptions
-from unclip_batch.errors import ConfigError, JobFailed, RowsFailed, SetupError, StorageUnavailable
+from unclip_batch.errors import ConfigError, RowsFailed
+from unclip_batch.errors import JobFailed as JobFailed  # re-exported: the exceptions a job raises
+from unclip_batch.errors import SetupError as SetupError
+from unclip_batch.errors import StorageUnavailable as StorageUnavailable
 
-__all__ = [
-    "run",
-    "Summary",
-    "ProcessorConfig",
-    "build_processor",
-    "Processor",
-    "SetupError",
-    "StorageUnavailable",
-    "JobFailed",
-    "RowsFailed",
-]
+__all__ = list(API)
 
 Record = dict[str, Any]
 
