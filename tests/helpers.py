@@ -23,6 +23,22 @@ def cli_flags(steps: dict = FAST, device: str = "cpu") -> list[str]:
     return [*flags, "--device", device]
 
 
+def cli(*args, env=None, timeout=300):
+    """``unclip-batch ARGS`` in a process of its own, from the repository, with ``env`` over this environment."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "unclip_batch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+
+
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if schema is None:  # from_pylist reads the keys of the first row only

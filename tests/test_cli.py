@@ -2,26 +2,14 @@
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import cli_flags, write_manifest
+from helpers import cli, cli_flags, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "unclip_batch.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-    )
 
 
 def fast_flags():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cli_flags, job, write_manifest
+from helpers import REPO, cli, cli_flags, job, write_manifest
 from test_cluster import cluster  # noqa: F401 (the fixture, asked for by name)
 
 from unclip_batch import plan
@@ -83,15 +83,8 @@ def test_a_canary_secret_is_in_nothing_ray_keeps(s3, request, tmp_path, monkeypa
         "UNCLIP_BATCH_STORAGE_OPTIONS": json.dumps(options),
         "RAY_ADDRESS": ray_cluster["address"],
     }
-    run = [sys.executable, "-m", "unclip_batch.cli", "run", "s3://canary/in/demo.parquet"]
-    result = subprocess.run(
-        [*run, "--output", "s3://canary/out", "--model", "null", *cli_flags()],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env=env,
-    )
+    run = ["run", "s3://canary/in/demo.parquet", "--output", "s3://canary/out", "--model", "null", *cli_flags()]
+    result = cli(*run, env=env, timeout=600)
     assert result.returncode == 4, result.stderr[-3000:]  # the demo's last row fails on purpose
     fs.invalidate_cache()
     outputs = {p: fs.cat(p) for p in fs.find("canary/out")}

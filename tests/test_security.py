@@ -2,15 +2,12 @@
 job before any work."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import cli_flags, job, kill_processes, write_manifest
+from helpers import cli, cli_flags, job, kill_processes, write_manifest
 
 from unclip_batch.errors import ManifestError, SetupError
 from unclip_batch.job import run_job
@@ -71,28 +68,19 @@ def test_credentials_never_appear_in_output_or_logs(s3, tmp_path):
     options = tmp_path / "storage.json"  # the options file: secrets never on a command line
     options.write_text(json.dumps(s3.options(key, secret)))
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "unclip_batch.cli",
-                "run",
-                "s3://creds/in/demo.parquet",
-                "--output",
-                "s3://creds/out",
-                "--model",
-                "null",
-                "--storage-options",
-                f"@{options}",
-                *cli_flags(),
-            ],
-            capture_output=True,
-            text=True,
+        result = cli(
+            "run",
+            "s3://creds/in/demo.parquet",
+            "--output",
+            "s3://creds/out",
+            "--model",
+            "null",
+            "--storage-options",
+            f"@{options}",
+            *cli_flags(),
+            env={"RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"},
             timeout=600,
-            cwd=REPO,
-            env=env,
         )
         assert result.returncode == 4, result.stderr[-3000:]  # the demo's last row fails on purpose
         outputs = {p: fs.cat(p) for p in fs.find("creds/out")}

@@ -157,7 +157,8 @@ class Processor:
         import ray
         from ray.data import ActorPoolStrategy
 
-        from unclip_batch.models import describe_model
+        from unclip_batch.manifest import SizeRule
+        from unclip_batch.models import ModelSpec, describe_model
         from unclip_batch.pipeline import IO_TASK_CPUS, placement
         from unclip_batch.storage import Stores
 
@@ -167,12 +168,12 @@ class Processor:
         asked = types.SimpleNamespace(device=config.device, workers=config.concurrency, cpus_per_worker=config.num_cpus)
         place = placement(asked, ray.cluster_resources())
         gpus = config.num_gpus if config.num_gpus is not None else (1 if place.device == "cuda" else 0)
-        stores = Stores(config.storage_options, [_model_url(config.model)])
+        stores = Stores(config.storage_options, [ModelSpec.url_of(config.model)])
         spec, info = describe_model(config.model, stores)  # a bad model spec fails here, before any row
         prepare = {
             "preprocess": self.preprocess,
             "defaults": {**info.defaults, **config.defaults},
-            "size": _size_rule(info),
+            "size": SizeRule.of(info),
             "stores": stores,
             "max_bytes": config.max_source_bytes,
         }
@@ -211,24 +212,12 @@ class Processor:
         )
 
 
-def _model_url(model: str) -> str:
-    from unclip_batch.models import ModelSpec
-
-    return ModelSpec.url_of(model)
-
-
-def _size_rule(info: Any) -> Any:
-    from unclip_batch.manifest import SizeRule
-
-    return SizeRule.of(info)
-
-
 def _prepare_rows(
     table: Any, preprocess: Preprocess | None, defaults: dict[str, Any], size: Any, stores: Any, max_bytes: int
 ) -> dict[str, Any]:
     """Validate each row as the job does (a manifest row), load its sources, and hand the model stage a batch
     of model rows; rows that fail here carry their error. Every row keeps its input row (``_input``)."""
-    from unclip_batch.batches import to_batch
+    from unclip_batch.batches import rows_of, to_batch
     from unclip_batch.manifest import FIRST, FOLDER, MANIFEST, MANIFEST_ROW, ROW, SOURCE_COLUMNS, parse_records
     from unclip_batch.predict import model_input
     from unclip_batch.sources import BYTES_URL, SourcePolicy, load_sources
@@ -264,14 +253,14 @@ def _prepare_rows(
         extra = {f"{n}_bytes": by_position[row.row].get(f"{n}_bytes", b"") for n in SOURCE_COLUMNS}
         model_rows.append({**model_input(row), **extra})
     if model_rows:
-        model_rows = _rows(load_sources(to_batch(model_rows), SourcePolicy(stores, max_bytes)))
+        model_rows = rows_of(load_sources(to_batch(model_rows), SourcePolicy(stores, max_bytes)))
     template = _template(defaults, size)
     for position, (stage, code, message) in failed.items():
         model_rows.append(
             {
                 **template,
                 "row": position,
-                "id": _id(inputs[position], records, position),
+                "id": str(by_position.get(position, inputs[position]).get("id", "")),
                 "stage": stage,
                 "code": code,
                 "message": message,
@@ -294,21 +283,6 @@ def _url_in(value: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return text if text.isprintable() and (text.startswith("/") or "://" in text) else None
-
-
-def _rows(batch: dict[str, Any]) -> list[Record]:
-    from unclip_batch.batches import rows_of
-
-    return rows_of(batch)
-
-
-def _id(original: Record, records: list[Record], position: int) -> str:
-    from unclip_batch.manifest import ROW
-
-    for record in records:
-        if record.get(ROW) == position:
-            return str(record.get("id"))
-    return str(original.get("id", ""))
 
 
 def _template(defaults: dict[str, Any], size: Any) -> Record:
@@ -352,11 +326,11 @@ def _finish_rows(batch: dict[str, Any], model: str, postprocess: Postprocess | N
     import numpy as np
     import pyarrow as pa
 
-    from unclip_batch.batches import image_of
+    from unclip_batch.batches import image_of, rows_of
     from unclip_batch.writer import PARAMETERS, encode_png
 
     out = []
-    for row in _rows(batch):
+    for row in rows_of(batch):
         result: Record = {**pickle.loads(row["_input"]), "id": row["id"], "k": None, "seed": None, "candidate": None}
         result["model"] = model
         result.update(png=None, sha256=None, clip_score=None, embedding=None, parameters=None)

@@ -365,7 +365,7 @@ def _summary(
     return {
         "status": "complete",
         "output": storage.redact(config.output),
-        "manifests": list(config.manifests),
+        "manifests": [storage.redact(m) for m in config.manifests],
         "model": spec.spec,
         "format": config.format,
         "rows": {

@@ -78,7 +78,7 @@ def write_report(output: Location, stores: Stores | None = None) -> str:
     output.write_many({f"{FOLDER}/{name}": data for name, data in objects.items()})
     if summary is not None:  # the job is over: nothing else writes under the output now
         storage.clear_partial(output)
-    url = output.url_of(FOLDER, "index.html")
+    url = storage.redact(output.url_of(FOLDER, "index.html"))  # printed and logged: no user:password@
     images = metadata.num_rows if metadata is not None else 0
     logger.info("report: %s (%d images, %d error records)", url, images, errors.num_rows if errors else 0)
     return url

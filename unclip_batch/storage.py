@@ -130,11 +130,6 @@ class Location:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
-    def child(self, *parts: str) -> Location:
-        """The location of a folder below this one, with the same options."""
-        child = Location(self.url + "/" + "/".join(_checked(parts)), self._options)
-        return child
-
     def path(self, *parts: str) -> str:
         """The filesystem path of a file or folder below the root (parts joined with '/', each checked)."""
         return posixpath.join(self.root, *_checked(parts)) if parts else self.root
@@ -148,9 +143,6 @@ class Location:
         if rel == "." or rel.startswith("../") or rel == "..":
             raise ValueError(f"{path} is not below {redact(self.url)}")
         return rel
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
 
     def files(self, *parts: str) -> list[str]:
         """Every file below a folder (relative to the root, sorted), asked of the store (no cached listing)."""
@@ -186,25 +178,19 @@ class Location:
         name (listed first), never a pattern."""
         path = self.path(*parts)
 
-        def rm():
+        def listed() -> list[str]:
             self.fs.invalidate_cache(path)
             if self.fs.isfile(path):
-                found = [path]
-            else:
-                found = self.fs.find(path, withdirs=False) if self.fs.exists(path) else []
-            _remove_literal(self.fs, found)
-            if self.is_local and os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)  # the folders left empty
+                return [path]
+            return self.fs.find(path, withdirs=False) if self.fs.exists(path) else []
 
-        retrying(rm, f"removing {redact(path)}", retry_for_s)
+        remove_files(self.fs, retrying(listed, f"listing {redact(path)}", retry_for_s), retry_for_s)
+        if self.is_local and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)  # the folders left empty
 
     def remove_files(self, relatives: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
         """Remove files that may or may not be there (paths relative to the root), without listing."""
         remove_files(self.fs, [self.path(*r.split("/")) for r in relatives], retry_for_s)
-
-    def options_for(self, other: str) -> dict:
-        """This location's options for a URL of the same store; none for any other."""
-        return dict(self._options) if family(other) == self.family else {}
 
 
 def _checked(parts) -> list[str]:
@@ -216,22 +202,6 @@ def _checked(parts) -> list[str]:
                 raise ValueError(f"path part {part!r} would not stay below its folder")
             out.append(piece)
     return out
-
-
-def _remove_literal(fs, paths: list[str]) -> None:
-    """Delete these files, by name: in bulk on S3 (obstore's DeleteObjects takes keys, not patterns), else
-    one by one (fsspec's ``rm`` expands patterns)."""
-    if not paths:
-        return
-    store = _store_for(fs, paths[0])
-    if store is not None and all(fs.split_path(p)[0] == fs.split_path(paths[0])[0] for p in paths):
-        _delete_all(store, [fs.split_path(p)[1] for p in paths])
-        return
-    for path in paths:
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
 
 class Stores:
@@ -493,7 +463,7 @@ def _builtin(error: Exception, prefix: str = "") -> OSError:
 
 def remove_files(fs, paths: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
     """Remove files that may or may not be there, through a short outage as writes are, without listing
-    anything (``remove`` lists each path before its DELETE on S3): S3 gets one DeleteObjects request per
+    anything (``Location.remove`` lists a folder first): S3 gets one DeleteObjects request per
     1,000 keys, through obstore where the options allow (it raises on a key it could not delete, where
     s3fs's bulk delete says nothing)."""
     if not paths:
@@ -516,22 +486,18 @@ def _delete_all(store, keys: list[str]) -> None:
 
 
 def _rm_files(fs, paths: list[str]) -> None:
-    try:
-        fs.rm([_literal(fs, p) for p in paths])  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
-    except FileNotFoundError:  # a filesystem that stops at a missing file: the rest one by one
-        for path in paths:
-            try:
-                fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-
-
-def _literal(fs, path: str) -> str:
-    """A path fsspec's ``rm`` takes as itself: it expands ``*``, ``?`` and ``[`` as patterns, so a path
-    holding one is deleted by ``rm_file`` instead (see remove_files)."""
-    if any(c in path for c in "*?["):
-        raise FileNotFoundError(path)  # -> one by one, by name
-    return path
+    # fsspec's rm expands `*`, `?` and `[` as patterns: paths holding one are deleted one by one, by name.
+    if not any(c in p for p in paths for c in "*?["):
+        try:
+            fs.rm(list(paths))  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
+            return
+        except FileNotFoundError:  # a filesystem that stops at a missing file: the rest one by one
+            pass
+    for path in paths:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
 
 def clear_partial(location: Location) -> None:

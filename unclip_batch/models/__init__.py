@@ -244,11 +244,13 @@ def sync_to_cache(location: Location) -> str:
     local folder. The copy is keyed by the URL and by what the store says of each file (size, ETag or
     mtime), so new weights under the same URL are a new copy; a name that would land outside the copy
     (``..``, an absolute key) is refused."""
+    from unclip_batch.storage import redact
+
     cache_root = _cache_root() / "models"
     fs, root = location.fs, location.root
     listing = {path: info for path, info in fs.find(root, detail=True).items() if path.endswith(SYNCED_SUFFIXES)}
     if not listing:
-        raise FileNotFoundError(f"no model files (safetensors/json) under {location.url}")
+        raise FileNotFoundError(f"no model files (safetensors/json) under {redact(location.url)}")
     names = {path: _confined(location.relative(path)) for path in listing}
     version = sorted(
         (names[p], i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified")))
@@ -265,7 +267,7 @@ def sync_to_cache(location: Location) -> str:
             local = staging / name
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(fs.cat_file(path))
-        logger.info("copied %d model files from %s to %s", len(names), location.url, target)
+        logger.info("copied %d model files from %s to %s", len(names), redact(location.url), target)
         os.rename(staging, target)  # atomic: a concurrent actor on this node either sees all or nothing
     except OSError:
         if not target.is_dir():
