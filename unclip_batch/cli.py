@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from disk, or serve the output folder as it is.",
     )
     report.add_argument("output", metavar="OUTPUT", help="a job's output folder (local path or any fsspec URL)")
+    curate = _curate_parser(sub)
     run.add_argument(
         "--max-source-bytes",
         type=int,
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a source image or mask larger than this many bytes is its row's error, image_too_large "
         f"(default {default('max_source_bytes'):,}: a 64 Mpx 16-bit RGBA image)",
     )
-    for p in (run, val, build, report):
+    for p in (run, val, build, report, curate):
         p.add_argument(
             "--storage-options",
             type=storage_options_arg,
@@ -244,6 +245,87 @@ def build_parser() -> argparse.ArgumentParser:
             "namespace or an object-storage URL, optionally FAMILY:LOCATION (default: default)",
         )
     return parser
+
+
+CURATE_EXAMPLES = """examples:
+  unclip-batch curate s3://bucket/synth --min-clip-score 0.25
+  unclip-batch curate s3://bucket/synth --export s3://bucket/synth-curated --format webdataset
+
+exit codes: 0 done, 2 nothing computed (not a finished unclip-batch output, bad options or --export folder),
+3 storage outage; rerunning the same command resumes after the stages it finished.
+"""
+
+
+def _curate_parser(sub) -> argparse.ArgumentParser:
+    from unclip_batch.curate import NEAR_DUPLICATE
+    from unclip_batch.writer import FORMATS
+
+    curate = sub.add_parser(
+        "curate",
+        help="filter a finished output by CLIP score, remove exact and near-duplicates; export the kept samples",
+        description="Write OUTPUT/curation/: a record per image (kept, or why not: low_clip_score, exact_duplicate, "
+        "near_duplicate) and _SUCCESS, a summary. Near-duplicates are found as SemDeDup finds them: k-means on the "
+        "CLIP image embeddings, pairs compared within each cluster; of a group of duplicates the image with the "
+        "highest clip_score is kept. An output made without --embeddings has them computed from its images by its "
+        "model's CLIP (kept in curation/embeddings/).",
+        epilog=CURATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    curate.add_argument(
+        "output", metavar="OUTPUT", help="a finished job's output folder (local path or any fsspec URL)"
+    )
+    curate.add_argument(
+        "--min-clip-score", type=float, help="drop images whose clip_score is under this (default: none dropped)"
+    )
+    curate.add_argument(
+        "--near-duplicate",
+        type=float,
+        default=NEAR_DUPLICATE,
+        metavar="S",
+        help=f"cosine similarity at or above which two images are one (default {NEAR_DUPLICATE}, measured: "
+        "benchmarks/README.md, Curation)",
+    )
+    curate.add_argument("--clusters", type=int, help="k-means clusters (default: one per 1,000 images)")
+    curate.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and start (default 0)")
+    curate.add_argument("--export", metavar="DEST", help="write the kept samples and their metadata to DEST as shards")
+    curate.add_argument("--format", choices=list(FORMATS), help="the export's format (default: the output's)")
+    curate.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a Ray of its own)")
+    curate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="for embeddings computed from the images"
+    )
+    curate.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    return curate
+
+
+def _curate(args) -> int:
+    from unclip_batch.curate import CurateConfig, curate
+
+    config = CurateConfig(
+        output=output_location(args.output),
+        min_clip_score=args.min_clip_score,
+        near_duplicate=args.near_duplicate,
+        clusters=args.clusters,
+        seed=args.seed,
+        export=output_location(args.export) if args.export else None,
+        format=args.format,
+        address=args.address,
+        device=args.device,
+        storage_options=_storage_options(args),
+        verbose=args.verbose,
+    )
+    summary = curate(config)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in summary["by_reason"].items())
+    print(f"curated {summary['images']} images: {reasons}")
+    print(f"records: {storage_redact(config.output)}/curation/records/")
+    if "export" in summary:
+        print(f"exported {summary['export']['images']} images to {storage_redact(config.export or '')}")
+    return 0
+
+
+def storage_redact(url: str) -> str:
+    from unclip_batch.storage import redact
+
+    return redact(url)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -381,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # On a terminal the progress bar and the summary say what the log lines would: warnings only, unless -v.
     quiet = getattr(args, "quiet", False) or (args.command == "run" and sys.stderr.isatty() and not args.verbose)
+    quiet = quiet or (args.command == "curate" and not args.verbose)  # it prints what it did
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -399,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             return _validate(args)
+        if args.command == "curate":
+            return _curate(args)
         config = config_from_args(args)
         from unclip_batch.job import run_job
 

@@ -380,6 +380,7 @@ def _summary(
         },
         "shards": {"planned": len(shards), "finished_before": len(skipped), "written": len(commits.results)},
         "images": progress.images,
+        "images_total": sum(s["images"] for s in finished),  # in the output, by this run and earlier ones
         # Images the model made, best_of candidates each: its work (equal to images without best_of).
         "candidates": progress.candidates,
         "errors_by_code": dict(sorted(progress.codes.items())),

@@ -493,3 +493,92 @@ def _quiet_console(verbose: bool) -> None:
             handler.addFilter(_ExpectedFailures())
         if not verbose:
             handler.addFilter(_warnings_only)
+
+
+# -- curation: curate.py's stages as Ray Data tasks ------------------------------------------------------------
+
+
+def ensure_ray_for(address: str | None, verbose: bool = False) -> None:
+    """A Ray for curation, with Ray Data told as for a job: original exceptions, no bars, a quiet console."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        start_ray(address)
+    import ray
+    from ray.util.debug import log_once
+
+    context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True
+    context.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+    _quiet_console(verbose)
+
+
+def each(stage, items: list[int], plan, **kwargs) -> list[dict]:
+    """``stage(plan, item, **kwargs)`` for each item, a Ray Data task each (the stage writes its own file);
+    the stages' results. A CurationError in a task is raised here as itself."""
+    if not items:
+        return []
+    import ray
+
+    from unclip_batch.curate import CurationError
+
+    def run(batch: dict) -> dict:
+        return {"result": np.array([json.dumps(stage(plan, int(i), **kwargs)) for i in batch["item"]], object)}
+
+    run.__name__ = getattr(stage, "__name__", "stage")
+    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=len(items))
+    ds = ds.map_batches(run, batch_size=1, num_cpus=1, batch_format="numpy")
+    try:
+        return [json.loads(r["result"]) for r in ds.take_all()]
+    except Exception as exc:
+        known = caused_by(exc, CurationError)
+        if known is not None:
+            raise CurationError(str(known)) from None
+        raise
+
+
+@dataclass(frozen=True)
+class _EmbedAsks:
+    device: str
+    workers: int | None = None
+    cpus_per_worker: float | None = None
+
+
+class Embedder:
+    """A model actor computing the CLIP image embeddings of a part's images (curate.embed_part)."""
+
+    def __init__(self, plan, model: str, device: str, threads: int | None, stores: storage.Stores):
+        from unclip_batch.models import ModelSpec
+
+        self.plan, self.threads = plan, threads
+        self.model = ModelSpec.parse(model).load(tasks=("variation",), device=device, stores=stores)
+
+    def __call__(self, batch: dict) -> dict:
+        from unclip_batch.curate import embed_part
+
+        torch = sys.modules.get("torch")
+        if torch and self.threads:  # in the calling thread: see UnclipPredictor._use_threads
+            torch.set_num_threads(self.threads)
+        return {
+            "result": np.array([json.dumps(embed_part(self.plan, int(i), self.model)) for i in batch["item"]], object)
+        }
+
+
+def embed_parts(plan, items: list[int], model: str, device: str, stores: storage.Stores) -> None:
+    """The embeddings an output lacks, computed from its images on model actors placed as a job's are."""
+    if not items:
+        return
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    place = placement(_EmbedAsks(device), ray.cluster_resources())
+    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=len(items))
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs=dict(plan=plan, model=model, device=place.device, threads=place.threads, stores=stores),
+        compute=ActorPoolStrategy(size=min(place.workers, len(items))),
+        batch_size=1,
+        batch_format="numpy",
+        num_gpus=1 if place.device == "cuda" else 0,
+        num_cpus=place.worker_cpus,
+    )
+    ds.take_all()

@@ -50,7 +50,7 @@ SUCCESS = "_SUCCESS"
 PARTS = "_parts"  # each finished model block's results, until its shard is committed
 # Every name a job writes at the top of its output (the report page's too): --overwrite removes these, and
 # only these, and only from an output holding a job record.
-OURS = ("images", "metadata", "errors", "shards", "data", "stats", "report", PARTS, JOB_RECORD, SUCCESS)
+OURS = ("images", "metadata", "errors", "shards", "data", "stats", "report", "curation", PARTS, JOB_RECORD, SUCCESS)
 # The job record's settings besides its defaults: each changes what the output holds or how it is laid out.
 RECORDED = ("model", "batch_size", "scheduler", "embeddings", "format", "rows_per_shard")
 # Model calls per Ray block (one block is one batch of the model actor): enough that a block's calls are
