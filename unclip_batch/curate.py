@@ -480,8 +480,9 @@ def pack_clusters(counts: dict[int, int], clusters: int, per_bucket: int = IMAGE
     return ranges
 
 
-def dedup(plan: Plan, index: int, lo: int, hi: int) -> dict:
-    """The near-duplicates within each cluster of [lo, hi): kept, or near_duplicate of a better image."""
+def dedup(plan: Plan, index: int, ranges: list[tuple[int, int]]) -> dict:
+    """The near-duplicates within each cluster of the index-th range: kept, or near_duplicate of a better image."""
+    lo, hi = ranges[index]
     tables = [
         read_table(plan.output, work_file("assign", p), None, [("cluster", ">=", lo), ("cluster", "<", hi)])
         for p in range(len(plan.parts))
@@ -517,7 +518,8 @@ def dedup(plan: Plan, index: int, lo: int, hi: int) -> dict:
 
 def near_duplicates(vectors: np.ndarray, tile: int = TILE) -> tuple[np.ndarray, np.ndarray]:
     """For each row (rows best first, unit length), the row above it most similar to it and that similarity
-    (-1 and -inf for the first). Computed tile by tile: memory of two tiles, the same result for any tile."""
+    (-1 and -inf for the first). Computed tile by tile: memory of two tiles. Other tile sizes give the same
+    pairs, but BLAS may round a block of another shape differently in the last bit: TILE is a constant."""
     n = len(vectors)
     best, similarity = np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
     for a in range(0, n, tile):
@@ -728,7 +730,7 @@ def _run_stages(plan: Plan, config: CurateConfig, record: dict, stores, started:
             counts[int(cluster)] = counts.get(int(cluster), 0) + n
     ranges = pack_clusters(counts, len(centroids))
     pending = todo((c, work_file("dedup", c)) for c in range(len(ranges)))
-    pipeline.each(lambda plan, index: dedup(plan, index, *ranges[index]), pending, plan=plan)
+    pipeline.each(dedup, pending, plan=plan, ranges=ranges)
     pipeline.each(finalize, todo((p, record_file(p)) for p in parts), plan=plan, buckets=len(ranges))
     return _summarise(plan, scans, ranges, stores, started)
 
