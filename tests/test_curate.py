@@ -44,7 +44,9 @@ def write_output(folder, shards: list[list[dict]], embeddings: bool = True, dims
                     "id": row["id"],
                     "k": row["k"],
                     "image_key": key,
+                    "task": "generate",
                     "prompt": "a red circle",
+                    "seed": 1,
                     "sha256": hashlib.sha256(png).hexdigest(),
                     "clip_score": row["clip_score"],
                     "embedding": [float(v) for v in vector] if embeddings else None,
@@ -60,7 +62,9 @@ def write_output(folder, shards: list[list[dict]], embeddings: bool = True, dims
         )
         pq.write_table(table, folder / "metadata" / f"{number:05d}.parquet")
     images = sum(len(rows) for rows in shards)
-    (folder / "_SUCCESS").write_text(json.dumps({"status": "complete", "images": 0, "images_total": images}))
+    summary = {"status": "complete", "model": "tiny", "manifests": ["m.parquet"], "images": 0, "images_total": images}
+    summary.update(started="2026-12-07T00:00:00+00:00", finished="2026-12-07T00:01:00+00:00", wall_s=60.0)
+    (folder / "_SUCCESS").write_text(json.dumps({**summary, "images_per_s": 0.0}))
     return str(folder)
 
 

@@ -115,3 +115,39 @@ def test_the_report_of_an_unfinished_job_says_so_and_writes_to_object_storage(de
     for src in {part.split("'")[0] for part in page.split("src='")[1:]}:
         key = os.path.normpath(f"reports/out/report/{src}")
         assert fs.exists(key), src
+
+
+def test_the_curation_section_shows_counts_the_histogram_and_duplicate_groups(browser, tmp_path, monkeypatch):
+    from test_curate import SHARDS, inline, write_output
+
+    from unclip_batch.curate import CurateConfig, curate
+
+    inline(monkeypatch)  # the stages in this process: the page is about what curate recorded
+    output = write_output(tmp_path / "out", SHARDS)
+    curate(CurateConfig(output=output, min_clip_score=0.1))
+    url = write_report(Location(output))
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("requestfailed", lambda r: problems.append(r.url))
+    page.goto(f"file://{url}")
+    page.wait_for_load_state("load")
+    assert problems == []
+    assert "Curation: 4 of 9 images kept" in page.inner_text("#curation")
+    assert "near_duplicate\t2" in page.inner_text("#reasons") and "low_clip_score\t1" in page.inner_text("#reasons")
+    assert page.locator("#clip-histogram rect").count() >= 5 and page.locator("#threshold").count() == 1
+    assert "rows whose images are all near-duplicates\t0.0%" in page.inner_text("#diversity")
+    groups = page.evaluate(
+        "[...document.querySelectorAll('.group')].map(g => [...g.querySelectorAll('figure')].map(f => "
+        "[f.querySelector('img').getAttribute('src'), f.querySelector('img').naturalWidth > 0, f.innerText]))"
+    )
+    # The largest group first (h, with a/1 and c), then by key: b's (a/0), f's (e); the kept image first.
+    assert [[src for src, _, _ in g] for g in groups] == [
+        ["../images/h/0.png", "../images/a/1.png", "../images/c/0.png"],
+        ["../images/b/0.png", "../images/a/0.png"],
+        ["../images/f/0.png", "../images/e/0.png"],
+    ]
+    assert all(loaded for g in groups for _, loaded, _ in g), groups
+    assert [text for _, _, text in groups[0]][0] == "kept" and groups[0][1][2].startswith("near 0.99")
+    assert groups[1][1][2] == "exact 1.000"
+    page.close()

@@ -44,7 +44,10 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
 .sheet { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; width: 200px; } figure img.out { width: 200px; height: auto; image-rendering: pixelated; }
-figcaption { font-size: 12px; word-wrap: break-word; } .inputs img { width: 48px; margin-right: 4px; }
+figcaption { font-size: 12px; word-wrap: break-word; }
+.group { display: flex; gap: 8px; align-items: flex-start; margin-bottom: 12px; }
+.group figure { width: 120px; } .group figure img.out { width: 120px; } .group .kept { outline: 3px solid #2a2; }
+.inputs img { width: 48px; margin-right: 4px; }
 .code { font-family: monospace; }
 """
 
@@ -68,6 +71,7 @@ def write_report(output: Location, stores: Stores | None = None) -> str:
                 _copy_from_shards(output, rows, objects)
                 body.append(_sheet(task, rows, of_task.num_rows, objects, policy, output))
     body.append(_errors_html(errors))
+    body.append(_curation_html(output, objects))
     page = (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>unclip-batch report</title>"
         "<link rel='icon' href='data:,'>"
@@ -218,3 +222,111 @@ def _errors_html(errors: pa.Table | None) -> str:
         f"{by_code}</table><h3>Records</h3><table id='records'><tr><th>id</th><th>stage</th><th>code</th>"
         f"<th>message</th></tr>{lines}</table>{more}"
     )
+
+
+GROUPS_SHOWN = 12  # duplicate groups on the page
+PER_GROUP = 6  # duplicates shown beside each kept image
+
+
+def _curation_html(output: Location, objects: dict) -> str:
+    """The curation's counts by reason, its clip_score histogram with the threshold, the largest duplicate
+    groups (the kept image first, each duplicate's similarity under it) and the diversity figures; nothing
+    where the output was not curated."""
+    from unclip_batch import curate
+
+    try:
+        summary = json.loads(output.read(curate.FOLDER, "_SUCCESS"))
+    except FileNotFoundError:
+        return ""
+    counts = "".join(
+        f"<tr><td class='code'>{html.escape(r)}</td><td>{n}</td></tr>" for r, n in summary["by_reason"].items()
+    )
+    diversity = summary["diversity"]
+    facts = [
+        ("rows with several images", diversity["prompts_with_several_images"]),
+        ("mean cosine similarity of a row's images", _figure(diversity["mean_similarity_within_prompt"])),
+        ("rows whose images are all near-duplicates", _figure(diversity["share_all_near_duplicates"], percent=True)),
+    ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    settings = summary["settings"]
+    return (
+        f"<h2 id='curation'>Curation: {summary['kept']} of {summary['images']} images kept</h2>"
+        f"<p>near-duplicate at cosine similarity {settings['near_duplicate']}, min clip_score "
+        f"{settings['min_clip_score']}, {settings['clusters']} clusters, seed {settings['seed']}</p>"
+        f"<table id='reasons'><tr><th>reason</th><th>images</th></tr>{counts}</table>"
+        f"<h3>clip_score</h3>{_histogram(summary['clip_score_histogram']['counts'], settings['min_clip_score'])}"
+        f"<h3>Diversity</h3><table id='diversity'>{cells}</table>"
+        f"<h3>Duplicate groups</h3>{_groups(output, objects)}"
+    )
+
+
+def _figure(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def _histogram(counts: list[int], threshold: float | None, width: int = 600, height: int = 120) -> str:
+    """An inline SVG of the bins holding scores (and the threshold's), the threshold a red line."""
+    bins = len(counts)
+    used = [i for i, n in enumerate(counts) if n]
+    if not used:
+        return "<p>No image has a clip_score.</p>"
+    edge = (lambda x: int((x + 1) / 2 * bins)) if threshold is not None else None
+    lo, hi = min(used), max(used) + 1
+    if edge is not None:
+        lo, hi = min(lo, edge(threshold)), max(hi, edge(threshold) + 1)
+    step, top = width / (hi - lo), max(counts)
+    bars = "".join(
+        f"<rect x='{(i - lo) * step:.1f}' y='{height - counts[i] / top * height:.1f}' width='{max(step - 1, 1):.1f}' "
+        f"height='{counts[i] / top * height:.1f}' fill='#57a'>"
+        f"<title>{-1 + 2 * i / bins:.2f}: {counts[i]}</title></rect>"
+        for i in range(lo, hi)
+        if counts[i]
+    )
+    if threshold is not None:
+        x = ((threshold + 1) / 2 * bins - lo) * step
+        bars += f"<line id='threshold' x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{height}' stroke='#d22' stroke-width='2'/>"
+    label = f"{-1 + 2 * lo / bins:.2f} to {-1 + 2 * hi / bins:.2f}"
+    return (
+        f"<svg id='clip-histogram' width='{width}' height='{height}' role='img' aria-label='clip_score {label}'>"
+        f"{bars}</svg><p>clip_score from {label}"
+        + (f"; the red line: {threshold}" if threshold is not None else "")
+        + "</p>"
+    )
+
+
+def _groups(output: Location, objects: dict) -> str:
+    from unclip_batch import curate
+
+    duplicates = curate.records(output, ["image_key", "reason", "duplicate_of", "similarity"])
+    if duplicates is not None:
+        duplicates = duplicates.filter(pc.is_in(duplicates["reason"], pa.array(["exact_duplicate", "near_duplicate"])))
+    if duplicates is None or duplicates.num_rows == 0:
+        return "<p>No duplicates.</p>"
+    sizes = pc.value_counts(duplicates["duplicate_of"]).to_pylist()
+    largest = sorted(sizes, key=lambda s: (-s["counts"], s["values"]))[:GROUPS_SHOWN]
+    html_groups = []
+    for group in largest:
+        kept = group["values"]
+        members = duplicates.filter(pc.equal(duplicates["duplicate_of"], kept)).sort_by("image_key")
+        rows = [{"image_key": kept, "caption": "kept", "class": "kept"}]
+        rows += [
+            {"image_key": r["image_key"], "caption": f"{r['reason'].split('_')[0]} {r['similarity']:.3f}", "class": ""}
+            for r in members.slice(0, PER_GROUP).to_pylist()
+        ]
+        _copy_from_shards(output, rows, objects)
+        figures = "".join(
+            f"<figure class='{row['class']}'>{_picture(row['image_key'])}<figcaption>{html.escape(row['caption'])}"
+            "</figcaption></figure>"
+            for row in rows
+        )
+        more = f"<p>and {group['counts'] - PER_GROUP} more</p>" if group["counts"] > PER_GROUP else ""
+        html_groups.append(f"<div class='group'>{figures}{more}</div>")
+    return "".join(html_groups)
+
+
+def _picture(key: str) -> str:
+    if _IMAGE_KEY.fullmatch(key) or key.startswith(f"{FOLDER}/images/"):
+        return f"<img class='out' src='../{html.escape(key)}' alt='{html.escape(key)}'>"
+    return "<p>(no picture)</p>"
