@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -282,10 +281,6 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def ranked(table: pa.Table) -> pa.Table:
     """Best first: highest clip_score (none last), then the smaller image_key."""
     score = pc.fill_null(table["clip_score"], -math.inf)
@@ -310,8 +305,7 @@ def scan(plan: Plan, part: int) -> dict:
     unit = _unit_hash(rows["image_key"], plan.seed)
     sample = normalised(vectors[unit < plan.sample_rate])
     plan.output.write(f"{WORK}/sample/{part:05d}.npy", _npy(sample), plan.retry_for_s)
-    meta = {"images": n, "dims": int(vectors.shape[1]) if n else 0, "peak_mb": 0.0, **diversity(rows, vectors, plan)}
-    meta["peak_mb"] = peak_mb()
+    meta = {"images": n, "dims": int(vectors.shape[1]) if n else 0, **diversity(rows, vectors, plan)}
     write_table(
         plan.output,
         work_file("scan", part),
@@ -319,7 +313,7 @@ def scan(plan: Plan, part: int) -> dict:
         meta,
         plan.retry_for_s,
     )
-    return meta
+    return {"images": len(unit)}
 
 
 def _hash_of(values: pa.ChunkedArray, salt: str, buckets: int) -> np.ndarray:
@@ -377,7 +371,7 @@ def fit(plan: Plan, _: int = 0) -> dict:
         kmeans.train(np.ascontiguousarray(sample, np.float32))
         centroids = kmeans.centroids
     plan.output.write(f"{WORK}/centroids.npy", _npy(np.asarray(centroids, np.float32)), plan.retry_for_s)
-    return {"clusters": len(centroids), "sample": len(sample), "peak_mb": peak_mb()}
+    return {"clusters": len(centroids), "sample": len(sample)}
 
 
 def exact(plan: Plan, bucket: int) -> dict:
@@ -402,7 +396,7 @@ def exact(plan: Plan, bucket: int) -> dict:
         else:
             first[row["sha256"]] = row["image_key"]
     table = _decisions(decided)
-    write_table(plan.output, work_file("exact", bucket), table, {"peak_mb": peak_mb()}, plan.retry_for_s)
+    write_table(plan.output, work_file("exact", bucket), table, None, plan.retry_for_s)
     return {"removed": table.num_rows}
 
 
@@ -449,7 +443,7 @@ def assign(plan: Plan, part: int, centroids: np.ndarray) -> dict:
         }
     )
     counts = np.bincount(nearest, minlength=len(centroids))
-    meta = {"counts": {str(c): int(n) for c, n in enumerate(counts) if n}, "peak_mb": peak_mb()}
+    meta = {"counts": {str(c): int(n) for c, n in enumerate(counts) if n}}
     write_table(
         plan.output,
         work_file("assign", part),
@@ -457,7 +451,7 @@ def assign(plan: Plan, part: int, centroids: np.ndarray) -> dict:
         meta,
         plan.retry_for_s,
     )
-    return meta
+    return {"images": len(unit)}
 
 
 def _nearest(unit: np.ndarray, centroids: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -512,7 +506,7 @@ def dedup(plan: Plan, index: int, ranges: list[tuple[int, int]]) -> dict:
                     }
                 )
     table = _decisions(decided)
-    write_table(plan.output, work_file("dedup", index), table, {"peak_mb": peak_mb()}, plan.retry_for_s)
+    write_table(plan.output, work_file("dedup", index), table, None, plan.retry_for_s)
     return {"rows": table.num_rows}
 
 
@@ -579,7 +573,7 @@ def finalize(plan: Plan, part: int, buckets: int) -> dict:
         counts[value["values"]] = value["counts"]
     scores = pc.drop_null(keys["clip_score"]).to_numpy()
     histogram = np.histogram(scores, HISTOGRAM_BINS, (-1.0, 1.0))[0]
-    meta = {"by_reason": counts, "histogram": histogram.tolist(), "peak_mb": peak_mb()}
+    meta = {"by_reason": counts, "histogram": histogram.tolist()}
     write_table(plan.output, record_file(part), records, meta, plan.retry_for_s)
     return meta
 
@@ -622,7 +616,7 @@ def embed_part(plan: Plan, part: int, model, chunk: int = 64) -> dict:
         vectors.append(np.asarray(embeds, np.float32))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
     table = pa.table({"image_key": keys, "embedding": pa.array(list(matrix), pa.list_(pa.float32()))})
-    write_table(plan.output, embedding_file(part), table, {"peak_mb": peak_mb()}, plan.retry_for_s)
+    write_table(plan.output, embedding_file(part), table, None, plan.retry_for_s)
     return {"images": len(keys)}
 
 
@@ -711,42 +705,44 @@ def _run_stages(plan: Plan, config: CurateConfig, record: dict, stores, started:
 
     parts = range(len(plan.parts))
     done = set(plan.output.files(FOLDER))
-    todo = lambda files: [i for i, f in files if f not in done]  # noqa: E731
+    peaks: list[float] = []  # each task's worker's peak memory (pipeline.each measures it)
+
+    def run(stage, items, **kwargs) -> None:
+        peaks.extend(
+            r.get("peak_mb", 0.0)
+            for r in pipeline.each(stage, [i for i, f in items if f not in done], plan=plan, **kwargs)
+        )
+
     if plan.embeddings_from == "curation":
-        pipeline.embed_parts(plan, todo((p, embedding_file(p)) for p in parts), record["model"], config.device, stores)
-    pipeline.each(scan, todo((p, work_file("scan", p)) for p in parts), plan=plan)
+        pending = [p for p in parts if embedding_file(p) not in done]
+        pipeline.embed_parts(plan, pending, record["model"], config.device, stores)
+    run(scan, [(p, work_file("scan", p)) for p in parts])
     scans = [table_meta(plan.output, work_file("scan", p)) for p in parts]
     dims = {s["dims"] for s in scans if s["images"]}
     if len(dims) > 1:
         raise CurationError(f"embeddings of mixed dimensions across the output: {sorted(dims)}")
-    if f"{WORK}/centroids.npy" not in done:
-        pipeline.each(fit, [0], plan=plan)
+    run(fit, [(0, f"{WORK}/centroids.npy")])
     centroids = _load_npy(plan.output, f"{WORK}/centroids.npy")
-    pipeline.each(exact, todo((b, work_file("exact", b)) for b in range(plan.buckets)), plan=plan)
-    pipeline.each(assign, todo((p, work_file("assign", p)) for p in parts), plan=plan, centroids=centroids)
+    run(exact, [(b, work_file("exact", b)) for b in range(plan.buckets)])
+    run(assign, [(p, work_file("assign", p)) for p in parts], centroids=centroids)
     counts: dict[int, int] = {}
     for p in parts:
         for cluster, n in table_meta(plan.output, work_file("assign", p))["counts"].items():
             counts[int(cluster)] = counts.get(int(cluster), 0) + n
     ranges = pack_clusters(counts, len(centroids))
-    pending = todo((c, work_file("dedup", c)) for c in range(len(ranges)))
-    pipeline.each(dedup, pending, plan=plan, ranges=ranges)
-    pipeline.each(finalize, todo((p, record_file(p)) for p in parts), plan=plan, buckets=len(ranges))
-    return _summarise(plan, scans, ranges, stores, started)
+    run(dedup, [(c, work_file("dedup", c)) for c in range(len(ranges))], ranges=ranges)
+    run(finalize, [(p, record_file(p)) for p in parts], buckets=len(ranges))
+    return _summarise(plan, scans, len(ranges), max(peaks, default=None), started)
 
 
-def _summarise(plan: Plan, scans: list[dict], ranges: list, stores, started: float) -> dict:
+def _summarise(plan: Plan, scans: list[dict], dedup_tasks: int, peak: float | None, started: float) -> dict:
     by_reason = {r: 0 for r in REASONS}
     histogram = np.zeros(HISTOGRAM_BINS, np.int64)
-    peaks = [s["peak_mb"] for s in scans]
     for p in range(len(plan.parts)):
         meta = table_meta(plan.output, record_file(p))
         for reason, n in meta["by_reason"].items():
             by_reason[reason] += n
         histogram += np.array(meta["histogram"])
-        peaks.append(meta["peak_mb"])
-    for stage, count in (("exact", plan.buckets), ("assign", len(plan.parts)), ("dedup", len(ranges))):
-        peaks += [table_meta(plan.output, work_file(stage, i))["peak_mb"] for i in range(count)]
     prompts = sum(s["prompts"] for s in scans)
     summary = {
         "output": storage.redact(plan.output.url),
@@ -754,14 +750,15 @@ def _summarise(plan: Plan, scans: list[dict], ranges: list, stores, started: flo
         "kept": by_reason["kept"],
         "by_reason": by_reason,
         "settings": plan.settings(),
-        "clusters": {"fitted": plan.clusters, "dedup_tasks": len(ranges)},
+        "clusters": {"fitted": plan.clusters, "dedup_tasks": dedup_tasks},
         "clip_score_histogram": {"range": [-1.0, 1.0], "counts": histogram.tolist()},
         "diversity": {
             "prompts_with_several_images": prompts,
             "mean_similarity_within_prompt": sum(s["similarity_sum"] for s in scans) / prompts if prompts else None,
             "share_all_near_duplicates": sum(s["collapsed"] for s in scans) / prompts if prompts else None,
         },
-        "worker_peak_mb": max(peaks),
+        # The largest peak memory (RSS) of a worker process that ran one of this run's tasks, in MiB.
+        "worker_peak_mb": round(peak, 1) if peak else None,
         "started": _iso(started),
         "finished": _iso(time.time()),
         "wall_s": round(time.time() - started, 3),

@@ -522,7 +522,14 @@ def each(stage, items: list[int], plan, **kwargs) -> list[dict]:
     from unclip_batch.curate import CurationError
 
     def run(batch: dict) -> dict:
-        return {"result": np.array([json.dumps(stage(plan, int(i), **kwargs)) for i in batch["item"]], object)}
+        import resource
+
+        results = []
+        for item in batch["item"]:
+            result = stage(plan, int(item), **kwargs)
+            result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's; KiB on Linux
+            results.append(json.dumps(result))
+        return {"result": np.array(results, object)}
 
     run.__name__ = getattr(stage, "__name__", "stage")
     ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=len(items))
