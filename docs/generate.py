@@ -135,6 +135,7 @@ def output_schemas() -> str:
         "OUTPUT/_job.json                      the job's model, weights and settings: a rerun with others is refused",
         "OUTPUT/_SUCCESS                       JSON summary (counts, errors by code, versions, times), written last",
         "OUTPUT/report/                        unclip-batch report OUTPUT (not written by run)",
+        "OUTPUT/curation/                      unclip-batch curate OUTPUT (below; not written by run)",
         "```",
         "",
         "Keys: a WebDataset sample is `<shard>_<row:06d>_<k:02d>` (row: its position in its manifest file; ids may",
@@ -163,8 +164,32 @@ def output_schemas() -> str:
         "| --- | --- |",
         *[f"| `{name}` | {_cell(doc)} |" for name, doc in STATS_DOCS.items()],
         "",
+        *curation_schema(),
     ]
     return "\n".join(lines)
+
+
+def curation_schema() -> list[str]:
+    from unclip_batch.curation import RECORD_DOCS, RECORD_SCHEMA
+
+    return [
+        "## Curation: `unclip-batch curate OUTPUT`",
+        "",
+        "```",
+        "OUTPUT/curation/records/<part>.parquet   one row per image (below), in the metadata's order; a part is a run",
+        "                                         of shards of about 50,000 images",
+        "OUTPUT/curation/embeddings/<part>.parquet image_key, embedding: CLIP image embeddings computed from the",
+        "                                         images (only for an output made without --embeddings; kept)",
+        "OUTPUT/curation/_SUCCESS                 JSON summary: counts by reason, settings, clip_score histogram (100",
+        "                                         bins over [-1, 1]), diversity, times; written last",
+        "OUTPUT/curation/_work/                   the stages' files while it runs (a rerun resumes from them)",
+        "DEST/ (--export DEST)                    the kept images in the --format's layout above, metadata/<shard>",
+        "                                         .parquet for each shard, _export.json (its source), _SUCCESS",
+        "```",
+        "",
+        *_schema_rows(RECORD_SCHEMA, RECORD_DOCS),
+        "",
+    ]
 
 
 def api_reference() -> str:

@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import png_bytes, scene
 
-from unclip_batch import curate as curation
-from unclip_batch import export, pipeline
-from unclip_batch.curate import CurateConfig, CurationError, curate
+from unclip_batch import curation, export, pipeline
+from unclip_batch.curation import CurateConfig, CurationError, curate
 from unclip_batch.plan import job_record
 from unclip_batch.storage import Location
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, job, kill_processes
 from PIL import Image
 
-from unclip_batch.curate import CurateConfig, curate
+from unclip_batch.curation import CurateConfig, curate
 from unclip_batch.job import run_job
 from unclip_batch.storage import Location
 

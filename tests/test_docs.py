@@ -31,7 +31,13 @@ def test_the_references_cover_every_code_option_and_column():
     assert all(f"| `{name}` |" in outputs for name in METADATA_SCHEMA.names) and set(METADATA_SCHEMA.names) <= set(
         COLUMN_DOCS
     )
+    from unclip_batch.curation import RECORD_DOCS, RECORD_SCHEMA
+
+    assert all(f"| `{name}` |" in outputs for name in RECORD_SCHEMA.names) and set(RECORD_SCHEMA.names) == set(
+        RECORD_DOCS
+    )
     cli = (REPO / "docs" / "cli.md").read_text()
+    assert "## `unclip-batch curate`" in cli and "--near-duplicate" in cli and "--export" in cli
     for flag in ("--max-source-bytes", "--storage-options", "--verbose", "--seed", "--show", "--version", "-o"):
         assert flag in cli, flag
 

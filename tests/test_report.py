@@ -120,7 +120,7 @@ def test_the_report_of_an_unfinished_job_says_so_and_writes_to_object_storage(de
 def test_the_curation_section_shows_counts_the_histogram_and_duplicate_groups(browser, tmp_path, monkeypatch):
     from test_curate import SHARDS, inline, write_output
 
-    from unclip_batch.curate import CurateConfig, curate
+    from unclip_batch.curation import CurateConfig, curate
 
     inline(monkeypatch)  # the stages in this process: the page is about what curate recorded
     output = write_output(tmp_path / "out", SHARDS)

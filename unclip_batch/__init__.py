@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 # The public names of the Python API (unclip_batch.api's __all__ is this list).
-API = ["run", "Summary", "ProcessorConfig", "build_processor", "Processor"]
+API = ["run", "Summary", "curate", "ProcessorConfig", "build_processor", "Processor"]
 API += ["SetupError", "StorageUnavailable", "JobFailed", "RowsFailed"]
 __all__ = [*API, "__version__"]
 

@@ -95,6 +95,31 @@ def run(manifests: str | Sequence[str], *, output: str, allow_failures: bool = F
     return summary
 
 
+def curate(output: str, **options: Any) -> dict[str, Any]:
+    """Curate a finished output, or resume a curation: ``unclip-batch curate`` from Python; its summary
+    (``OUTPUT/curation/_SUCCESS``, with ``export`` the export's under ``"export"``).
+
+    ``options`` are the CLI's, by CurateConfig's names: ``min_clip_score``, ``near_duplicate``, ``clusters``,
+    ``seed``, ``export`` and ``format``, ``address``, ``device``, ``storage_options``. Raises SetupError
+    (a CurationError) before any work when the output cannot be curated as asked.
+
+    >>> import unclip_batch as ub
+    >>> summary = ub.curate("s3://b/synth", min_clip_score=0.25, export="s3://b/synth-kept",
+    ...                     format="webdataset")  # doctest: +SKIP
+    >>> summary["by_reason"], summary["export"]["images"]  # doctest: +SKIP
+    """
+    from unclip_batch.cli import output_location
+    from unclip_batch.curation import CurateConfig
+    from unclip_batch.curation import curate as curate_output
+
+    unknown = set(options) - {f.name for f in dataclasses.fields(CurateConfig)} | ({"output"} & set(options))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; curate takes CurateConfig's fields")
+    if options.get("export"):
+        options["export"] = output_location(options["export"])
+    return curate_output(CurateConfig(output=output_location(output), **options))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessorConfig(ModelOptions):
     """The model stage for a Ray Data pipeline of your own: the job's model options (ModelOptions: ``model``,

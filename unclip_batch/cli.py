@@ -257,7 +257,7 @@ exit codes: 0 done, 2 nothing computed (not a finished unclip-batch output, bad 
 
 
 def _curate_parser(sub) -> argparse.ArgumentParser:
-    from unclip_batch.curate import NEAR_DUPLICATE
+    from unclip_batch.curation import NEAR_DUPLICATE
     from unclip_batch.writer import FORMATS
 
     curate = sub.add_parser(
@@ -275,7 +275,10 @@ def _curate_parser(sub) -> argparse.ArgumentParser:
         "output", metavar="OUTPUT", help="a finished job's output folder (local path or any fsspec URL)"
     )
     curate.add_argument(
-        "--min-clip-score", type=float, help="drop images whose clip_score is under this (default: none dropped)"
+        "--min-clip-score",
+        type=float,
+        metavar="T",
+        help="drop images whose clip_score is under this (default: none dropped)",
     )
     curate.add_argument(
         "--near-duplicate",
@@ -285,7 +288,7 @@ def _curate_parser(sub) -> argparse.ArgumentParser:
         help=f"cosine similarity at or above which two images are one (default {NEAR_DUPLICATE}, measured: "
         "benchmarks/README.md, Curation)",
     )
-    curate.add_argument("--clusters", type=int, help="k-means clusters (default: one per 1,000 images)")
+    curate.add_argument("--clusters", type=int, metavar="K", help="k-means clusters (default: one per 1,000 images)")
     curate.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and start (default 0)")
     curate.add_argument("--export", metavar="DEST", help="write the kept samples and their metadata to DEST as shards")
     curate.add_argument("--format", choices=list(FORMATS), help="the export's format (default: the output's)")
@@ -298,7 +301,7 @@ def _curate_parser(sub) -> argparse.ArgumentParser:
 
 
 def _curate(args) -> int:
-    from unclip_batch.curate import CurateConfig, curate
+    from unclip_batch.curation import CurateConfig, curate
 
     config = CurateConfig(
         output=output_location(args.output),

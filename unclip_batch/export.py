@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unclip_batch import storage
-from unclip_batch.curate import FOLDER, CurationError, Plan, image_bytes, read_table, record_file
+from unclip_batch.curation import FOLDER, CurationError, Plan, image_bytes, read_table, record_file
 from unclip_batch.storage import Location, Stores
 
 logger = logging.getLogger(__name__)

@@ -519,7 +519,7 @@ def each(stage, items: list[int], plan, **kwargs) -> list[dict]:
         return []
     import ray
 
-    from unclip_batch.curate import CurationError
+    from unclip_batch.curation import CurationError
 
     def run(batch: dict) -> dict:
         import resource
@@ -560,7 +560,7 @@ class Embedder:
         self.model = ModelSpec.parse(model).load(tasks=("variation",), device=device, stores=stores)
 
     def __call__(self, batch: dict) -> dict:
-        from unclip_batch.curate import embed_part
+        from unclip_batch.curation import embed_part
 
         torch = sys.modules.get("torch")
         if torch and self.threads:  # in the calling thread: see UnclipPredictor._use_threads

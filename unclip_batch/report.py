@@ -232,10 +232,10 @@ def _curation_html(output: Location, objects: dict) -> str:
     """The curation's counts by reason, its clip_score histogram with the threshold, the largest duplicate
     groups (the kept image first, each duplicate's similarity under it) and the diversity figures; nothing
     where the output was not curated."""
-    from unclip_batch import curate
+    from unclip_batch import curation
 
     try:
-        summary = json.loads(output.read(curate.FOLDER, "_SUCCESS"))
+        summary = json.loads(output.read(curation.FOLDER, "_SUCCESS"))
     except FileNotFoundError:
         return ""
     counts = "".join(
@@ -297,9 +297,9 @@ def _histogram(counts: list[int], threshold: float | None, width: int = 600, hei
 
 
 def _groups(output: Location, objects: dict) -> str:
-    from unclip_batch import curate
+    from unclip_batch import curation
 
-    duplicates = curate.records(output, ["image_key", "reason", "duplicate_of", "similarity"])
+    duplicates = curation.records(output, ["image_key", "reason", "duplicate_of", "similarity"])
     if duplicates is not None:
         duplicates = duplicates.filter(pc.is_in(duplicates["reason"], pa.array(["exact_duplicate", "near_duplicate"])))
     if duplicates is None or duplicates.num_rows == 0:
