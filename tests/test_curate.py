@@ -49,6 +49,7 @@ def write_output(folder, shards: list[list[dict]], embeddings: bool = True, dims
                     "sha256": hashlib.sha256(png).hexdigest(),
                     "clip_score": row["clip_score"],
                     "embedding": [float(v) for v in vector] if embeddings else None,
+                    "timings": {"load_s": 0.0, "model_s": 1.0, "write_s": 0.0},
                     "manifest_row": len(records),
                 }
             )
@@ -330,3 +331,29 @@ def test_an_export_goes_to_a_folder_of_its_own(tmp_path, where, message):
     with pytest.raises(CurationError, match=message):
         export.check_destination(output, Location(str(tmp_path / where)), "files")
     export.check_destination(output, Location(str(tmp_path / "new")), "files")
+
+
+def test_a_stopped_export_resumes_to_the_same_bytes_and_reads_only_the_jobs_files(tmp_path, monkeypatch):
+    inline(monkeypatch)
+    output = write_output(tmp_path / "out", SHARDS)
+    (tmp_path / "out/metadata/notes.parquet").write_bytes(b"not a shard")  # not the job's: left alone
+    dest = tmp_path / "kept"
+    curate(CurateConfig(output=output, export=str(dest), format="webdataset"))
+    whole = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file() and p.name != "_SUCCESS"}
+    (dest / "_SUCCESS").unlink()  # stopped after shard 00000 ...
+    (dest / "metadata/00001.parquet").unlink()
+    (dest / "shards/00001.tar").unlink()
+    curate(CurateConfig(output=output, export=str(dest), format="webdataset"))
+    again = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file() and p.name != "_SUCCESS"}
+    assert again == whole and sorted(str(p) for p in whole if p.suffix == ".tar") == [
+        "shards/00000.tar",
+        "shards/00001.tar",
+    ]
+
+
+def test_an_export_refuses_metadata_naming_an_image_no_job_writes(tmp_path, monkeypatch):
+    inline(monkeypatch)
+    output = write_output(tmp_path / "out", [[{**SHARDS[0][0], "id": "../../escape"}]])
+    with pytest.raises(CurationError, match="image key 'images/../../escape/0.png' is not one a job writes"):
+        curate(CurateConfig(output=output, export=str(tmp_path / "kept"), format="files"))
+    assert not list((tmp_path / "kept").rglob("*.png"))

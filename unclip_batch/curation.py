@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ TILE = 4096  # rows of a cluster compared at once: a 64 MB similarity block
 MAX_CLUSTER = 50_000  # a cluster larger than this is split by k-means before its pairs are compared
 KMEANS_ITERATIONS = 20
 HISTOGRAM_BINS = 100  # clip_score over [-1, 1] in steps of 0.02
+SHARD_FILE = re.compile(r"metadata/[0-9]{5,}\.parquet")
 ROW_GROUP = 2048  # rows per row group in the exchange files: what a reader's filter skips by
 
 RECORD_SCHEMA = pa.schema(
@@ -170,7 +172,8 @@ def make_plan(config: CurateConfig, output: Location) -> tuple[Plan, dict]:
         raise CurationError(
             f"{storage.redact(output.url)} is an unfinished job (no {SUCCESS}): rerun the job to finish it first"
         ) from None
-    files = tuple(f for f in output.files("metadata") if f.endswith(".parquet"))
+    # The shards' metadata as a job names it: other files there are not the job's (an output's earlier contents).
+    files = tuple(f for f in output.files("metadata") if SHARD_FILE.fullmatch(f))
     images = summary.get("images_total")
     if images is None:  # an output from before the summary counted them: its files' footers do
         images = sum(pq.read_metadata(output.path(f), filesystem=output.fs).num_rows for f in files)

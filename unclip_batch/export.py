@@ -125,9 +125,13 @@ def export_part(plan: Plan, part: int, dest: Location, format: str) -> dict:
 
 def _keys(writer, shard: str, metadata: pa.Table) -> list[str]:
     """The kept images' keys in the export's format: a row's position is its place among the shard's kept rows."""
+    from unclip_batch.manifest import ID_PATTERN
+
     positions: dict[str, int] = {}
     keys = []
     for row_id, k in zip(metadata["id"].to_pylist(), metadata["k"].to_pylist()):
+        if not ID_PATTERN.fullmatch(str(row_id)) or not 0 <= int(k) < 100:  # the output's earlier contents
+            raise CurationError(f"shard {shard}'s metadata holds an image no job writes: id {row_id!r}, k {k!r}")
         position = positions.setdefault(row_id, len(positions))
         keys.append(writer.image_key(shard, {"id": row_id, "k": k, "position": position}))
     return keys
