@@ -34,7 +34,7 @@ from unclip_lab import world  # noqa: E402
 from unclip_lab.evaluate import generate_cases  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
-SWEEP = (0.85, 0.9, 0.93, NEAR_DUPLICATE, 0.97, 0.99)
+SWEEP = (0.9, 0.95, 0.97, 0.99, NEAR_DUPLICATE, 0.998)
 
 
 def main() -> None:
@@ -42,12 +42,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--prompt-seed", type=int, default=77, help="which of the world's prompts")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/planted"))
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)  # a rerun resumes the job (and redoes the curations)
     rows = [
         {"id": f"p{i:03d}", "prompt": prompt, "num_images": args.images, "seed": 1000 + i}
-        for i, (prompt, _) in enumerate(generate_cases(args.rows, seed=77))
+        for i, (prompt, _) in enumerate(generate_cases(args.rows, seed=args.prompt_seed))
     ]
     copies = [{**row, "id": f"{row['id']}-copy"} for row in rows[: args.copies]]
     pq.write_table(pa.Table.from_pylist(rows + copies), args.folder / "m.parquet")

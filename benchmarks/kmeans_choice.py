@@ -4,15 +4,21 @@ unit vectors of 1,280 floats (Kandinsky 2.2's CLIP), 1,000 clusters, 10 iteratio
     .venv/bin/python benchmarks/kmeans_choice.py
 """
 
+import argparse
 import time
 
 import faiss
 import numpy as np
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--points", type=int, default=40_000)
+parser.add_argument("--dims", type=int, default=1280)
+parser.add_argument("--clusters", type=int, default=1000)
+args = parser.parse_args()
 rng = np.random.default_rng(0)
-x = rng.standard_normal((40_000, 1280), dtype=np.float32)
+x = rng.standard_normal((args.points, args.dims), dtype=np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
-K, ITERATIONS = 1000, 10
+K, ITERATIONS = args.clusters, 10
 
 
 def numpy_lloyd():
@@ -28,7 +34,7 @@ def numpy_lloyd():
 
 
 def faiss_kmeans():
-    kmeans = faiss.Kmeans(1280, K, niter=ITERATIONS, seed=0, spherical=True, max_points_per_centroid=1 << 20)
+    kmeans = faiss.Kmeans(args.dims, K, niter=ITERATIONS, seed=0, spherical=True, max_points_per_centroid=1 << 20)
     kmeans.train(x)
     return kmeans.centroids
 

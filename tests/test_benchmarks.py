@@ -230,3 +230,29 @@ def test_png_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 6 and all(line["ms"] > 0 and line["bytes"] > 0 for line in lines)
+
+
+def test_kmeans_choice_benchmark_runs():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/kmeans_choice.py", "--points", "2000", "--dims", "16", "--clusters", "20"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.count("faiss:") == 2 and done.stdout.count("numpy:") == 2
+
+
+def test_curate_scale_benchmark_runs(tmp_path):
+    """Curate over 3,000 images at Kandinsky's size in a process and a Ray of its own; every planted exact
+    duplicate found (the script asserts it)."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/curate_scale.py", "--images", "3000", "--folder", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3,000 images: curated in" in done.stdout and "exact_duplicate" in done.stdout
