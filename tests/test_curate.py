@@ -86,15 +86,15 @@ RED, BLUE = (200, 0, 0), (0, 0, 200)
 SHARDS = [
     [
         {"id": "a", "k": 0, "clip_score": 0.30, "vector": unit(1, 0), "color": RED},
-        {"id": "a", "k": 1, "clip_score": 0.20, "vector": unit(0, 1)},
+        {"id": "a", "k": 1, "clip_score": 0.20, "vector": unit(0, 1, 0.05)},
         {"id": "b", "k": 0, "clip_score": 0.35, "vector": unit(1, 0), "color": RED},  # exact dup of a/0, better
-        {"id": "c", "k": 0, "clip_score": 0.25, "vector": unit(0, 1, 0.1)},  # near a/1 (0.995), better
+        {"id": "c", "k": 0, "clip_score": 0.25, "vector": unit(0, 1, 0.1)},  # near a/1 (0.9988), better
         {"id": "d", "k": 0, "clip_score": 0.05, "vector": unit(0, 0, 1)},  # under 0.1
     ],
     [
         {"id": "e", "k": 0, "clip_score": None, "vector": unit(0, 0, 0, 1), "color": BLUE},  # no score: last
         {"id": "f", "k": 0, "clip_score": 0.22, "vector": unit(0, 0, 0, 1), "color": BLUE},  # exact dup of e
-        {"id": "g", "k": 0, "clip_score": 0.22, "vector": unit(0, 0, 0, 1, 0.4)},  # 0.93 from f: kept
+        {"id": "g", "k": 0, "clip_score": 0.22, "vector": unit(0, 0, 0, 1, 0.095)},  # 0.9955 from f: two images
         {"id": "h", "k": 0, "clip_score": 0.30, "vector": unit(0, 1, 0.1)},  # c's twin in another shard, ties lose?
     ],
 ]
@@ -119,7 +119,7 @@ def test_records_say_for_every_image_whether_it_is_kept_and_why(tmp_path, monkey
         ("d", 0): ("low_clip_score", None),
         ("e", 0): ("exact_duplicate", "images/f/0.png"),  # no clip_score ranks last
         ("f", 0): ("kept", None),
-        ("g", 0): ("kept", None),  # 0.93 < 0.95: two images
+        ("g", 0): ("kept", None),  # 0.9955 < 0.996: two images
         ("h", 0): ("kept", None),
     }
     assert {key: (r["reason"], r["duplicate_of"]) for key, r in rows.items()} == expect
@@ -127,8 +127,8 @@ def test_records_say_for_every_image_whether_it_is_kept_and_why(tmp_path, monkey
     assert rows[("a", 0)]["similarity"] == 1.0 and rows[("a", 0)]["cluster"] is None
     assert rows[("d", 0)]["similarity"] is None and rows[("d", 0)]["duplicate_of"] is None
     assert rows[("c", 0)]["similarity"] == pytest.approx(1.0, abs=1e-6)
-    assert rows[("a", 1)]["similarity"] == pytest.approx(float(unit(0, 1) @ unit(0, 1, 0.1)), abs=1e-6)
-    assert rows[("g", 0)]["similarity"] == pytest.approx(float(unit(0, 0, 0, 1) @ unit(0, 0, 0, 1, 0.4)), abs=1e-6)
+    assert rows[("a", 1)]["similarity"] == pytest.approx(float(unit(0, 1, 0.05) @ unit(0, 1, 0.1)), abs=1e-6)
+    assert rows[("g", 0)]["similarity"] == pytest.approx(float(unit(0, 0, 0, 1) @ unit(0, 0, 0, 1, 0.095)), abs=1e-6)
     assert rows[("g", 0)]["clip_score"] == 0.22 and rows[("b", 0)]["cluster"] == 0
     assert summary["by_reason"] == {"kept": 4, "low_clip_score": 1, "exact_duplicate": 2, "near_duplicate": 2}
     assert summary["images"] == 9 and summary["kept"] == 4

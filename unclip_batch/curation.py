@@ -239,19 +239,16 @@ def _gather(output: Location, stage: str, count: int, column: str, value, column
 
 
 def part_rows(plan: Plan, part: int, columns: list[str]):
-    """A part's metadata rows, file by file: (table, the part's row number of its first row)."""
-    first = 0
+    """A part's metadata rows, a table per shard file."""
     for file in plan.parts[part]:
-        table = read_table(plan.output, file, columns)
-        yield table, first
-        first += table.num_rows
+        yield read_table(plan.output, file, columns)
 
 
 def part_embeddings(plan: Plan, part: int) -> tuple[pa.Table, np.ndarray]:
     """A part's image_key, id, k, sha256 and clip_score, and its embeddings (float32, one row each)."""
     small = ["id", "k", "image_key", "sha256", "clip_score"]
     tables, vectors = [], []
-    for table, _ in part_rows(plan, part, small + (["embedding"] if plan.embeddings_from == "metadata" else [])):
+    for table in part_rows(plan, part, small + (["embedding"] if plan.embeddings_from == "metadata" else [])):
         tables.append(table.select(small))
         if plan.embeddings_from == "metadata":
             vectors.append(embedding_matrix(table["embedding"]))
@@ -609,7 +606,7 @@ def embed_part(plan: Plan, part: int, model, chunk: int = 64) -> dict:
     curation/embeddings/<part>.parquet (image_key, embedding) in the metadata's order."""
     from PIL import Image
 
-    keys = pa.concat_tables([t for t, _ in part_rows(plan, part, ["image_key"])])["image_key"].to_pylist()
+    keys = pa.concat_tables(list(part_rows(plan, part, ["image_key"])))["image_key"].to_pylist()
     vectors = []
     for start in range(0, len(keys), chunk):
         images = [
