@@ -50,9 +50,9 @@ def write_output(folder: Path, images: int, seed: int = 0) -> dict:
             if kind[i] < PLANTED:  # the same image as an earlier one of its shard
                 vectors[i], sha[i] = vectors[i - 1], sha[i - 1]
                 exact += 1
-            elif kind[i] < 2 * PLANTED:  # nearly: cosine ~0.98
+            elif kind[i] < 2 * PLANTED:  # nearly: cosine ~0.9988
                 noise = rng.standard_normal(DIMS, dtype=np.float32)
-                vectors[i] = vectors[i - 1] / np.linalg.norm(vectors[i - 1]) + 0.2 * noise / np.linalg.norm(noise)
+                vectors[i] = vectors[i - 1] / np.linalg.norm(vectors[i - 1]) + 0.05 * noise / np.linalg.norm(noise)
                 near += 1
         ids = [f"r{start + i}" for i in range(n)]
         table = pa.table(
