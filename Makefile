@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast docs model evaluate grid gpu-wheels clean
+.PHONY: setup demo test test-fast mutation docs model evaluate grid gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Mutation testing of the job's runtime modules with the fast suite ([tool.mutmut] in pyproject.toml): the score
+# and the survivors. Resumes where a stopped run stopped; `rm -rf mutants` starts over.
+mutation: setup
+	$(VENV)/bin/mutmut run --max-children $$(nproc) || true
+	$(PY) tests/mutation_report.py
 
 # The reference pages generated from the code (docs/cli.md, errors.md, outputs.md); tests/test_docs.py checks them.
 docs: setup
@@ -48,4 +54,4 @@ gpu-wheels: setup
 		--platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache mutants

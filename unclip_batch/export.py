@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unclip_batch import storage
-from unclip_batch.curation import FOLDER, CurationError, Plan, image_bytes, read_table, record_file
+from unclip_batch.curation import FOLDER, CurationError, Plan, _iso, image_bytes, read_table, record_file
 from unclip_batch.storage import Location, Stores
 
 logger = logging.getLogger(__name__)
@@ -135,9 +135,3 @@ def _keys(writer, shard: str, metadata: pa.Table) -> list[str]:
         position = positions.setdefault(row_id, len(positions))
         keys.append(writer.image_key(shard, {"id": row_id, "k": k, "position": position}))
     return keys
-
-
-def _iso(t: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
