@@ -243,6 +243,44 @@ def test_input_hash_sees_what_the_images_depend_on(tmp_path):
         assert input_hash({**base, **change}) != input_hash(base), change
     good, _ = run_validate(tmp_path, [base])
     assert good[0].input_hash == input_hash(base)
+    # The fingerprint is kept in outputs: a resume compares it with the row's, so its value is a contract.
+    assert input_hash(base) == "59eda319db6e42fb"
+    assert input_hash({**base, "prompt": "café", "guidance_scale": 2.5, "num_images": 3}) == "4837bd78ec390d2c"
+
+
+def test_an_error_record_holds_these_fields_and_no_other(tmp_path):
+    from unclip_batch.manifest import input_hash
+
+    _, bad = run_validate(tmp_path, [{"id": "ok", "prompt": "p"}, {"id": "t", "prompt": "p", "seed": -1}])
+    assert list(bad[0]) == ["id", "task", "stage", "code", "message", "row", "input_hash"]
+    assert bad[0]["id"] == "t" and bad[0]["task"] == "generate" and bad[0]["stage"] == "validate"
+    assert bad[0]["code"] == "invalid_seed" and bad[0]["row"] == 1
+    assert bad[0]["input_hash"] == input_hash({"id": "t", "prompt": "p", "seed": -1})
+
+
+@pytest.mark.parametrize("name", ["_private", "_", "__index_level_0__", "sha256", "image_key", "manifest_row"])
+def test_columns_the_output_writes_or_starting_with_an_underscore_are_refused(tmp_path, name):
+    with pytest.raises(ManifestError, match=f"column\\(s\\) {name} are reserved"):
+        read_manifests([write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p", name: "x"}])])
+
+
+def test_a_column_with_an_underscore_elsewhere_is_carried(tmp_path):
+    table = read_manifests([write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "p", "my_tag_": "x"}])])
+    assert extra_columns(table) == ["my_tag_"]
+
+
+def test_a_shard_reads_its_own_rows_and_no_other(tmp_path):
+    """Rows [start, stop) of a file of several row groups: inside one group, across groups, at either end."""
+    from unclip_batch.manifest import read_rows
+    from unclip_batch.storage import Location
+
+    path = tmp_path / "m.parquet"
+    pa.parquet.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "n": list(range(10))}), path, row_group_size=3)
+    location = Location(str(tmp_path))
+    for start, stop in ((0, 3), (4, 7), (2, 9), (9, 10), (0, 10), (5, 5)):
+        table = read_rows(location, str(path), start, stop, ["id", "missing"])
+        assert table["id"].to_pylist() == [f"r{i}" for i in range(start, stop)], (start, stop)
+        assert table.column_names == ["id"]
 
 
 def test_words_outside_a_closed_world_model_vocabulary_are_counted_not_refused(tmp_path):
@@ -265,3 +303,42 @@ def test_words_outside_a_closed_world_model_vocabulary_are_counted_not_refused(t
     anything = UnknownWords(None)  # a model that reads any text (Kandinsky 2.2's CLIP) says nothing
     anything.check(rows)
     assert anything.rows == 0 and anything.message("m") == ""
+
+
+def _edges():
+    """Every range a manifest row accepts, as (column, its lowest, its highest, one step, the base row, code):
+    each edge is accepted, one step past it is the code."""
+    from unclip_batch import sampling
+    from unclip_batch.manifest import MAX_NUM_IMAGES, MAX_PROMPT_CHARS
+
+    base = {"id": "t", "prompt": "p"}
+    diff = {"id": "t", "task": "text_diff", "image": "x.png", "source_prompt": "s", "prompt": "p"}
+    edges = [
+        ("num_images", 1, MAX_NUM_IMAGES, 1, base, "invalid_num_images"),
+        ("seed", 0, MAX_SEED, 1, base, "invalid_seed"),
+        ("strength", 0.0, 1.0, 0.001, diff, "invalid_strength"),
+    ]
+    for f in sampling.SETTINGS:
+        least, most = f.metadata["least"], f.metadata["most"]
+        if least is not None:
+            step = 1 if sampling.KINDS[f.name] is int else 0.001
+            edges.append((f.name, least, most, step, base, f.metadata["code"]))
+    edges.append(("prompt", "p", "p" * MAX_PROMPT_CHARS, None, base, "prompt_too_long"))
+    return edges
+
+
+@pytest.mark.parametrize("column, lowest, highest, step, base, code", _edges(), ids=lambda v: str(v)[:20])
+def test_each_range_accepts_its_edges_and_refuses_one_step_past_them(
+    tmp_path, column, lowest, highest, step, base, code
+):
+    if step is None:  # a text's length: its longest, and one character more
+        cases = [(highest, None), (highest + "p", code)]
+    else:
+        cases = [(lowest, None), (highest, None), (lowest - step, code), (highest + step, code)]
+    for value, expected in cases:
+        if column == "seed" and value > MAX_SEED:  # past int64's range for the next step: the largest allowed + 1
+            value = MAX_SEED + 1
+        good, bad = run_validate(tmp_path, [{**base, column: value}])
+        assert [e["code"] for e in bad] == ([expected] if expected else []), (column, value)
+        if expected is None:
+            assert getattr(good[0], column) == value, (column, value)

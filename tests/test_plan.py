@@ -127,6 +127,18 @@ def test_another_job_on_the_same_output_is_refused(tmp_path):
         plan.check_job_record(out, {**record, "weights": "w2"})
 
 
+def test_overwrite_removes_what_a_job_writes_by_name(tmp_path):
+    """The names are the contract (a folder a job writes and --overwrite leaves behind would mix two runs)."""
+    folders = ("images", "metadata", "errors", "shards", "data", "stats", "report", "curation", "_parts")
+    for name in folders:
+        (tmp_path / name / "deep").mkdir(parents=True)
+        (tmp_path / name / "deep" / "x").write_text("x")
+    for name in ("_SUCCESS", "_job.json"):
+        (tmp_path / name).write_text("{}")
+    plan.clear_output(Location(str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_removes_every_name_of_ours_from_a_jobs_output_and_nothing_else(tmp_path):
     for name in plan.OURS:
         (tmp_path / name / "x").mkdir(parents=True) if "." not in name and name[0] != "_" else None
@@ -225,3 +237,19 @@ def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeyp
         == []
     )
     assert len(reads) == 2
+
+
+def test_output_state_names_shards_by_their_files(tmp_path):
+    """A stats file's shard is its name before _stats.json; a recorded shard has metadata or errors."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00003_stats.json").write_text('{"rows": 4}')
+    (tmp_path / "shards" / "00003.tar").write_bytes(b"")
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "00001.parquet").write_bytes(b"")
+    (tmp_path / "errors").mkdir()
+    (tmp_path / "errors" / "00002.parquet").write_bytes(b"")
+    (tmp_path / "errors" / "notes.txt").write_text("not a shard")
+    state = plan.output_state(Location(str(tmp_path)), "shards")
+    assert state.stats == {"00003": {"rows": 4}}
+    assert state.recorded == frozenset({"00001", "00002"})
+    assert plan.output_state(Location(str(tmp_path)), "stats").stats == {}
