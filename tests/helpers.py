@@ -154,3 +154,69 @@ def doc_columns(section: str) -> list[str]:
     start = text.index(section)
     table = text[start : text.index("\n\n", text.index("| column", start))]
     return re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)
+
+
+class _Done:
+    """A task's result, as the in-process pipeline hands it back where Ray would hand a reference."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _InlineTask:
+    def __init__(self, function, num_returns: int = 1):
+        self.function, self.num_returns = function, num_returns
+
+    def remote(self, *args, **kwargs):
+        resolved = lambda v: v.value if isinstance(v, _Done) else v  # noqa: E731  (Ray passes results, not refs)
+        value = self.function(*map(resolved, args), **{k: resolved(v) for k, v in kwargs.items()})
+        return tuple(_Done(v) for v in value) if self.num_returns > 1 else _Done(value)
+
+
+def inline_pipeline(monkeypatch) -> None:
+    """The job's pipeline in this process, without Ray: the same stages (read_stage, load_sources, the
+    predictor, write_stage, commit_shard, the id scan) on plain batches, a model block at a time, in shard
+    order. For fast tests of what the job does around them (job.py, the commits, resume); the Ray wiring
+    itself is the slow tests' (test_end_to_end, test_faults)."""
+    import dataclasses
+    import json
+
+    from unclip_batch import pipeline, plan
+    from unclip_batch.predict import UnclipPredictor
+    from unclip_batch.sources import SourcePolicy, load_sources
+
+    unwrap = lambda refs: [r.value for r in refs] if isinstance(refs, list) else refs.value  # noqa: E731
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda config: None)
+    monkeypatch.setattr(pipeline, "_task", _InlineTask)
+    monkeypatch.setattr(pipeline, "_get", unwrap)
+    monkeypatch.setattr(pipeline, "finished", lambda refs, timeout=0: list(refs))
+    monkeypatch.setattr(pipeline, "result", unwrap)
+
+    def changed_rows(config, output, stores, shards, duplicates):
+        options = {"output": output, "stores": stores, "retry_for_s": config.storage_retry_s}
+        return [row for s in shards for row in plan.changed_rows(s, duplicates=duplicates, **options)]
+
+    def run(config, shards, work, tasks):
+        predictor = pipeline._packed(
+            UnclipPredictor(
+                model=config.model,
+                tasks=tasks,
+                batch_size=config.batch_size,
+                device="cpu",
+                stores=work.stores,
+                embeddings=config.embeddings,
+            )
+        )
+        fetch = any(task != "generate" for task in tasks)
+        policy = SourcePolicy(work.stores, work.max_source_bytes, config.storage_retry_s)
+        for shard in shards:
+            text = np.array([json.dumps(dataclasses.asdict(shard))], dtype=object)
+            read = pipeline.read_stage({"shard": text}, work, config.format, sources=not fetch)
+            for i in range(len(read["payload"])):
+                block = {key: values[i : i + 1] for key, values in read.items()}
+                if fetch:
+                    block = pipeline._packed(load_sources)(block, policy=policy)
+                yield pipeline.write_stage(predictor(block), work.output, config.format, config.storage_retry_s)
+
+    monkeypatch.setattr(pipeline, "changed_rows", changed_rows)
+    monkeypatch.setattr(pipeline, "run", run)

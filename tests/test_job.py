@@ -1,5 +1,8 @@
-"""The driver's progress (job.Progress) from block reports, without Ray."""
+"""The job without Ray: the driver's progress from block reports, and run_job over the stages in this process."""
 
+import json
+
+import pytest
 from helpers import job
 
 from unclip_batch.job import Progress
@@ -50,3 +53,129 @@ def test_a_terminal_gets_one_bar_with_rows_images_rate_and_failures(tmp_path, ca
     quiet = Terminal()
     Progress(job(["m"], tmp_path, progress_bar=False), total=4, bar_file=quiet).close()
     assert quiet.getvalue() == ""  # --quiet: no bar even on a terminal
+
+
+# -- the whole job in this process (helpers.inline_pipeline: the stages without Ray), the null model ---------
+
+
+ROWS = [{"id": f"r{i}", "prompt": "a red circle", "num_images": 1 + i % 2, "tag": i} for i in range(7)]
+ROWS += [{"id": "bad id", "prompt": "p"}, {"id": "var", "task": "variation", "image": "img/scene.png"}]
+
+
+def run_inline(monkeypatch, output, manifest, **options):
+    from helpers import inline_pipeline
+
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    return run_job(job([manifest], output, model="null", rows_per_shard=4, **options))
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    from helpers import make_sources, write_manifest
+
+    folder = make_sources(tmp_path / "in")
+    return write_manifest(folder / "m.parquet", ROWS)
+
+
+def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, monkeypatch, manifest):
+    from helpers import read_output
+
+    summary = run_inline(monkeypatch, tmp_path / "out", manifest)
+    metadata, errors = read_output(tmp_path / "out")
+    assert sorted(set(metadata["id"].to_pylist())) == sorted(r["id"] for r in ROWS if r["id"] != "bad id")
+    assert metadata.num_rows == 11 == summary["images"] == summary["images_total"]
+    assert errors.to_pylist()[0]["code"] == "invalid_id" and errors.num_rows == 1
+    assert summary["rows"] == {
+        "manifest": 9,
+        "done_before": 0,
+        "succeeded": 8,
+        "failed": 1,
+        "total_succeeded": 8,
+        "total_failed": 1,
+        "skipped_errors": 0,
+        "changed_redone": 0,
+    }
+    assert summary["shards"] == {"planned": 3, "finished_before": 0, "written": 3}
+    assert summary["errors_by_code"] == {"invalid_id": 1} and summary["status"] == "complete"
+    assert summary["model"] == "null" and summary["format"] == "files" and summary["candidates"] == 11
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text()) == summary
+    stats = sorted(p.name for p in (tmp_path / "out" / "stats").iterdir())
+    assert stats == ["00000_stats.json", "00001_stats.json", "00002_stats.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "_SUCCESS",
+        "_job.json",
+        "errors",
+        "images",
+        "metadata",
+        "stats",
+    ]  # no parts, no staging folder left
+    assert summary["images_per_s"] == pytest.approx(11 / summary["wall_s"], rel=0.02)
+
+
+def test_a_limited_run_then_the_rest_resumes_after_what_was_done(tmp_path, monkeypatch, manifest):
+    from helpers import images_of
+
+    run_inline(monkeypatch, tmp_path / "whole", manifest)
+    first = run_inline(monkeypatch, tmp_path / "out", manifest, limit=5)
+    assert first["rows"]["manifest"] == 5 and first["rows"]["succeeded"] == 5
+    rest = run_inline(monkeypatch, tmp_path / "out", manifest)
+    assert rest["rows"]["done_before"] == 5 and rest["rows"]["succeeded"] + rest["rows"]["failed"] == 4
+    assert rest["rows"]["total_succeeded"] == 8 and rest["shards"]["finished_before"] == 1
+    assert images_of(tmp_path / "out") == images_of(tmp_path / "whole")
+    again = run_inline(monkeypatch, tmp_path / "out", manifest)
+    assert again["rows"]["succeeded"] == 0 and again["rows"]["done_before"] == 9 and again["images"] == 0
+    assert again["images_total"] == 11 and again["shards"]["written"] == 0
+
+
+def test_a_stopped_job_keeps_its_finished_blocks_and_the_rerun_finishes_the_rest(tmp_path, monkeypatch, manifest):
+    from helpers import images_of
+
+    from unclip_batch import pipeline
+    from unclip_batch.errors import Interrupted, JobFailed
+
+    run_inline(monkeypatch, tmp_path / "whole", manifest)
+    real, calls = pipeline.write_stage, []
+
+    def stops(batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_stage", stops)
+    from helpers import inline_pipeline
+
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    config = job([manifest], tmp_path / "out", model="null", rows_per_shard=4)
+    with pytest.raises(Interrupted) as stopped:
+        run_job(config)
+    assert stopped.value.saved == 8 and not (tmp_path / "out" / "_SUCCESS").exists()
+    calls.clear()
+
+    def fails(batch, *args, **kwargs):
+        raise RuntimeError("a broken actor")
+
+    monkeypatch.setattr(pipeline, "write_stage", fails)
+    with pytest.raises(JobFailed, match="RuntimeError: a broken actor"):
+        run_job(config)
+    monkeypatch.setattr(pipeline, "write_stage", real)
+    summary = run_job(config)
+    assert summary["rows"]["done_before"] == 8 and summary["rows"]["total_succeeded"] == 8
+    assert images_of(tmp_path / "out") == images_of(tmp_path / "whole")
+
+
+def test_a_row_changed_under_its_id_is_refused_or_redone(tmp_path, monkeypatch, manifest):
+    from helpers import write_manifest
+
+    from unclip_batch.errors import SetupError
+
+    run_inline(monkeypatch, tmp_path / "out", manifest)
+    changed = write_manifest(tmp_path / "in" / "m.parquet", [{**ROWS[0], "prompt": "a blue circle"}, *ROWS[1:]])
+    with pytest.raises(SetupError, match="1 manifest rows changed .*first: r0.*--redo-changed"):
+        run_inline(monkeypatch, tmp_path / "out", changed)
+    summary = run_inline(monkeypatch, tmp_path / "out", changed, redo_changed=True)
+    assert summary["rows"]["changed_redone"] == 1 and summary["rows"]["succeeded"] == 1
