@@ -103,6 +103,28 @@ def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, mon
     assert json.loads((tmp_path / "out" / "_SUCCESS").read_text()) == summary
     stats = sorted(p.name for p in (tmp_path / "out" / "stats").iterdir())
     assert stats == ["00000_stats.json", "00001_stats.json", "00002_stats.json"]
+    last = json.loads((tmp_path / "out" / "stats" / "00002_stats.json").read_text())
+    version = last.pop("version")
+    assert (
+        last
+        == {
+            "shard": "00002",
+            "manifest": manifest,
+            "path": manifest,
+            "start": 8,
+            "stop": 9,
+            "rows": 1,
+            "succeeded": 1,
+            "failed": 0,
+            "images": 1,
+            "failures_by_code": {},
+            "complete": True,
+        }
+        and version
+    )
+    second = json.loads((tmp_path / "out" / "stats" / "00001_stats.json").read_text())
+    assert (second["rows"], second["succeeded"], second["failed"], second["images"]) == (4, 3, 1, 4)
+    assert second["failures_by_code"] == {"invalid_id": 1}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "_SUCCESS",
         "_job.json",

@@ -247,3 +247,56 @@ def test_pngs_are_lossless_and_as_small_as_pillows_default():
         default = io.BytesIO()
         Image.fromarray(pixels).save(default, format="PNG")
         assert len(png) <= 1.02 * len(default.getvalue()), (len(png), len(default.getvalue()))
+
+
+def test_the_output_schemas_field_by_field():
+    """What readers of our outputs rely on: each column's name, order and Arrow type, and each stats field."""
+    from unclip_batch.writer import ERROR_SCHEMA, METADATA_SCHEMA, STATS_DOCS
+
+    assert [(f.name, str(f.type)) for f in METADATA_SCHEMA] == [
+        ("id", "string"),
+        ("k", "int32"),
+        ("task", "string"),
+        ("image_key", "string"),
+        ("prompt", "string"),
+        ("negative_prompt", "string"),
+        ("image", "string"),
+        ("mask", "string"),
+        ("seed", "int64"),
+        ("candidate", "int32"),
+        ("width", "int32"),
+        ("height", "int32"),
+        ("sha256", "string"),
+        ("clip_score", "double"),
+        ("embedding", "list<item: float>"),
+        ("model", "string"),
+        (
+            "parameters",
+            "struct<num_inference_steps: int32, guidance_scale: double, prior_num_inference_steps: int32, "
+            "prior_guidance_scale: double, variation_strength: double, best_of: int32>",
+        ),
+        ("timings", "struct<load_s: double, model_s: double, write_s: double>"),
+        ("input_hash", "string"),
+    ]
+    assert [(f.name, str(f.type)) for f in ERROR_SCHEMA] == [
+        ("id", "string"),
+        ("task", "string"),
+        ("stage", "string"),
+        ("code", "string"),
+        ("message", "string"),
+        ("input_hash", "string"),
+    ]
+    assert list(STATS_DOCS) == [
+        "shard",
+        "manifest",
+        "path",
+        "start",
+        "stop",
+        "version",
+        "rows",
+        "succeeded",
+        "failed",
+        "images",
+        "failures_by_code",
+        "complete",
+    ]
