@@ -4,7 +4,7 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 WORKDIR /home/ray/unclip-batch
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md LICENSE ./
 COPY --chown=ray:users unclip_batch ./unclip_batch
 COPY --chown=ray:users jobs ./jobs
 RUN pip install --no-cache-dir . && unclip-batch --help > /dev/null
