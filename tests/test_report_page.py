@@ -80,3 +80,110 @@ def test_images_inside_webdataset_shards_are_copied_beside_the_page(tmp_path):
     report.write_report(Location(str(tmp_path)))
     assert (tmp_path / "report" / "images" / "00000_000000_00.png").read_bytes() == b"png bytes"
     assert "src='../report/images/00000_000000_00.png'" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_the_page_of_a_finished_job_shows_its_summary_each_task_its_sources_and_its_errors(tmp_path, monkeypatch):
+    """The demo manifest (every task, a missing source) through the job's stages in this process (the null
+    model): what the page says, cell by cell. (In a browser, over a job on Ray: tests/test_report.py.)"""
+    import re
+
+    from helpers import REPO, inline_pipeline, job, read_output
+
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    output = tmp_path / "out"
+    summary = run_job(job([str(REPO / "manifests" / "demo.parquet")], output, model="null"))
+    url = report.write_report(Location(str(output)))
+    assert url == f"{output}/report/index.html"
+    page = (output / "report" / "index.html").read_text()
+    metadata, errors = read_output(output)
+    cells = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", page.split("<h2>Summary</h2>")[1]))
+    assert cells["status"] == "complete" and cells["model"] == "null" and cells["images"] == str(metadata.num_rows)
+    assert cells["rows with images"] == "9" and cells["rows failed"] == "1"
+    assert cells["manifests"] == str(REPO / "manifests" / "demo.parquet")
+    assert cells["last run"].startswith(summary["started"]) and "images/s" in cells["last run"]
+    tasks = metadata["task"].to_pylist()
+    assert re.findall(r"<h2 id='(\w+)'>\w+: (\d+) images</h2>", page) == [
+        (task, str(tasks.count(task))) for task in ("generate", "variation", "inpaint")
+    ]
+    assert page.count("<figure>") == metadata.num_rows == 15
+    for key in metadata["image_key"].to_pylist():
+        assert f"<img class='out' src='../{key}'" in page
+    assert "<b>red-circle</b> #1 seed" in page and "a large blue square on a yellow background" in page
+    shown = sorted(p.name for p in (output / "report" / "sources").iterdir())
+    assert shown == [
+        "inpaint-mask-image.png",
+        "inpaint-mask-mask.png",
+        "inpaint-transparent-image.png",
+        "variation-circle-image.png",
+        "variation-square-steered-image.png",
+    ]
+    assert "<img src='sources/inpaint-mask-mask.png' alt='mask'" in page
+    assert "<h2 id='errors'>Errors: 1 rows</h2>" in page
+    assert "<tr><td class='code'>image_unreadable</td><td>1</td></tr>" in page
+    assert "<td>broken-source</td><td>load</td><td class='code'>image_unreadable</td>" in page
+    assert errors.num_rows == 1 and "<h2 id='curation'>" not in page
+    assert f'content="{report.CSP}"' in page and not (output / "_partial").exists()
+
+
+def test_the_curation_section_of_the_page(tmp_path, monkeypatch):
+    """Counts by reason, the clip_score histogram with the threshold, diversity and the duplicate groups (the
+    kept image first, a duplicate's kind and similarity under it), as curate recorded them."""
+    import re
+
+    from test_curate import SHARDS, inline, write_output
+
+    from unclip_batch.curation import CurateConfig, curate
+
+    inline(monkeypatch)
+    output = write_output(tmp_path / "out", SHARDS)
+    curate(CurateConfig(output=output, min_clip_score=0.1))
+    monkeypatch.setattr(report, "PER_GROUP", 1)
+    report.write_report(Location(output))
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    section = page[page.index("<h2 id='curation'>") :]
+    assert section.startswith("<h2 id='curation'>Curation: 4 of 9 images kept</h2>")
+    assert "near-duplicate at cosine similarity 0.996, min clip_score 0.1, 1 clusters, seed 0" in section
+    reasons = re.findall(r"<tr><td class='code'>(\w+)</td><td>(\d+)</td></tr>", section)
+    assert reasons == [("kept", "4"), ("low_clip_score", "1"), ("exact_duplicate", "2"), ("near_duplicate", "2")]
+    bars = re.findall(r"<rect x='([\d.]+)' y='([\d.]+)' width='([\d.]+)' height='([\d.]+)'", section)
+    titles = re.findall(r"<title>([-\d.]+): (\d+)</title>", section)
+    # Scores 0.05 .. 0.35 in bins of 0.02 (bins 52 .. 67), the threshold's (55) among them: 16 bins wide.
+    assert titles == [
+        ("0.04", "1"),
+        ("0.20", "1"),
+        ("0.22", "2"),
+        ("0.24", "1"),
+        ("0.28", "2"),
+        ("0.34", "1"),
+    ]  # 0.30 rounds under its edge
+    assert bars[0] == ("0.0", "60.0", "36.5", "60.0") and bars[2][1:] == ("0.0", "36.5", "120.0")
+    assert "<line id='threshold' x1='112.5' x2='112.5'" in section
+    assert "clip_score from 0.04 to 0.36; the red line: 0.1" in section
+    assert "<tr><th>rows with several images</th><td>1</td></tr>" in section
+    assert "<tr><th>mean cosine similarity of a row&#x27;s images</th><td>0.000</td></tr>" in section
+    assert "<tr><th>rows whose images are all near-duplicates</th><td>0.0%</td></tr>" in section
+    groups = re.findall(r"<div class='group'>(.*?)</div>", section)
+    assert len(groups) == 3
+    first = re.findall(r"src='\.\./([^']+)'.*?<figcaption>([^<]+)</figcaption>", groups[0])
+    assert first == [("images/h/0.png", "kept"), ("images/a/1.png", "near 0.999")]
+    assert "<p>and 1 more</p>" in groups[0] and "more" not in groups[1]
+    assert re.findall(r"<figcaption>([^<]+)</figcaption>", groups[1]) == ["kept", "exact 1.000"]
+    assert "images/f/0.png" in groups[2] and "images/e/0.png" in groups[2]
+
+
+def test_the_histogram_and_figures_at_their_edges():
+    assert report._histogram([0] * 100, 0.2) == "<p>No image has a clip_score.</p>"
+    counts = [0] * 100
+    counts[99] = 3
+    drawn = report._histogram(counts, None, width=100, height=10)
+    assert "<rect x='0.0' y='0.0' width='99.0' height='10.0'" in drawn and "threshold" not in drawn
+    assert "clip_score from 0.98 to 1.00</p>" in drawn
+    low = report._histogram(counts, -1.0, width=100, height=10)
+    assert "<line id='threshold' x1='0.0'" in low and "clip_score from -1.00 to 1.00; the red line: -1.0" in low
+    assert report._figure(None) == "n/a" and report._figure(0.12345) == "0.123"
+    assert report._figure(0.5, percent=True) == "50.0%" and report._figure(1 / 3, percent=True) == "33.3%"
+    assert report._picture("images/a/0.png").startswith("<img class='out' src='../images/a/0.png'")
+    assert report._picture("report/images/00000_000000_00.png").startswith("<img")
+    assert report._picture("../../etc/passwd") == "<p>(no picture)</p>"
