@@ -1,0 +1,170 @@
+"""storage.py's obstore path without a server (obstore's in-memory store stands in for S3), its errors as the
+built-in ones retries understand, the credentials and store it builds from s3fs's options, and a Location
+across processes. (Against a real S3 server: tests/test_s3.py, tests/test_safety_s3.py.)"""
+
+import asyncio
+import json
+import pickle
+
+import obstore
+import pytest
+from obstore.exceptions import GenericError, NotFoundError, PermissionDeniedError, UnauthenticatedError
+from obstore.store import MemoryStore
+
+from unclip_batch import storage
+from unclip_batch.storage import Location
+
+
+def test_every_object_is_put_with_its_content_type_and_the_stored_ones_leave_pending():
+    store = MemoryStore()
+    pending = {f"images/r{i}/0.png": bytes([i]) * 10 for i in range(40)} | {"metadata/00000.parquet": b"PAR1"}
+    storage._put_all(store, pending)
+    assert pending == {}
+    assert obstore.get(store, "images/r7/0.png").bytes() == bytes([7]) * 10
+    assert obstore.get(store, "images/r7/0.png").attributes["Content-Type"] == "image/png"
+    assert "Content-Type" not in obstore.get(store, "metadata/00000.parquet").attributes  # no type known
+
+
+def test_failed_puts_stay_pending_and_the_first_is_raised_as_a_builtin_error(monkeypatch):
+    store = MemoryStore()
+    real = obstore.put_async
+
+    async def put_async(store, key, data, **kwargs):
+        if key.startswith("bad"):
+            raise GenericError(f"connection reset for {key}\ndebug: a long dump")
+        return await real(store, key, data, **kwargs)
+
+    monkeypatch.setattr(obstore, "put_async", put_async)
+    pending = {"bad/0.png": b"0", "good.png": b"1", "bad/1.png": b"2"}
+    with pytest.raises(OSError, match="^2 of 3 PUTs failed, first: connection reset for bad/0.png$"):
+        storage._put_all(store, pending)
+    assert sorted(pending) == ["bad/0.png", "bad/1.png"]  # a retry sends only these
+    assert obstore.get(store, "good.png").bytes() == b"1"
+
+
+def test_puts_run_inside_a_running_event_loop_too():
+    async def in_a_notebook():
+        store, pending = MemoryStore(), {"a.png": b"a"}
+        storage._put_all(store, pending)
+        return pending, obstore.get(store, "a.png").bytes()
+
+    assert asyncio.run(in_a_notebook()) == ({}, b"a")
+    assert storage._run_async(lambda: asyncio.sleep(0, result=5)) == 5
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        (PermissionDeniedError("denied\nmore"), PermissionError),
+        (UnauthenticatedError("who are you"), PermissionError),
+        (PermissionError("local"), PermissionError),
+        (NotFoundError("no such bucket"), FileNotFoundError),
+        (FileNotFoundError("gone"), FileNotFoundError),
+        (GenericError("timeout"), OSError),
+    ],
+)
+def test_obstore_errors_become_the_builtin_ones_retries_understand(error, kind):
+    converted = storage._builtin(error, "while putting: ")
+    assert type(converted) is kind
+    first_line = str(error).split("\n")[0]
+    assert str(converted) == (first_line if kind is not OSError else f"while putting: {first_line}")
+    assert storage.permanent(converted) == (kind is not OSError)
+
+
+def test_a_bulk_delete_removes_by_key_and_raises_as_a_builtin(monkeypatch):
+    store = MemoryStore()
+    for key in ("a.png", "b.png", "c.png"):
+        obstore.put(store, key, b"x")
+    storage._delete_all(store, ["a.png", "c.png"])
+    assert [o["path"] for batch in obstore.list(store) for o in batch] == ["b.png"]
+
+    def refuses(store, keys):
+        raise PermissionDeniedError("no s3:DeleteObject")
+
+    monkeypatch.setattr(obstore, "delete", refuses)
+    with pytest.raises(PermissionError, match="no s3:DeleteObject"):
+        storage._delete_all(store, ["b.png"])
+
+
+def test_credentials_come_from_the_options_or_botocores_chain(monkeypatch):
+    given = storage._Credentials({"key": "AKIA", "secret": "s3cret", "token": "t"})()
+    assert given == {"access_key_id": "AKIA", "secret_access_key": "s3cret", "token": "t", "expires_at": None}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    chained = storage._Credentials({})()
+    assert (chained["access_key_id"], chained["secret_access_key"], chained["token"]) == (
+        "from-env",
+        "env-secret",
+        None,
+    )
+
+
+def test_the_s3_store_takes_endpoint_region_and_credentials_as_s3fs_does(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    options = {
+        "key": "k",
+        "secret": "s",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:1", "region_name": "eu-west-3"},
+    }
+    store = storage._s3_store(json.dumps(options), "bucket-a")
+    assert store.config == {"endpoint": "http://127.0.0.1:1", "region": "eu-west-3", "bucket": "bucket-a"}
+    assert store.client_options == {"allow_http": "true"}
+    # An endpoint named without a region: botocore signs with us-east-1, and so does the store.
+    plain = storage._s3_store(json.dumps({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:2"}), "b")
+    assert plain.config == {"endpoint": "http://127.0.0.1:2", "region": "us-east-1", "bucket": "b"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:3")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    from_env = storage._s3_store(json.dumps({"anon": True}), "c")
+    assert from_env.config == {
+        "endpoint": "http://127.0.0.1:3",
+        "region": "ap-south-1",
+        "bucket": "c",
+        "skip_signature": "true",
+    }
+    assert storage._bucket_region({}, "b", "http://127.0.0.1:1") == "us-east-1"
+
+
+def test_no_store_without_credentials_or_a_region_and_s3fs_writes_instead(monkeypatch, caplog):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert storage._s3_store(json.dumps({"endpoint_url": "http://127.0.0.1:4"}), "d") is None  # no credentials
+
+    class Unreachable:
+        def __init__(self, **options):
+            pass
+
+        def call_s3(self, *args, **kwargs):
+            raise OSError("no route to AWS")
+
+    import s3fs
+
+    monkeypatch.setattr(s3fs, "S3FileSystem", Unreachable)
+    with caplog.at_level("INFO", logger="unclip_batch.storage"):
+        assert storage._bucket_region({"key": "k"}, "e", None) is None
+        assert storage._s3_store(json.dumps({"key": "k", "secret": "s"}), "e") is None
+    assert "region of bucket e not found (no route to AWS); writing through s3fs" in caplog.text
+
+    class Answers(Unreachable):
+        def call_s3(self, method, Bucket):
+            assert (method, Bucket) == ("head_bucket", "f")
+            return {"ResponseMetadata": {"HTTPHeaders": {"x-amz-bucket-region": "sa-east-1"}}}
+
+    monkeypatch.setattr(s3fs, "S3FileSystem", Answers)
+    assert storage._bucket_region({"key": "k"}, "f", None) == "sa-east-1"
+
+
+def test_a_location_crosses_processes_with_its_options_and_compares_by_url():
+    options = {"key": "k", "secret": "s3cret", "client_kwargs": {"endpoint_url": "http://h:1"}}
+    location = Location("s3://bucket/out", options)
+    copy = pickle.loads(pickle.dumps(location))
+    assert copy.url == "s3://bucket/out" and copy.root == "bucket/out" and copy.family == "s3"
+    assert copy.fs.storage_options == options  # the options came along, and build its filesystem
+    assert copy == location and hash(copy) == hash(location) and copy != Location("s3://bucket/other", options)
+    assert Location("s3://bucket/out") != location  # the same place reached with other options is another
+    assert location != "s3://bucket/out" and len({location, copy}) == 1
+    assert "s3cret" not in repr(location) and "s3cret" not in str(location)
