@@ -1,8 +1,10 @@
 """The mutation score of `make mutation` (mutmut's results under mutants/), and the survivors.
 
 Score: killed and timed-out mutants over all mutants, leaving out those that only change the text of a
-message (a string literal with a space in it: words, not a key, a code or a column name). Mutants marked
-equivalent carry ``# pragma: no mutate`` with a reason in the code and are not made at all.
+message: every line they change lies inside a log call's arguments (``logger.info(...)``), inside the
+message of an exception (any argument of ``SomethingError(...)`` but a RowError's code, its first), or in a
+string literal with a space in it (words, not a key, a code or a column name). Mutants marked equivalent
+carry ``# pragma: no mutate`` with a reason in the code and are not made at all.
 
     .venv/bin/python tests/mutation_report.py [--all]   # --all: the message mutants too
 """
@@ -10,14 +12,16 @@ equivalent carry ``# pragma: no mutate`` with a reason in the code and are not m
 from __future__ import annotations
 
 import argparse
+import ast
 import io
+import re
 import sys
+import textwrap
 import tokenize
 from collections import Counter
 
 from mutmut.configuration import config
 from mutmut.mutation.data import SourceFileMutationData
-from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
 from mutmut.utils.file_utils import walk_mutatable_files
 
@@ -31,8 +35,56 @@ def tokens(line: str) -> list[tuple[int, str]] | None:
         return None
 
 
-def only_message_text(diff: str) -> bool:
-    """True when the mutant changes nothing but words inside string literals."""
+LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "warn"}
+
+
+def _message_lines(function: str) -> set[int]:
+    """Lines of a function's source that lie inside a message: a log call's arguments, an exception's
+    message (every argument of a call to a name ending in Error, but a RowError's first: its code)."""
+    try:
+        tree = ast.parse(textwrap.dedent(function))
+    except SyntaxError:
+        return set()
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        owner = node.func.value if isinstance(node.func, ast.Attribute) else None
+        arguments = [*node.args, *(k.value for k in node.keywords)]
+        if name in LOG_CALLS and isinstance(owner, ast.Name) and owner.id in ("logger", "logging", "warnings"):
+            message = arguments
+        elif name.endswith("Error") or name.endswith("Exception"):
+            message = arguments[1:] if name == "RowError" else arguments
+        else:
+            continue
+        for argument in message:
+            lines.update(range(argument.lineno, argument.end_lineno + 1))
+    return lines
+
+
+def _changed_lines(diff: str) -> list[int]:
+    """The original function's line numbers (1 = its ``def``) that the mutant changes."""
+    changed, line = [], 0
+    for text in diff.splitlines():
+        hunk = re.match(r"@@ -(\d+)", text)
+        if hunk:
+            line = int(hunk.group(1))
+        elif text.startswith("---") or text.startswith("+++"):
+            continue
+        elif text.startswith("-"):
+            changed.append(line)
+            line += 1
+        elif text.startswith(" "):
+            line += 1
+    return changed
+
+
+def only_message_text(diff: str, function: str = "") -> bool:
+    """True when the mutant changes nothing but the text of a message."""
+    changed = _changed_lines(diff)
+    if function and changed and set(changed) <= _message_lines(function):
+        return True
     removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
     added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
     if not removed or len(removed) != len(added):
@@ -49,6 +101,29 @@ def only_message_text(diff: str) -> bool:
     return True
 
 
+def _functions(name: str, path) -> tuple[str, str]:
+    """The original function and its mutant, as mutmut diffs them (each from its ``def``)."""
+    import libcst as cst
+    from mutmut.mutation.diff_apply import (
+        read_functions_from_index,
+        read_mutant_function,
+        read_mutants_module,
+        read_original_function,
+    )
+
+    functions = read_functions_from_index(name, path)
+    if functions is None:
+        module = read_mutants_module(path)
+        functions = (read_original_function(module, name), read_mutant_function(module, name))
+    return tuple(cst.Module([f]).code.strip() for f in functions)
+
+
+def _diff(original: str, mutant: str) -> str:
+    import difflib
+
+    return "\n".join(difflib.unified_diff(original.split("\n"), mutant.split("\n"), lineterm="", n=3))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--all", action="store_true", help="list the message mutants that survived too")
@@ -63,8 +138,9 @@ def main() -> int:
         mine = by_file.setdefault(str(path), Counter())
         for name, code in data.exit_code_by_key.items():
             status = status_by_exit_code[code]
-            diff = get_diff_for_mutant(name, path=path)
-            kind = "message" if only_message_text(diff) else status
+            original, mutant = _functions(name, path)
+            diff = _diff(original, mutant)
+            kind = "message" if only_message_text(diff, original) else status
             counts[kind] += 1
             mine[kind if kind == "message" else ("caught" if status in CAUGHT else "missed")] += 1
             if status not in CAUGHT and (kind != "message" or args.all):
