@@ -342,3 +342,106 @@ def test_each_range_accepts_its_edges_and_refuses_one_step_past_them(
         assert [e["code"] for e in bad] == ([expected] if expected else []), (column, value)
         if expected is None:
             assert getattr(good[0], column) == value, (column, value)
+
+
+def test_unknown_words_add_up_across_shards_and_the_warning_ranks_them():
+    """Each shard's count (read in a task) added in the driver; the words most used first, 12 shown; the first
+    five rows named; the trap (mostly unknown words: the wrong model) said first."""
+    from unclip_batch.manifest import UnknownWords
+
+    total = UnknownWords(frozenset({"a", "red", "circle"}))
+    total.add({"rows": 2, "checked": 3, "words": {"cat": 2, "dog": 1}, "first_ids": ["r1", "r2"]})
+    total.add({"rows": 4, "checked": 10, "words": {"cat": 1, "bird": 5}, "first_ids": ["r5", "r6", "r7", "r8"]})
+    total.add({"rows": 1, "words": {"zebra": 1}, "first_ids": ["r9"]})  # an older shard's, without "checked"
+    assert (total.rows, total.checked) == (7, 13)
+    assert total.words == {"cat": 3, "dog": 1, "bird": 5, "zebra": 1}
+    assert total.first_ids == ["r1", "r2", "r5", "r6", "r7"]
+    assert total.to_dict() == {"rows": 7, "checked": 13, "words": total.words, "first_ids": total.first_ids}
+    message = total.message("default")
+    assert message.startswith("Model 'default' is the embedded 64 px shapes model")  # 2 * 7 >= 13
+    assert (
+        "7 rows use words model 'default' does not know, and it draws them as if those words were not there: "
+        "'bird' (5), 'cat' (3), 'dog' (1), 'zebra' (1) (first rows: r1, r2, r5, r6, r7). Its words: a, circle, red"
+        in message
+    )
+    total.checked = 15  # mostly known words: the words, without the trap
+    assert total.message("default").startswith("7 rows use words")
+    total.checked = 14  # exactly half the rows: still the trap
+    assert total.message("default").startswith("Model 'default'")
+    many = UnknownWords(frozenset())
+    many.add({"rows": 1, "checked": 9, "words": {f"w{i:02d}": 1 for i in range(13)}, "first_ids": ["x"]})
+    assert "'w11' (1) ... (first rows: x)" in many.message("m") and "'w12'" not in many.message("m")
+    assert UnknownWords(frozenset()).message("m") == ""
+
+
+def test_a_manifest_folder_reads_its_parquet_files_and_names_the_rest(tmp_path, caplog):
+    """Files at any depth, sorted; hidden and _-prefixed entries (files or folders) skipped as pyarrow skips
+    them; other files named in one warning, five at most and how many more."""
+    import logging
+
+    from unclip_batch.manifest import parquet_files
+    from unclip_batch.storage import Location
+
+    folder = tmp_path / "m"
+    for name in ("b.parquet", "a.parquet", "sub/c.parquet", "sub/_tmp/x.parquet", ".hidden/y.parquet", "_z.parquet"):
+        write_manifest(folder / name, [{"id": "a", "prompt": "p"}])
+    for i in range(7):
+        (folder / f"note{i}.txt").write_text("x")
+    fs = Location(str(folder)).fs
+    with caplog.at_level(logging.WARNING, logger="unclip_batch.manifest"):
+        files = parquet_files(fs, str(folder), "s3://b/m")
+    assert files == [str(folder / n) for n in ("a.parquet", "b.parquet", "sub/c.parquet")]
+    assert caplog.messages == [
+        "manifest folder s3://b/m: read 3 *.parquet file(s), skipped 7 other file(s): note0.txt, note1.txt, "
+        "note2.txt, note3.txt, note4.txt and 2 more"
+    ]
+    caplog.clear()
+    for i in range(2, 7):
+        (folder / f"note{i}.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="unclip_batch.manifest"):
+        parquet_files(fs, str(folder), "s3://b/m")
+    assert caplog.messages[0].endswith("skipped 2 other file(s): note0.txt, note1.txt")
+    empty = tmp_path / "none"
+    (empty / "imgs").mkdir(parents=True)
+    (empty / "imgs" / "x.png").write_bytes(b"png")
+    with pytest.raises(
+        ManifestError, match=r"^manifest folder s3://b/n has no \*.parquet files \(1 other files, e.g. imgs/x.png\)$"
+    ):
+        parquet_files(fs, str(empty), "s3://b/n")
+    (empty / "imgs" / "x.png").unlink()
+    with pytest.raises(ManifestError, match=r"^manifest folder s3://b/n has no \*.parquet files$"):
+        parquet_files(fs, str(empty), "s3://b/n")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"task": "interpolate", "image": "a.png", "prompt": "p"}, "needs its first end as image or prompt, not both"),
+        ({"task": "interpolate", "prompt2": "q"}, "needs its first end as image or prompt, and this row has neither"),
+        ({"task": "interpolate", "prompt": "p"}, "needs its second end as image2 or prompt2, and this row has neither"),
+        (
+            {"task": "interpolate", "prompt": "p", "image2": "b.png", "prompt2": "q"},
+            "second end as image2 or prompt2, not both",
+        ),
+    ],
+)
+def test_an_interpolations_ends_are_named_in_its_error(tmp_path, row, message):
+    _, bad = run_validate(tmp_path, [{"id": "t", **row}])
+    assert message in bad[0]["message"]
+
+
+@pytest.mark.parametrize(
+    "task, base, unused",
+    [
+        ("interpolate", {"prompt": "p", "prompt2": "q"}, ("mask", "negative_prompt", "source_prompt")),
+        (
+            "text_diff",
+            {"image": "x.png", "source_prompt": "s", "prompt": "p"},
+            ("mask", "image2", "prompt2", "negative_prompt"),
+        ),
+    ],
+)
+def test_each_column_a_task_does_not_use_is_refused_alone(tmp_path, task, base, unused):
+    for column in unused:
+        _, bad = run_validate(tmp_path, [{"id": "t", "task": task, **base, column: "x.png"}])
+        assert [e["code"] for e in bad] == ["unused_column"], column
