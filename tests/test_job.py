@@ -1,6 +1,9 @@
 """The job without Ray: the driver's progress from block reports, and run_job over the stages in this process."""
 
+import datetime as dt
 import json
+import os
+import platform
 
 import pytest
 from helpers import job
@@ -134,6 +137,35 @@ def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, mon
         "stats",
     ]  # no parts, no staging folder left
     assert summary["images_per_s"] == pytest.approx(11 / summary["wall_s"], rel=0.02)
+    assert list(summary) == [
+        "status",
+        "output",
+        "manifests",
+        "model",
+        "format",
+        "rows",
+        "shards",
+        "images",
+        "images_total",
+        "candidates",
+        "errors_by_code",
+        "warm_up",
+        "started",
+        "finished",
+        "wall_s",
+        "images_per_s",
+        "versions",
+        "host",
+    ]
+    assert summary["output"] == str(tmp_path / "out") and summary["manifests"] == [manifest]
+    assert summary["warm_up"] == {"compile": "off", "calls": 0, "s": 0.0}
+    assert list(summary["versions"]) == ["unclip_batch", "ray", "torch", "diffusers", "transformers", "python"]
+    assert summary["versions"]["python"] == platform.python_version() and summary["host"] == os.uname().nodename
+    started, finished = (dt.datetime.fromisoformat(summary[k]) for k in ("started", "finished"))
+    assert started.tzinfo is not None and 0 <= (finished - started).total_seconds() <= summary["wall_s"] + 1
+    assert summary["wall_s"] == round(summary["wall_s"], 3) and summary["images_per_s"] == round(
+        summary["images_per_s"], 3
+    )
 
 
 def test_a_limited_run_then_the_rest_resumes_after_what_was_done(tmp_path, monkeypatch, manifest):
@@ -149,6 +181,7 @@ def test_a_limited_run_then_the_rest_resumes_after_what_was_done(tmp_path, monke
     again = run_inline(monkeypatch, tmp_path / "out", manifest)
     assert again["rows"]["succeeded"] == 0 and again["rows"]["done_before"] == 9 and again["images"] == 0
     assert again["images_total"] == 11 and again["shards"]["written"] == 0
+    assert again["rows"]["skipped_errors"] == 1 and again["rows"]["total_failed"] == 1  # bad id, kept as recorded
 
 
 def test_a_stopped_job_keeps_its_finished_blocks_and_the_rerun_finishes_the_rest(tmp_path, monkeypatch, manifest):
