@@ -300,3 +300,42 @@ def test_the_output_schemas_field_by_field():
         "failures_by_code",
         "complete",
     ]
+
+
+def test_a_webdataset_samples_json_is_utf8_with_carried_values_as_text_and_a_parquet_images_path_its_key(tmp_path):
+    """A sample's .json keeps the prompt's characters as they are (not \\u escapes) and writes carried values
+    JSON has no type for (a date) as text; the parquet format's image path is the sample's key."""
+    import datetime
+    import tarfile
+
+    when = datetime.date(2026, 12, 7)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["r0", "r1"], "prompt": ["café ☕", "p"], "day": [when, when]}), manifest)
+    rows = [image_row(0) | {"prompt": "café ☕"}, image_row(1)]
+    for format in ("webdataset", "parquet"):
+        write_images([dict(r) for r in rows], tmp_path / format, format=format)
+        commit(str(manifest), tmp_path / format, ["_parts/00000/0.parquet"], format=format)
+    with tarfile.open(tmp_path / "webdataset/shards/00000.tar") as tar:
+        text = tar.extractfile("00000_000000_00.json").read()
+        assert "café ☕".encode() in text and b"\\u" not in text
+        assert (
+            json.loads(text)["day"] == "2026-12-07"
+            and tar.extractfile("00000_000000_00.txt").read() == "café ☕".encode()
+        )
+    table = pq.read_table(tmp_path / "parquet/data/00000.parquet")
+    assert [r["path"] for r in table["image"].to_pylist()] == ["00000_000000_00.png", "00000_000001_00.png"]
+    assert table["image_key"].to_pylist()[0] == "data/00000.parquet#00000_000000_00.png"
+
+
+def test_a_shard_tar_is_ustar_with_fixed_headers_and_a_two_block_end():
+    from unclip_batch.writer import tar_bytes
+
+    data = tar_bytes([("00000_000000_00.png", b"x" * 700), ("00000_000000_00.txt", b"")])
+    assert len(data) == 512 + 1024 + 512 + 1024  # header, 700 bytes in two blocks, header, the end
+    header = data[:512]
+    assert header[:19] == b"00000_000000_00.png" and header[19:100] == b"\0" * 81
+    assert header[100:108] == b"0000644\0" and header[108:116] == header[116:124] == b"0000000\0"
+    assert header[124:136] == b"%011o\0" % 700 and header[136:148] == b"00000000000\0" and header[156:157] == b"0"
+    assert header[257:265] == b"ustar\x0000"
+    assert int(header[148:154], 8) == sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum
+    assert data[-1024:] == b"\0" * 1024 and data[512 + 700 : 1536] == b"\0" * (1024 - 700)
