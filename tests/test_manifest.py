@@ -445,3 +445,28 @@ def test_each_column_a_task_does_not_use_is_refused_alone(tmp_path, task, base, 
     for column in unused:
         _, bad = run_validate(tmp_path, [{"id": "t", "task": task, **base, column: "x.png"}])
         assert [e["code"] for e in bad] == ["unused_column"], column
+
+
+def test_a_folder_manifest_read_whole_resolves_sources_against_the_folder(tmp_path, monkeypatch):
+    """`validate` reads a folder's files as one manifest (columns one file lacks are null), numbers the rows
+    across files, resolves relative sources against the folder, and a relative URL against the working folder."""
+    from unclip_batch.manifest import FOLDER, MANIFEST, MANIFEST_ROW, ROW
+
+    folder = tmp_path / "m"
+    write_manifest(folder / "a.parquet", [{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q", "num_images": 2}])
+    write_manifest(folder / "b.parquet", [{"id": "c", "task": "variation", "image": "img/x.png", "tag": "t"}])
+    table = read_manifests([str(folder)])
+    assert table["id"].to_pylist() == ["a", "b", "c"] and table["tag"].to_pylist() == [None, None, "t"]
+    assert table[ROW].to_pylist() == [0, 1, 2] and table[ROW].type == pa.int64()
+    assert table[MANIFEST_ROW].to_pylist() == [0, 1, 2] and set(table[MANIFEST].to_pylist()) == {str(folder)}
+    assert set(table[FOLDER].to_pylist()) == {str(folder)}
+    good, bad = collect(table)
+    assert bad == [] and good[2].image == str(folder / "img" / "x.png")
+    assert read_manifests([str(folder)], limit=2)["id"].to_pylist() == ["a", "b"]
+    monkeypatch.chdir(tmp_path)
+    relative = read_manifests(["m/a.parquet"])
+    assert set(relative[FOLDER].to_pylist()) == {str(folder)} and set(relative[MANIFEST].to_pylist()) == {
+        str(folder / "a.parquet")
+    }
+    with pytest.raises(ManifestError, match=f"manifest {folder / 'none.parquet'} does not exist"):
+        read_manifests(["m/none.parquet"])

@@ -217,7 +217,10 @@ def _read_one(url: str, stores: Stores) -> pa.Table:
         url = os.path.abspath(url)
     fs, path, is_dir = _locate(url, stores)
     with _reading(url):
-        table = pq.read_table(parquet_files(fs, path, url) if is_dir else path, filesystem=fs)
+        # A folder's files one by one: read as one dataset, columns only later files have would be dropped.
+        files = parquet_files(fs, path, url) if is_dir else [path]
+        tables = [pq.read_table(f, filesystem=fs) for f in files]
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     _check_schema(url, table.schema)
     if table.num_rows == 0:
         raise ManifestError(f"manifest {url} has no rows")
