@@ -234,3 +234,29 @@ def test_a_row_changed_under_its_id_is_refused_or_redone(tmp_path, monkeypatch, 
         run_inline(monkeypatch, tmp_path / "out", changed)
     summary = run_inline(monkeypatch, tmp_path / "out", changed, redo_changed=True)
     assert summary["rows"]["changed_redone"] == 1 and summary["rows"]["succeeded"] == 1
+
+
+def test_unfinished_shards_are_committed_every_flush_and_each_finished_one_once_more(tmp_path, monkeypatch, manifest):
+    """Blocks of 4 images (batch size 1): a shard of 4 rows is 2 blocks. Flushing after every block commits a
+    shard's first block alone, then the shard whole; flushing rarely commits each shard once, when whole."""
+    from helpers import inline_pipeline
+
+    from unclip_batch import pipeline
+    from unclip_batch.job import run_job
+
+    original = pipeline.commit
+    # Shard 00001 is one block (4 images) and its invalid row's part: one commit of both either way.
+    for flush, expected in ((1e-9, {"00000": [1, 2], "00001": [2], "00002": [1]}), (1000.0, None)):
+        inline_pipeline(monkeypatch)
+        commits = {}
+
+        def counting(config, work, shard, parts, model):
+            commits.setdefault(shard.name, []).append(len(parts))
+            return original(config, work, shard, parts, model)
+
+        monkeypatch.setattr(pipeline, "commit", counting)
+        output = tmp_path / f"out-{flush}"
+        config = job([manifest], output, model="null", rows_per_shard=4, batch_size=1, flush_every_s=flush)
+        summary = run_job(config)
+        assert summary["rows"]["total_succeeded"] == 8
+        assert commits == (expected or {"00000": [2], "00001": [2], "00002": [1]}), flush
