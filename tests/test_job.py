@@ -250,7 +250,7 @@ def test_unfinished_shards_are_committed_every_flush_and_each_finished_one_once_
         inline_pipeline(monkeypatch)
         commits = {}
 
-        def counting(config, work, shard, parts, model):
+        def counting(config, work, shard, parts, model, commits=commits):
             commits.setdefault(shard.name, []).append(len(parts))
             return original(config, work, shard, parts, model)
 
