@@ -253,3 +253,17 @@ def test_output_state_names_shards_by_their_files(tmp_path):
     assert state.stats == {"00003": {"rows": 4}}
     assert state.recorded == frozenset({"00001", "00002"})
     assert plan.output_state(Location(str(tmp_path)), "stats").stats == {}
+
+
+def test_another_jobs_output_is_refused_with_the_settings_that_differ(tmp_path):
+    from unclip_batch.writer import write_json
+
+    out = Location(str(tmp_path))
+    there = plan.job_record("tiny", {"num_inference_steps": 4, "guidance_scale": 4.0}, 8, format="files")
+    write_json(out, plan.JOB_RECORD, there)
+    here = plan.job_record("tiny", {"num_inference_steps": 6, "guidance_scale": 4.0}, 16, format="files")
+    with pytest.raises(SetupError) as refused:
+        plan.check_job_record(out, here)
+    assert "holds results of another job (batch_size 8 there, 16 here; num_inference_steps 4 there, 6 here)" in str(
+        refused.value
+    )

@@ -322,6 +322,8 @@ def test_a_webdataset_samples_json_is_utf8_with_carried_values_as_text_and_a_par
             json.loads(text)["day"] == "2026-12-07"
             and tar.extractfile("00000_000000_00.txt").read() == "café ☕".encode()
         )
+    with tarfile.open(tmp_path / "webdataset/shards/00000.tar") as tar:
+        assert tar.extractfile("00000_000001_00.txt").read() == b"prompt 1"
     table = pq.read_table(tmp_path / "parquet/data/00000.parquet")
     assert [r["path"] for r in table["image"].to_pylist()] == ["00000_000000_00.png", "00000_000001_00.png"]
     assert table["image_key"].to_pylist()[0] == "data/00000.parquet#00000_000000_00.png"
@@ -339,3 +341,28 @@ def test_a_shard_tar_is_ustar_with_fixed_headers_and_a_two_block_end():
     assert header[257:265] == b"ustar\x0000"
     assert int(header[148:154], 8) == sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum
     assert data[-1024:] == b"\0" * 1024 and data[512 + 700 : 1536] == b"\0" * (1024 - 700)
+
+
+def test_a_sample_without_a_prompt_has_an_empty_txt_and_a_writer_retries_for_the_jobs_window(tmp_path, monkeypatch):
+    import tarfile
+
+    from unclip_batch import storage
+    from unclip_batch.writer import WebDatasetWriter
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "v", "task": "variation", "image": "x.png"}])
+    row = image_row(0, id="v") | {"task": "variation", "prompt": "", "image": "x.png"}
+    write_images([row], tmp_path / "out", format="webdataset")
+    commit(manifest, tmp_path / "out", ["_parts/00000/0.parquet"], format="webdataset")
+    with tarfile.open(tmp_path / "out/shards/00000.tar") as tar:
+        assert tar.extractfile("00000_000000_00.txt").read() == b""
+    windows = []
+    real = storage.write_whole
+    monkeypatch.setattr(
+        storage,
+        "write_whole",
+        lambda fs, path, data, root, retry_for_s: (
+            windows.append(retry_for_s) or real(fs, path, data, root, retry_for_s)
+        ),
+    )
+    WebDatasetWriter(output=Location(str(tmp_path / "w")), retry_for_s=7.5)._write("shards/x.tar", b"x")
+    assert windows == [7.5]
