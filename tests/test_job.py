@@ -260,3 +260,28 @@ def test_unfinished_shards_are_committed_every_flush_and_each_finished_one_once_
         summary = run_job(config)
         assert summary["rows"]["total_succeeded"] == 8
         assert commits == (expected or {"00000": [2], "00001": [2], "00002": [1]}), flush
+
+
+def test_an_output_that_cannot_be_written_or_named_fails_before_any_work(tmp_path, monkeypatch, manifest):
+    import os
+
+    from unclip_batch.errors import SetupError
+
+    with pytest.raises(SetupError, match="^--output '/' names no folder of its own"):
+        run_inline(monkeypatch, "/", manifest)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: a file where the folder should be instead
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("a file")
+            with pytest.raises(SetupError, match=f"^cannot write to output {locked}: "):
+                run_inline(monkeypatch, locked, manifest)
+        else:
+            with pytest.raises(SetupError, match=f"^cannot write to output {locked}: access denied"):
+                run_inline(monkeypatch, locked, manifest)
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)
