@@ -2,8 +2,9 @@
 
 Score: killed and timed-out mutants over all mutants, leaving out those that only change the text of a
 message: every line they change lies inside a log call's arguments (``logger.info(...)``), inside the
-message of an exception (any argument of ``SomethingError(...)`` but a RowError's code, its first), or in a
-string literal with a space in it (words, not a key, a code or a column name). Mutants marked equivalent
+message of an exception (any argument of ``SomethingError(...)`` but a RowError's code, its first), inside
+the progress bar's settings (``tqdm(...)``: what a terminal shows), or in a string literal with a space in
+it (words, not a key, a code or a column name). Mutants marked equivalent
 carry ``# pragma: no mutate`` with a reason in the code and are not made at all.
 
     .venv/bin/python tests/mutation_report.py [--all]   # --all: the message mutants too
@@ -54,6 +55,8 @@ def _message_lines(function: str) -> set[int]:
         arguments = [*node.args, *(k.value for k in node.keywords)]
         if name in LOG_CALLS and isinstance(owner, ast.Name) and owner.id in ("logger", "logging", "warnings"):
             message = arguments
+        elif name == "tqdm":
+            message = arguments[1:]  # its file is where the bar goes; the rest, how it looks
         elif name.endswith("Error") or name.endswith("Exception"):
             message = arguments[1:] if name == "RowError" else arguments
         else:

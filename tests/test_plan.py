@@ -267,3 +267,26 @@ def test_another_jobs_output_is_refused_with_the_settings_that_differ(tmp_path):
     assert "holds results of another job (batch_size 8 there, 16 here; num_inference_steps 4 there, 6 here)" in str(
         refused.value
     )
+
+
+def test_shards_past_the_limit_are_neither_read_nor_skipped_and_errors_are_read_again_to_retry(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": "p"} for i in range(6)])
+    shards = plan.plan_shards(manifest_files([manifest]), 2, limit=2)
+    assert [(s.start, s.limit) for s in shards] == [(0, 2), (2, 2), (4, 4)]
+    empty = plan.OutputState(stats={}, recorded=frozenset())
+    assert [s.name for s in plan.to_visit(shards, empty, retry_errors=False)[0]] == ["00000"]
+    finished = {k: getattr(shards[0], k) for k in ("manifest", "path", "start", "stop", "version")}
+    state = plan.OutputState(stats={"00000": {**finished, "failed": 1}}, recorded=frozenset({"00000"}))
+    assert plan.to_visit(shards, state, retry_errors=False) == ([], [{**finished, "failed": 1}])
+    assert [s.name for s in plan.to_visit(shards, state, retry_errors=True)[0]] == ["00000"]
+
+
+def test_the_layout_check_names_five_strange_shards_and_says_there_are_more(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "r0", "prompt": "p"}])
+    shards = plan.plan_shards(manifest_files([manifest]), 10)
+    state = plan.OutputState(stats={}, recorded=frozenset(f"9000{i}" for i in range(7)))
+    with pytest.raises(SetupError, match=r"do not plan \(90000, 90001, 90002, 90003, 90004 \.\.\.\)"):
+        plan.check_layout(shards, state, Location(str(tmp_path)))
+    five = plan.OutputState(stats={}, recorded=frozenset(f"9000{i}" for i in range(5)))
+    with pytest.raises(SetupError, match=r"do not plan \(90000, 90001, 90002, 90003, 90004\)"):
+        plan.check_layout(shards, five, Location(str(tmp_path)))

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,11 +121,12 @@ def output_state(output: Location, stats_folder: str) -> OutputState:
     for folder, suffix in (("metadata", ".parquet"), ("errors", ".parquet"), (stats_folder, "_stats.json")):
         names[folder, suffix] = [f for f in output.files(folder) if f.endswith(suffix)]
     stats_files = names[stats_folder, "_stats.json"]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # side by side: object storage round trips add up
+    # Side by side: object storage round trips add up. (Not mutated: any pool size reads the same files.)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # pragma: no mutate
         blobs = dict(zip(stats_files, pool.map(output.read, stats_files)))
-    stats = {path.rsplit("/", 1)[-1].removesuffix("_stats.json"): json.loads(blob) for path, blob in blobs.items()}
+    stats = {posixpath.basename(path).removesuffix("_stats.json"): json.loads(blob) for path, blob in blobs.items()}
     recorded = {
-        p.rsplit("/", 1)[-1].removesuffix(".parquet")
+        posixpath.basename(p).removesuffix(".parquet")
         for key in (("metadata", ".parquet"), ("errors", ".parquet"))
         for p in names[key]
     }
