@@ -55,8 +55,8 @@ def _message_lines(function: str) -> set[int]:
         arguments = [*node.args, *(k.value for k in node.keywords)]
         if name in LOG_CALLS and isinstance(owner, ast.Name) and owner.id in ("logger", "logging", "warnings"):
             message = arguments
-        elif name == "tqdm":
-            message = arguments[1:]  # its file is where the bar goes; the rest, how it looks
+        elif name == "tqdm":  # its total and file are what it counts and where it goes; the rest, how it looks
+            message = [k.value for k in node.keywords if k.arg not in ("total", "file", "disable")]
         elif name.endswith("Error") or name.endswith("Exception"):
             message = arguments[1:] if name == "RowError" else arguments
         else:
