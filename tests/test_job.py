@@ -285,3 +285,52 @@ def test_an_output_that_cannot_be_written_or_named_fails_before_any_work(tmp_pat
     finally:
         if locked.is_dir():
             locked.chmod(0o700)
+
+
+def test_progress_adds_up_reads_and_blocks_and_the_bar_counts_every_recorded_row(tmp_path, monkeypatch):
+    import io
+
+    from unclip_batch import job as job_module
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = iter([100.0, 101.0, 102.0, 104.0, 104.0, 104.0])
+    monkeypatch.setattr(job_module.time, "perf_counter", lambda: next(clock, 104.0))
+    screen = Terminal()
+    progress = Progress(job(["m"], tmp_path), total=10, bar_file=screen)
+    read = {"kept": 2, "kept_failed": 1, "changed": 1, "retried": 1, "words": {"rows": 0, "words": {}, "first_ids": []}}
+    progress.read(read)
+    progress.read({**read, "invalid_codes": {"invalid_id": 1}})
+    assert (progress.kept, progress.kept_failed, progress.changed, progress.retried) == (4, 2, 2, 2)
+    progress.block({**BLOCK, "warm_ups": 1, "warm_up_s": 2.5})
+    progress.block({**BLOCK, "warm_ups": 1, "warm_up_s": 0.5, "codes": {}})
+    assert (progress.warm_ups, progress.warm_up_s, progress.images, progress.candidates) == (2, 3.0, 2, 2)
+    assert progress.codes == {"invalid_id": 1, "model_error": 1} and progress.done == 4
+    assert progress.bar.n == 8  # 4 kept + 2 made + 2 failed
+    # 2 images in the 4 s since the start: the bar's rate.
+    assert "2 images, 0.50 images/s, 2 failed" in screen.getvalue()
+
+
+def test_a_block_delivered_twice_is_counted_once(tmp_path, monkeypatch, manifest):
+    """Ray may deliver a block's report again after a retry: the job counts it once, and the reports after it."""
+    import numpy as np
+    from helpers import inline_pipeline, read_output
+
+    from unclip_batch import pipeline
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    inline = pipeline.run
+
+    def again(config, shards, work, tasks):
+        batches = list(inline(config, shards, work, tasks))
+        batches.insert(1, batches[0])  # the first block's report twice, in one batch with the rest
+        yield {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    monkeypatch.setattr(pipeline, "run", again)
+    summary = run_job(job([manifest], tmp_path / "out", model="null", rows_per_shard=4))
+    assert summary["images"] == 11 and summary["rows"]["succeeded"] == 8 and summary["rows"]["failed"] == 1
+    metadata, _ = read_output(tmp_path / "out")
+    assert metadata.num_rows == 11
