@@ -290,3 +290,93 @@ def test_the_layout_check_names_five_strange_shards_and_says_there_are_more(tmp_
     five = plan.OutputState(stats={}, recorded=frozenset(f"9000{i}" for i in range(5)))
     with pytest.raises(SetupError, match=r"do not plan \(90000, 90001, 90002, 90003, 90004\)"):
         plan.check_layout(shards, five, Location(str(tmp_path)))
+
+
+def test_model_blocks_exactly_at_their_edges():
+    """Batch 2: a block holds 8 images (4 calls); it ends only where a call ends (an even count of the group's
+    images), or anyway at 16 images."""
+    from types import SimpleNamespace
+
+    def rows(*sizes, task="generate"):
+        base = dict(task=task, width=64, height=64, num_inference_steps=2, guidance_scale=1.0, negative_prompt="")
+        base |= dict(prior_num_inference_steps=2, prior_guidance_scale=1.0, variation_strength=0.3, prompt="p")
+        return [SimpleNamespace(id=f"{task}{i}", num_images=n, best_of=1, **base) for i, n in enumerate(sizes)]
+
+    sizes = lambda blocks: [[r.num_images for r in block] for block in blocks]  # noqa: E731
+    assert sizes(plan.model_blocks(rows(*[1] * 9), 2)) == [[1] * 8, [1]]  # 8 images: a block, at a call's end
+    assert sizes(plan.model_blocks(rows(1, 1, 1, 1, 1, 1, 1, 2, 1), 2)) == [[1] * 7 + [2, 1]]  # 9, odd: no cut
+    assert sizes(plan.model_blocks(rows(3, 3, 3, 3, 3, 3), 2)) == [[3, 3, 3, 3], [3, 3]]  # 9 is odd: on; 12 ends a call
+    assert sizes(plan.model_blocks(rows(1, 1, 1, 1, 1, 1, 1), 2)) == [[1] * 7]
+    two_groups = rows(1, 1, 1) + rows(1, 1, 1, 1, 1, 1, 1, task="variation")
+    blocks = list(plan.model_blocks(two_groups, 2))
+    # generate's 3 images, then variation's: at 8 images the variations' 5 end no call; at 9, 6 do.
+    assert [[r.id for r in b] for b in blocks] == [
+        ["generate0", "generate1", "generate2"] + [f"variation{i}" for i in range(6)],
+        ["variation6"],
+    ]
+
+
+def test_a_shards_read_reports_its_counts_and_unknown_words(tmp_path):
+    from unclip_batch.manifest import SizeRule
+
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        [{"id": "a", "prompt": "a red circle"}, {"id": "b", "prompt": "a red cat"}, {"id": "bad id", "prompt": "p"}],
+    )
+    (shard,) = plan.plan_shards(manifest_files([manifest]), 10)
+    work = plan.Work(
+        output=Location(str(tmp_path / "out")),
+        stores=Stores(None),
+        defaults={
+            "num_inference_steps": 2,
+            "guidance_scale": 1.0,
+            "prior_num_inference_steps": 2,
+            "prior_guidance_scale": 1.0,
+        },
+        size=SizeRule(default=64, multiple=8, maximum=256),
+        batch_size=2,
+        vocabulary=frozenset({"a", "red", "circle", "p"}),
+    )
+    blocks, errors, report = plan.read_shard(shard, work)
+    assert report == {
+        "rows": 3,
+        "kept": 0,
+        "kept_failed": 0,
+        "retried": 0,
+        "changed": 0,
+        "invalid": 1,
+        "words": {"rows": 1, "checked": 2, "words": {"cat": 1}, "first_ids": ["b"]},
+    }
+    assert [e["id"] for e in errors] == ["bad id"] and len(blocks) == 1
+    block = blocks[0]
+    for column in ("stage", "code", "message"):  # filled in by later stages
+        assert block[column].type == pa.string() and block[column].to_pylist() == ["", ""]
+
+
+def test_an_output_without_a_job_record_may_hold_foreign_files_but_none_of_ours(tmp_path):
+    out = Location(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "images").mkdir()  # an emptied folder of ours: nothing in it
+    assert plan.check_job_record(out, plan.job_record("tiny", {}, 8)) is False
+    (tmp_path / "_SUCCESS").write_text("{}")
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "00000.parquet").write_bytes(b"x")
+    with pytest.raises(SetupError, match=f"^{tmp_path} holds _SUCCESS, metadata but no _job.json"):
+        plan.check_job_record(out, plan.job_record("tiny", {}, 8))
+
+
+def test_a_block_is_cut_anyway_at_twice_its_target():
+    from types import SimpleNamespace
+
+    base = dict(task="generate", width=64, height=64, num_inference_steps=2, guidance_scale=1.0, negative_prompt="")
+    base |= dict(prior_num_inference_steps=2, prior_guidance_scale=1.0, variation_strength=0.3, prompt="p")
+    rows = [SimpleNamespace(id=f"r{i}", num_images=n, best_of=1, **base) for i, n in enumerate([5, 5, 5, 1, 1])]
+    # Batch 2, target 8: 5 and 10 are past it, but 5, 15 are odd (mid-call) and 10 is even: cut at 10.
+    assert [[r.num_images for r in b] for b in plan.model_blocks(rows, 2)] == [[5, 5], [5, 1, 1]]
+    many = [SimpleNamespace(id=f"r{i}", num_images=3, best_of=1, **base) for i in range(12)]
+    # Batch 4, target 16: the group's count is a multiple of 4 every 12 images, first past 16 at 24.
+    assert [len(b) for b in plan.model_blocks(many, 4)] == [8, 4]
+    # Rows of 15 images, batch 16 (target 64): the count reaches a call's end only at 240, so the block is cut
+    # anyway once past twice the target: at 135 images, 9 rows.
+    wide = [SimpleNamespace(id=f"r{i}", num_images=15, best_of=1, **base) for i in range(12)]
+    assert [len(b) for b in plan.model_blocks(wide, 16)] == [9, 3]

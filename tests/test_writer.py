@@ -366,3 +366,16 @@ def test_a_sample_without_a_prompt_has_an_empty_txt_and_a_writer_retries_for_the
     )
     WebDatasetWriter(output=Location(str(tmp_path / "w")), retry_for_s=7.5)._write("shards/x.tar", b"x")
     assert windows == [7.5]
+
+
+def test_json_files_are_indented_with_dates_as_text_and_files_images_leave_their_rows(tmp_path):
+    import datetime
+
+    from unclip_batch.writer import FilesWriter
+
+    write_json(Location(str(tmp_path)), "_SUCCESS", {"a": 1, "day": datetime.date(2026, 12, 7)})
+    assert (tmp_path / "_SUCCESS").read_text() == '{\n  "a": 1,\n  "day": "2026-12-07"\n}\n'
+    rows = [{"image_key": "images/a/0.png", "png": b"one"}, {"image_key": "", "png": b""}]
+    FilesWriter(output=Location(str(tmp_path)), retry_for_s=1.0).store(rows)
+    assert (tmp_path / "images/a/0.png").read_bytes() == b"one"
+    assert rows == [{"image_key": "images/a/0.png", "png": b""}, {"image_key": "", "png": b""}]
