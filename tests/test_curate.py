@@ -306,10 +306,13 @@ def test_the_export_holds_the_kept_images_and_their_metadata_only(tmp_path, monk
         assert (dest / key).read_bytes() == (tmp_path / "out" / key).read_bytes()
     metadata = pq.read_table(dest / "metadata").to_pylist()
     assert sorted(m["image_key"] for m in metadata) == kept and summary["export"]["images"] == 4
-    assert json.loads((dest / "_export.json").read_text()) == {"source": output, "format": "files"}
+    record = json.loads((dest / "_export.json").read_text())
+    assert record == {"source": output, "format": "files", "curation": summary["settings"]}
     before = {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
     curate(CurateConfig(output=output, min_clip_score=0.1, export=str(dest), format="files"))  # done: untouched
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()} == before
+    with pytest.raises(CurationError, match="holds an export of .* in files by a curation with other settings"):
+        curate(CurateConfig(output=output, min_clip_score=0.3, export=str(dest), format="files"))
 
 
 @pytest.mark.parametrize(
@@ -319,7 +322,7 @@ def test_the_export_holds_the_kept_images_and_their_metadata_only(tmp_path, monk
         ("out/kept", "not the output"),
         ("", "not the output"),
         ("busy", "holds other files \\(notes.txt\\): give a new folder"),
-        ("other-export", "holds an export of /elsewhere in files: give a new folder"),
+        ("other-export", "holds an export of /elsewhere in files: give a new folder$"),
     ],
 )
 def test_an_export_goes_to_a_folder_of_its_own(tmp_path, where, message):
@@ -329,8 +332,8 @@ def test_an_export_goes_to_a_folder_of_its_own(tmp_path, where, message):
     (tmp_path / "other-export").mkdir()
     (tmp_path / "other-export/_export.json").write_text(json.dumps({"source": "/elsewhere", "format": "files"}))
     with pytest.raises(CurationError, match=message):
-        export.check_destination(output, Location(str(tmp_path / where)), "files")
-    export.check_destination(output, Location(str(tmp_path / "new")), "files")
+        export.check_destination(output, Location(str(tmp_path / where)), "files", {})
+    export.check_destination(output, Location(str(tmp_path / "new")), "files", {})
 
 
 def test_a_stopped_export_resumes_to_the_same_bytes_and_reads_only_the_jobs_files(tmp_path, monkeypatch):

@@ -651,7 +651,7 @@ def curate(config: CurateConfig) -> dict:
     if export_to is not None:
         from unclip_batch import export
 
-        export.check_destination(output, export_to, config.format or record.get("format", "files"))
+        export.check_destination(output, export_to, config.format or record.get("format", "files"), plan.settings())
     if plan.embeddings_from == "curation":
         _check_model_has_clip(record["model"], stores)
     summary = _finished(plan)

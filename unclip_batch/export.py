@@ -28,13 +28,14 @@ logger = logging.getLogger(__name__)
 RECORD = "_export.json"
 
 
-def _record(output: Location, format: str) -> dict:
-    return {"source": storage.redact(output.url), "format": format}
+def _record(output: Location, format: str, settings: dict) -> dict:
+    return {"source": storage.redact(output.url), "format": format, "curation": settings}
 
 
-def check_destination(output: Location, dest: Location, format: str) -> None:
+def check_destination(output: Location, dest: Location, format: str, settings: dict) -> None:
     """Refuse, before any work, a DEST that is the output, lies inside it, or holds anything but an export of
-    the same output in the same format."""
+    the same output in the same format by a curation with the same settings (an export resumed under other
+    settings would mix two curations' samples)."""
     same_store = storage.family(output.url) == storage.family(dest.url)
     inside = lambda a, b: a.root.rstrip("/") == b.root.rstrip("/") or a.root.startswith(b.root.rstrip("/") + "/")  # noqa: E731
     if same_store and (inside(dest, output) or inside(output, dest)):
@@ -51,10 +52,11 @@ def check_destination(output: Location, dest: Location, format: str) -> None:
         raise CurationError(
             f"--export {storage.redact(dest.url)} holds other files ({', '.join(names[:5])}): give a new folder"
         ) from None
-    if earlier != _record(output, format):
+    if earlier != _record(output, format, settings):
+        other = " by a curation with other settings" if earlier.get("source") == storage.redact(output.url) else ""
         raise CurationError(
             f"--export {storage.redact(dest.url)} holds an export of {earlier.get('source')} in "
-            f"{earlier.get('format')}: give a new folder"
+            f"{earlier.get('format')}{other}: give a new folder"
         )
 
 
@@ -69,7 +71,8 @@ def export(plan: Plan, dest: Location, format: str, stores: Stores) -> dict:
     started = time.time()
     curation = json.loads(plan.output.read(FOLDER, "_SUCCESS"))
     source = json.loads(plan.output.read("_SUCCESS"))
-    dest.write(RECORD, (json.dumps(_record(plan.output, format), indent=2) + "\n").encode(), plan.retry_for_s)
+    record = _record(plan.output, format, plan.settings())
+    dest.write(RECORD, (json.dumps(record, indent=2) + "\n").encode(), plan.retry_for_s)
     done = set(dest.files("metadata"))
     pending = [p for p, files in enumerate(plan.parts) if any(f not in done for f in files)]
     pipeline.each(export_part, pending, plan=plan, dest=dest, format=format)
