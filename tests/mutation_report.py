@@ -8,6 +8,10 @@ it (words, not a key, a code or a column name). Mutants marked equivalent
 carry ``# pragma: no mutate`` with a reason in the code and are not made at all.
 
     .venv/bin/python tests/mutation_report.py [--all]   # --all: the message mutants too
+    .venv/bin/mutmut run $(.venv/bin/python tests/mutation_report.py --missed)  # recheck the missed ones
+
+mutmut keeps a mutant's result until its function changes, so a test written after a mutant survived counts
+for it only once that mutant is run again (``--missed`` names them).
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ def _diff(original: str, mutant: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--all", action="store_true", help="list the message mutants that survived too")
+    parser.add_argument("--missed", action="store_true", help="only the names of the missed mutants, for mutmut run")
     args = parser.parse_args()
     config()  # mutmut reads [tool.mutmut]
     counts: Counter = Counter()
@@ -151,6 +156,9 @@ def main() -> int:
     if not by_file or not sum(counts.values()):
         print('No mutation results: run "make mutation" (mutmut run) first.', file=sys.stderr)
         return 1
+    if args.missed:
+        print(" ".join(name for name, _, _ in survivors))
+        return 0
     for name, status, diff in survivors:
         print(f"# {name}: {status}\n{diff}\n")
     for path, c in by_file.items():

@@ -334,3 +334,34 @@ def test_a_block_delivered_twice_is_counted_once(tmp_path, monkeypatch, manifest
     assert summary["images"] == 11 and summary["rows"]["succeeded"] == 8 and summary["rows"]["failed"] == 1
     metadata, _ = read_output(tmp_path / "out")
     assert metadata.num_rows == 11
+
+
+@pytest.mark.parametrize("format", ["files", "webdataset", "parquet"])
+def test_every_storage_call_of_a_job_retries_for_its_storage_retry_window(tmp_path, monkeypatch, manifest, format):
+    """--storage-retry-s reaches every retried call on an object store (fsspec's memory store stands in): a
+    first run, a rerun that redoes its failed row over the shard's kept images, and an --overwrite run."""
+    import uuid
+
+    import fsspec
+
+    from unclip_batch import storage
+
+    calls = []
+    retrying = storage.retrying
+
+    def spy(action, what, retry_for_s=storage.RETRY_FOR_S):
+        calls.append((what, retry_for_s))
+        return retrying(action, what, retry_for_s)
+
+    monkeypatch.setattr(storage, "retrying", spy)
+    output = f"memory://retry-{uuid.uuid4().hex}/out"
+    try:
+        first = run_inline(monkeypatch, output, manifest, storage_retry_s=37.0, format=format)
+        again = run_inline(monkeypatch, output, manifest, storage_retry_s=37.0, format=format, retry_errors=True)
+        over = run_inline(monkeypatch, output, manifest, storage_retry_s=37.0, format=format, overwrite=True)
+    finally:
+        fsspec.filesystem("memory").rm(output.removeprefix("memory://").split("/")[0], recursive=True)
+    assert first["images"] == over["images"] == 11 and again["rows"]["done_before"] == 8
+    kinds = {what.split(" ")[0] for what, _ in calls}
+    assert kinds == {"writing", "reading", "listing", "removing"}
+    assert {window for _, window in calls} == {37.0}

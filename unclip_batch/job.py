@@ -142,7 +142,7 @@ def _prepare_output(config: JobConfig, output: storage.Location, record: dict) -
     shown = storage.redact(config.output)
     try:
         if config.overwrite:
-            plan.clear_output(output)
+            plan.clear_output(output, config.storage_retry_s)
         plan.check_job_record(output, record)
         write_json(output, plan.JOB_RECORD, record, config.storage_retry_s)
         storage.clear_partial(output)

@@ -391,7 +391,7 @@ def _check_unclaimed(output: Location) -> None:
         )
 
 
-def clear_output(output: Location) -> None:
+def clear_output(output: Location, retry_for_s: float = storage.RETRY_FOR_S) -> None:
     """--overwrite: remove what an earlier job wrote, only from an output that holds our job record and
     nothing at its top that a job does not write; never the whole folder."""
     if read_job_record(output) is None:
@@ -405,7 +405,7 @@ def clear_output(output: Location) -> None:
             "them, or use a new --output"
         )
     for name in OURS:
-        output.remove(name)
+        output.remove(name, retry_for_s=retry_for_s)
     logger.info("--overwrite: cleared earlier results under %s", storage.redact(output.url))
 
 
