@@ -168,3 +168,42 @@ def test_a_location_crosses_processes_with_its_options_and_compares_by_url():
     assert Location("s3://bucket/out") != location  # the same place reached with other options is another
     assert location != "s3://bucket/out" and len({location, copy}) == 1
     assert "s3cret" not in repr(location) and "s3cret" not in str(location)
+
+
+def test_s3_objects_go_through_obstore_where_the_options_allow_and_through_s3fs_otherwise(monkeypatch):
+    """write_many, read_whole and remove_files on an s3fs filesystem: the obstore store of the path's bucket
+    (an in-memory one stands in, built from the filesystem's options), each object under its key."""
+    import s3fs
+
+    stores, built = {}, []
+
+    def s3_store(options: str, bucket: str):
+        built.append((json.loads(options), bucket))
+        return stores.setdefault(bucket, MemoryStore())
+
+    monkeypatch.setattr(storage, "_s3_store", s3_store)
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    output = Location("s3://bucket-a/run", options)
+    output.write_many({"images/r1/0.png": b"png", "metadata/00000.parquet": b"PAR1"}, retry_for_s=5)
+    output.write("_SUCCESS", b"{}", retry_for_s=5)
+    assert built[0] == (options, "bucket-a") and set(stores) == {"bucket-a"}
+    stored = sorted(o["path"] for batch in obstore.list(stores["bucket-a"]) for o in batch)
+    assert stored == ["run/_SUCCESS", "run/images/r1/0.png", "run/metadata/00000.parquet"]
+    assert output.read("images", "r1", "0.png") == b"png"
+    with pytest.raises(FileNotFoundError):
+        output.read("images", "r2", "0.png")
+    output.remove_files(["images/r1/0.png", "images/r9/0.png"], retry_for_s=5)  # one there, one not
+    stored = sorted(o["path"] for batch in obstore.list(stores["bucket-a"]) for o in batch)
+    assert stored == ["run/_SUCCESS", "run/metadata/00000.parquet"]
+    # Options obstore would not honour the same way (an ACL, say) keep every call on s3fs.
+    assert storage.s3_store(s3fs.S3FileSystem(**options, s3_additional_kwargs={"ACL": "private"}), "b") is None
+    odd_client = {**options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "verify": False}}
+    assert storage.s3_store(s3fs.S3FileSystem(**odd_client), "b") is None
+    assert storage.s3_store(fsspec_memory(), "b") is None  # not S3 at all
+    assert storage.s3_store(s3fs.S3FileSystem(**options), "bucket-b") is stores.setdefault("bucket-b", MemoryStore())
+
+
+def fsspec_memory():
+    import fsspec
+
+    return fsspec.filesystem("memory")

@@ -261,7 +261,8 @@ def manifest_files(urls, stores: Stores | None = None) -> list[ManifestFile]:
         paths = parquet_files(fs, path, url) if is_dir else [path]
         folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
         found.append((url, fs, paths, folder))
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # footers side by side: S3 round trips add up
+    # Footers side by side: S3 round trips add up. (Not mutated: any pool size reads the same footers.)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # pragma: no mutate
         footers = [
             list(
                 pool.map(_footer, [fs] * len(paths), paths, [url if len(paths) == 1 else f"{url} ({p})" for p in paths])

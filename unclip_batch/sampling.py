@@ -20,9 +20,9 @@ MAX_BEST_OF = 16
 
 # Not mutated: it runs only while the module is imported, before mutmut switches a mutant on, so no test could
 # see its mutants (its results are pinned by tests/test_sampling.py and the manifest's range tests).
-def setting(  # pragma: no mutate block
+def setting(
     help: str, *, default=None, least=None, most=None, code: str = "", parameter: bool = True
-):
+):  # pragma: no mutate block
     """A Sampling field: ``help`` for its CLI flag; ``default`` when neither row, job nor model sets it (None:
     the model decides, as for sizes); values outside ``least``-``most`` are row errors with ``code``;
     ``parameter``: recorded in the metadata's ``parameters`` struct (sizes have columns of their own)."""
