@@ -365,3 +365,26 @@ def test_every_storage_call_of_a_job_retries_for_its_storage_retry_window(tmp_pa
     kinds = {what.split(" ")[0] for what, _ in calls}
     assert kinds == {"writing", "reading", "listing", "removing"}
     assert {window for _, window in calls} == {37.0}
+
+
+def test_a_row_whose_images_did_not_all_arrive_is_an_error_not_a_short_record(tmp_path, monkeypatch, manifest):
+    """A stage that dropped one of a row's images (a bug) leaves the row a write_failed error saying how many
+    came, never metadata with fewer images than the row asked for."""
+    from helpers import read_output
+
+    from unclip_batch import writer
+
+    write_part = writer.write_part
+
+    def dropping(rows, **options):
+        return write_part([r for r in rows if (r.get("id"), r.get("k")) != ("r1", 1)], **options)
+
+    monkeypatch.setattr(writer, "write_part", dropping)
+    summary = run_inline(monkeypatch, tmp_path / "out", manifest)
+    metadata, errors = read_output(tmp_path / "out")
+    assert "r1" not in metadata["id"].to_pylist() and metadata.num_rows == 9
+    failed = {r["id"]: r for r in errors.to_pylist()}
+    assert set(failed) == {"bad id", "r1"} and summary["images_total"] == 9  # the records' counts
+    assert (summary["rows"]["total_succeeded"], summary["rows"]["total_failed"]) == (7, 2)
+    assert (failed["r1"]["stage"], failed["r1"]["code"]) == ("write", "write_failed")
+    assert failed["r1"]["message"] == "only 1 of 2 images arrived" and failed["r1"]["manifest_row"] == 1
