@@ -470,3 +470,82 @@ def test_a_folder_manifest_read_whole_resolves_sources_against_the_folder(tmp_pa
     }
     with pytest.raises(ManifestError, match=f"manifest {folder / 'none.parquet'} does not exist"):
         read_manifests(["m/none.parquet"])
+
+
+def test_a_shard_reads_only_the_row_groups_holding_its_rows_and_ids_as_strings(tmp_path, monkeypatch):
+    """The bytes a shard reads are its own row groups' (a 5M-row manifest is read a shard at a time); ids
+    and text columns come back as plain strings whatever Arrow type wrote them."""
+    from unclip_batch.manifest import read_rows
+    from unclip_batch.storage import Location
+
+    path = tmp_path / "m.parquet"
+    table = pa.table(
+        {
+            "id": pa.array(range(30), pa.int64()),
+            "prompt": pa.array([f"p{i}" for i in range(30)], pa.large_string()),
+            "task": pa.array(["generate"] * 30).dictionary_encode(),
+        }
+    )
+    pa.parquet.write_table(table, path, row_group_size=10)
+    read = []
+    real = pa.parquet.ParquetFile.read_row_groups
+
+    def recording(self, groups, **options):
+        read.append(list(groups))
+        return real(self, groups, **options)
+
+    monkeypatch.setattr(pa.parquet.ParquetFile, "read_row_groups", recording)
+    location = Location(str(tmp_path))
+    for (start, stop), groups in {(10, 20): [1], (9, 21): [0, 1, 2], (19, 21): [1, 2], (0, 30): [0, 1, 2]}.items():
+        read.clear()
+        rows = read_rows(location, str(path), start, stop, None)
+        assert read == [groups], (start, stop)
+        assert rows["id"].to_pylist() == [str(i) for i in range(start, stop)]
+        assert [rows.schema.field(c).type for c in ("id", "prompt", "task")] == [pa.string()] * 3
+    read.clear()
+    empty = read_rows(location, str(path), 20, 20, ["id", "prompt"])
+    assert read == [[]] and empty.num_rows == 0 and empty.column_names == ["id", "prompt"]
+
+
+@pytest.mark.parametrize(
+    "column, value, expected",
+    [
+        ("id", 1.5, "string"),
+        ("prompt", 3, "string"),
+        ("source_prompt", 3, "string"),
+        ("seed", "7", "integer"),
+        ("num_images", "2", "integer"),
+        ("num_inference_steps", "50", "integer"),
+        ("strength", "0.5", "number"),
+        ("guidance_scale", "4", "number"),
+    ],
+)
+def test_a_column_of_the_wrong_type_is_refused_naming_the_type_it_needs(tmp_path, column, value, expected):
+    row = {"id": "a", "prompt": "p", column: value}
+    path = write_manifest(tmp_path / "m.parquet", [row])
+    kind = pa.Table.from_pylist([row]).schema.field(column).type
+    with pytest.raises(ManifestError) as refused:
+        read_manifests([path])
+    assert str(refused.value) == f"manifest {path}: column {column!r} has type {kind}; expected {expected}"
+
+
+def test_columns_that_nearly_name_ours_are_pointed_out_once_each(caplog):
+    from unclip_batch.manifest import _warn_near_misses
+
+    with caplog.at_level("WARNING", logger="unclip_batch.manifest"):
+        _warn_near_misses("m.parquet", ["id", "Prompt", "negativ_prompt", "sede", "seed", "tag", "prompt2"])
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "manifest m.parquet: column 'Prompt' is not a manifest column and is carried through as it is; "
+        "did you mean 'prompt'?",
+        "manifest m.parquet: column 'negativ_prompt' is not a manifest column and is carried through as it is; "
+        "did you mean 'negative_prompt'?",
+    ]  # 'sede' is nearest to 'seed', which the manifest has; 'tag' is near nothing
+
+
+def test_a_null_id_has_a_digest_of_its_own_that_no_written_id_shares():
+    from unclip_batch.manifest import id_digests
+
+    digests = id_digests(pa.array(["None", None, "", "a"], pa.string()))
+    assert digests.dtype.itemsize == 16 and len(digests) == 4
+    assert digests[1].tobytes() == bytes(16) and len({d.tobytes() for d in digests}) == 4

@@ -329,7 +329,7 @@ def read_rows(manifest: Location, path: str, start: int, stop: int, columns) -> 
     """Rows [start, stop) of a manifest's Parquet file (``path``, on the manifest's filesystem), the given
     columns that it has (string columns as plain strings, whatever string type was written); only the row
     groups holding them are read."""
-    with manifest.fs.open(path, "rb") as f:
+    with manifest.fs.open(path) as f:  # binary, as fsspec opens by default
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         present = names if columns is None else [c for c in columns if c in names]
@@ -340,7 +340,7 @@ def read_rows(manifest: Location, path: str, start: int, stop: int, columns) -> 
                 groups.append(i)
                 offset = at if offset is None else offset
             at += n
-        table = parquet.read_row_groups(groups, columns=present) if groups else parquet.schema_arrow.empty_table()
+        table = parquet.read_row_groups(groups, columns=present)  # no groups: no rows, the same columns
     table = table.slice(start - (offset or 0), stop - start)
     for name in ("id",) + STRING_COLUMNS:
         if name in table.column_names:
@@ -394,7 +394,7 @@ def _warn_near_misses(url: str, columns: list[str]) -> None:
     """A column that is not ours but nearly is (``prompts``) is carried through untouched: say so."""
     for name in columns:
         if name not in KNOWN_COLUMNS:
-            close = difflib.get_close_matches(name.lower(), [c for c in KNOWN_COLUMNS if c not in columns], n=1)
+            close = difflib.get_close_matches(name.lower(), [c for c in KNOWN_COLUMNS if c not in columns])
             if close:
                 logger.warning(
                     "manifest %s: column %r is not a manifest column and is carried through as it is; did you mean %r?",
