@@ -187,3 +187,56 @@ def test_the_histogram_and_figures_at_their_edges():
     assert report._picture("images/a/0.png").startswith("<img class='out' src='../images/a/0.png'")
     assert report._picture("report/images/00000_000000_00.png").startswith("<img")
     assert report._picture("../../etc/passwd") == "<p>(no picture)</p>"
+
+
+def test_a_page_over_an_object_store_sorts_by_id_and_k_and_shows_only_the_shards_own_samples(caplog):
+    """An output on a store that is not this disk (fsspec's memory store): the records are read through the
+    output's own filesystem, shown in id and k order, and a shard image is copied beside the page only
+    where its key names one of the output's shard files and a sample name a job writes."""
+    import io
+    import re
+    import uuid
+
+    import fsspec
+
+    from unclip_batch.writer import tar_bytes
+
+    output = Location(f"memory://report-{uuid.uuid4().hex}/out")
+    samples = [("00000_000000_00.png", b"r0 #0"), ("00000_000000_01.png", b"r0 #1"), ("evil.png", b"not ours")]
+    output.write("shards/00000.tar", tar_bytes(samples))
+    row = {"task": "generate", "prompt": "p", "image": "", "mask": "", "seed": 1}
+    keys = {
+        ("r0", 1): "shards/00000.tar#00000_000000_01.png",
+        ("r0", 0): "shards/00000.tar#00000_000000_00.png",
+        ("r1", 0): "shards/00000.tar#evil.png",  # in the shard, but no name a job writes
+        ("r2", 0): "shards/00000.tar#00000_000002_00.png",  # a name a job writes, not in the shard
+        ("r3", 0): "../elsewhere.tar#00000_000003_00.png",  # no shard file of the output
+    }
+    records = [{**row, "id": i, "k": k, "image_key": key} for (i, k), key in reversed(keys.items())]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buffer)
+    output.write("metadata/00000.parquet", buffer.getvalue())
+    try:
+        with caplog.at_level("INFO", logger="unclip_batch.report"):
+            url = report.write_report(output)
+        page = output.read("report", "index.html").decode()
+        copied = {
+            name: output.read("report", "images", name) for name in ("00000_000000_00.png", "00000_000000_01.png")
+        }
+        assert output.files("report", "images") == [
+            "report/images/00000_000000_00.png",
+            "report/images/00000_000000_01.png",
+        ]
+    finally:
+        fsspec.filesystem("memory").rm(output.root.split("/")[0], recursive=True)
+    assert copied == {"00000_000000_00.png": b"r0 #0", "00000_000000_01.png": b"r0 #1"}
+    assert re.findall(r"<b>(\w+)</b> #(\d)", page) == [
+        ("r0", "0"),
+        ("r0", "1"),
+        ("r1", "0"),
+        ("r2", "0"),
+        ("r3", "0"),
+    ]
+    assert page.count("src='../report/images/") == 2 and page.count("(no picture: its key is not one a job") == 3
+    assert page.endswith("\n</body></html>\n") and "</h1>\n<h2>Summary</h2>" in page
+    assert f"report: {url} (5 images, 0 error records)" in caplog.text

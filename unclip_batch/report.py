@@ -131,7 +131,7 @@ def _read(output: Location, folder: str, columns: list[str]) -> pa.Table | None:
     table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows > SORTED_UP_TO:  # a page for millions of rows shows shard order, not a sort of them all
         return table
-    return table.sort_by([(key, "ascending") for key in columns[:2] if key in ("id", "k")])
+    return table.sort_by([(key, "ascending") for key in ("id", "k") if key in columns])
 
 
 def _summary_html(summary: dict | None, metadata: pa.Table | None, errors: pa.Table | None) -> str:
