@@ -46,7 +46,7 @@ def build(
     """Read ``sources``, add ids and defaults, write ``target`` (Parquet, any fsspec URL); return the table."""
     stores = stores or storage.Stores(None)
     tables = [_read(stores.location(url), templates) for url in sources]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    table = pa.concat_tables(tables, promote_options="permissive")
     for name, value in (("num_images", num_images), ("seed", seed)):
         if value is not None:
             table = _fill(table, name, value)

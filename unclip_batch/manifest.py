@@ -204,7 +204,7 @@ def read_manifests(
     """All manifests as one table with bookkeeping columns; raises ManifestError for unusable input."""
     stores = stores or Stores(None)
     tables = [_read_one(url, stores) for url in urls]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    table = pa.concat_tables(tables, promote_options="permissive")
     if limit is not None:
         table = table.slice(0, limit)
     table = table.append_column(ROW, pa.array(range(table.num_rows), pa.int64()))
@@ -220,7 +220,7 @@ def _read_one(url: str, stores: Stores) -> pa.Table:
         # A folder's files one by one: read as one dataset, columns only later files have would be dropped.
         files = parquet_files(fs, path, url) if is_dir else [path]
         tables = [pq.read_table(f, filesystem=fs) for f in files]
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        table = pa.concat_tables(tables, promote_options="permissive")
     _check_schema(url, table.schema)
     if table.num_rows == 0:
         raise ManifestError(f"manifest {url} has no rows")
