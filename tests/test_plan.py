@@ -380,3 +380,28 @@ def test_a_block_is_cut_anyway_at_twice_its_target():
     # anyway once past twice the target: at 135 images, 9 rows.
     wide = [SimpleNamespace(id=f"r{i}", num_images=15, best_of=1, **base) for i in range(12)]
     assert [len(b) for b in plan.model_blocks(wide, 16)] == [9, 3]
+
+
+def test_the_job_record_and_its_fingerprint_are_pinned():
+    """An output's _job.json is compared with every later run's: its fields and its fingerprint's value must
+    not move between versions, or a resume of an older output would be refused (or a changed job let in)."""
+    from unclip_batch import __version__
+
+    record = plan.job_record("tiny", {"num_inference_steps": 4}, 8)
+    assert record == {
+        "model": "tiny",
+        "defaults": {"num_inference_steps": 4},
+        "batch_size": 8,
+        "scheduler": "default",
+        "embeddings": False,
+        "format": "files",
+        "rows_per_shard": 1000,
+        "unclip_batch": __version__,
+        "weights": None,
+        "fingerprint": "521b143bdfb3de42",
+    }
+    assert list(record) == list(plan.job_record("m", {}, 1))  # the file's field order too
+    other = plan.job_record("tiny", {"num_inference_steps": 4}, 8, "ddim", True, "parquet", 50, "abc")
+    assert other["fingerprint"] == "f6f155d220535dfe" and other["weights"] == "abc"
+    # The weights and the version are no part of the fingerprint: checked on their own, or not at all.
+    assert plan.job_record("tiny", {"num_inference_steps": 4}, 8, weights="w")["fingerprint"] == "521b143bdfb3de42"
