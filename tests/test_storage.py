@@ -207,3 +207,50 @@ def fsspec_memory():
     import fsspec
 
     return fsspec.filesystem("memory")
+
+
+def test_requests_malformed_before_sending_or_without_credentials_are_not_retried():
+    """Errors no retry can fix, known by their class names (botocore, requests and aiohttp are not imported
+    for this): the call fails at once instead of spending the retry window."""
+
+    def kind(name: str, base=Exception):
+        return type(name, (base,), {})
+
+    for name in ("ParamValidationError", "InvalidURL", "NoCredentialsError"):
+        assert storage.permanent(kind(name)("x")), name
+        assert storage.permanent(kind("Subclass", kind(name))("x")), name  # any class above it counts
+    assert not storage.permanent(kind("ReadTimeoutError")("x"))
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise kind("NoCredentialsError")("Unable to locate credentials")
+
+    with pytest.raises(Exception, match="Unable to locate credentials"):
+        storage.retrying(fails, "writing", retry_for_s=60)
+    assert calls == [1]
+
+
+def test_renewable_credentials_are_asked_again_within_minutes_and_fixed_ones_never():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    frozen = SimpleNamespace(access_key="a", secret_key="s", token="t")
+
+    class Renewable:  # botocore's RefreshableCredentials: an assumed role, an instance profile
+        refresh_needed = True
+
+        def get_frozen_credentials(self):
+            return frozen
+
+    provider = storage._Credentials({"key": "k", "secret": "s"})
+    provider.credentials = Renewable()
+    before = dt.datetime.now(dt.UTC)
+    answer = provider()
+    assert (answer["access_key_id"], answer["secret_access_key"], answer["token"]) == ("a", "s", "t")
+    assert (
+        before + storage._Credentials.RECHECK
+        <= answer["expires_at"]
+        <= dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    )
+    assert storage._Credentials.RECHECK == dt.timedelta(minutes=5)
