@@ -81,23 +81,46 @@ def test_unencodable_pixels_are_a_row_error(tmp_path):
     assert (out["code"], out["stage"]) == ("write_failed", "write")
 
 
-def test_storage_outage_is_retried_then_reported():
+def test_storage_outage_is_retried_with_backoff_then_reported(monkeypatch):
+    """Transient failures are retried after 0.5, 1, 2, 4 s, then every 8 s, for the retry window; past it the
+    job stops saying what failed and how to resume. (A clock of the test's own: no real waiting.)"""
     from unclip_batch import storage
     from unclip_batch.errors import StorageUnavailable
 
+    class Clock:
+        now, slept = 100.0, []
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.slept.append(seconds)
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(storage, "time", clock)
     calls = []
 
     def flaky():
         calls.append(1)
-        if len(calls) < 3:
+        if len(calls) < 7:
             raise ConnectionError("endpoint down")
         return "ok"
 
-    assert storage.retrying(flaky, "writing x", retry_for_s=10) == "ok" and len(calls) == 3
-    with pytest.raises(StorageUnavailable, match="kept failing"):
-        storage.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing y", retry_for_s=1)
+    assert storage.retrying(flaky, "writing x", retry_for_s=60) == "ok" and len(calls) == 7
+    assert clock.slept == [0.5, 1, 2, 4, 8, 8]
+    clock.slept.clear()
+    with pytest.raises(StorageUnavailable) as stopped:
+        storage.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing y", retry_for_s=10)
+    assert clock.slept == [0.5, 1, 2, 4]  # the next wait, 8 s, would end past the window
+    assert (
+        str(stopped.value) == "writing y kept failing for 10s (ConnectionError: down); rerun the same command to resume"
+    )
+    assert isinstance(stopped.value.__cause__, ConnectionError)
+    clock.slept.clear()
     with pytest.raises(FileNotFoundError):  # permanent: no retry
         storage.retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading z", retry_for_s=10)
+    assert clock.slept == []
 
 
 def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already():
