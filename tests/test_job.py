@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 
 import pytest
 from helpers import job
@@ -82,10 +83,17 @@ def manifest(tmp_path):
     return write_manifest(folder / "m.parquet", ROWS)
 
 
-def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, monkeypatch, manifest):
-    from helpers import read_output
+def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, monkeypatch, manifest, caplog):
+    from helpers import FAST, read_output
 
-    summary = run_inline(monkeypatch, tmp_path / "out", manifest)
+    from unclip_batch import plan
+
+    with caplog.at_level("INFO", logger="unclip_batch.job"):
+        summary = run_inline(monkeypatch, tmp_path / "out", manifest)
+    assert "progress: 9/9 rows done (1 failed), 11 images" in caplog.text  # the last line counts every row
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert record == plan.job_record("null", {**record["defaults"], **FAST}, 16, rows_per_shard=4)
+    assert record["defaults"]["guidance_scale"] == 4.0  # the model's defaults under the job's own
     metadata, errors = read_output(tmp_path / "out")
     assert sorted(set(metadata["id"].to_pylist())) == sorted(r["id"] for r in ROWS if r["id"] != "bad id")
     assert metadata.num_rows == 11 == summary["images"] == summary["images_total"]
@@ -209,6 +217,7 @@ def test_a_stopped_job_keeps_its_finished_blocks_and_the_rerun_finishes_the_rest
     with pytest.raises(Interrupted) as stopped:
         run_job(config)
     assert stopped.value.saved == 8 and not (tmp_path / "out" / "_SUCCESS").exists()
+    assert stopped.value.signum == signal.SIGINT  # Ctrl-C; a SIGTERM's Interrupted keeps its own number
     calls.clear()
 
     def fails(batch, *args, **kwargs):
@@ -388,3 +397,11 @@ def test_a_row_whose_images_did_not_all_arrive_is_an_error_not_a_short_record(tm
     assert (summary["rows"]["total_succeeded"], summary["rows"]["total_failed"]) == (7, 2)
     assert (failed["r1"]["stage"], failed["r1"]["code"]) == ("write", "write_failed")
     assert failed["r1"]["message"] == "only 1 of 2 images arrived" and failed["r1"]["manifest_row"] == 1
+
+
+def test_a_ray_client_address_is_refused_before_anything_is_written(tmp_path, monkeypatch, manifest):
+    from unclip_batch.errors import SetupError
+
+    with pytest.raises(SetupError, match="Ray Client"):
+        run_inline(monkeypatch, tmp_path / "out", manifest, address="ray://head:10001")
+    assert not (tmp_path / "out").exists()
