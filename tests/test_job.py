@@ -405,3 +405,24 @@ def test_a_ray_client_address_is_refused_before_anything_is_written(tmp_path, mo
     with pytest.raises(SetupError, match="Ray Client"):
         run_inline(monkeypatch, tmp_path / "out", manifest, address="ray://head:10001")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("format", ["files", "webdataset"])
+def test_a_shard_committed_again_keeps_its_earlier_error_records_and_images(tmp_path, monkeypatch, manifest, format):
+    """A rerun that redoes one changed row of a shard rewrites the shard whole: the rows it did not redo keep
+    their records, an error record included, and their images (from the shard as written, for shard formats)."""
+    from helpers import images_of, read_output, write_manifest
+
+    run_inline(monkeypatch, tmp_path / "out", manifest, format=format)
+    before = images_of(tmp_path / "out")
+    changed = write_manifest(
+        tmp_path / "in" / "m.parquet", [*ROWS[:4], {**ROWS[4], "prompt": "a blue square"}, *ROWS[5:]]
+    )
+    summary = run_inline(monkeypatch, tmp_path / "out", changed, format=format, redo_changed=True)
+    assert summary["rows"]["changed_redone"] == 1 and summary["rows"]["total_failed"] == 1
+    metadata, errors = read_output(tmp_path / "out")
+    assert [(r["id"], r["code"]) for r in errors.to_pylist()] == [("bad id", "invalid_id")]
+    after = images_of(tmp_path / "out")
+    assert after == before  # the null model draws the same picture for any prompt
+    prompts = dict(zip(metadata["id"].to_pylist(), metadata["prompt"].to_pylist()))
+    assert prompts["r4"] == "a blue square" and prompts["r3"] == "a red circle" and metadata.num_rows == 11
