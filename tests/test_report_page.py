@@ -240,3 +240,64 @@ def test_a_page_over_an_object_store_sorts_by_id_and_k_and_shows_only_the_shards
     assert page.count("src='../report/images/") == 2 and page.count("(no picture: its key is not one a job") == 3
     assert page.endswith("\n</body></html>\n") and "</h1>\n<h2>Summary</h2>" in page
     assert f"report: {url} (5 images, 0 error records)" in caplog.text
+
+
+def test_the_summary_and_error_tables_cell_for_cell():
+    """The page's tables as HTML, whole: an output with nothing yet, and error records ranked by code."""
+    nothing = report._summary_html(None, None, None)
+    assert nothing == (
+        "<h2>Summary</h2><table id='summary'>"
+        "<tr><th>status</th><td>incomplete: no _SUCCESS yet (the job is running, or stopped; rerun it to resume)"
+        "</td></tr>"
+        "<tr><th>rows with images</th><td>0</td></tr><tr><th>images</th><td>0</td></tr>"
+        "<tr><th>rows failed</th><td>0</td></tr></table>"
+    )
+    assert report._errors_html(None) == report._errors_html(pa.table({"code": pa.array([], pa.string())}))
+    assert report._errors_html(None) == "<h2 id='errors'>Errors</h2><p>No error records.</p>"
+    errors = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "stage": ["load", "load", "validate", "model"],
+            "code": ["image_unreadable", "image_unreadable", "invalid_id", "a_code"],
+            "message": ["m1", "m2 <b>", "m3", "m4"],
+        }
+    )
+    shown = report._errors_html(errors)
+    assert shown.startswith(
+        "<h2 id='errors'>Errors: 4 rows</h2><table id='codes'><tr><th>code</th><th>rows</th></tr>"
+        "<tr><td class='code'>image_unreadable</td><td>2</td></tr>"  # most rows first, then by name
+        "<tr><td class='code'>a_code</td><td>1</td></tr><tr><td class='code'>invalid_id</td><td>1</td></tr></table>"
+        "<h3>Records</h3><table id='records'><tr><th>id</th><th>stage</th><th>code</th><th>message</th></tr>"
+        "<tr><td>a</td><td>load</td><td class='code'>image_unreadable</td><td>m1</td></tr>"
+        "<tr><td>b</td><td>load</td><td class='code'>image_unreadable</td><td>m2 &lt;b&gt;</td></tr>"
+    )
+    assert shown.endswith("<tr><td>d</td><td>model</td><td class='code'>a_code</td><td>m4</td></tr></table>")
+    assert report.ERRORS_SHOWN == 200
+
+
+def test_a_sheet_shows_a_rows_sources_once_beside_its_first_image(tmp_path):
+    from helpers import make_sources
+
+    from unclip_batch.sources import SourcePolicy
+    from unclip_batch.storage import Stores
+
+    folder = make_sources(tmp_path / "in")
+    row = {"id": "v1", "prompt": "", "seed": 3, "clip_score": None, "image": str(folder / "img" / "scene.png")}
+    rows = [
+        {**row, "k": 0, "image_key": "images/v1/0.png"},
+        {**row, "k": 1, "image_key": "images/v1/1.png", "mask": ""},
+    ]
+    objects = {}
+    policy = SourcePolicy(Stores(None), retry_for_s=1)
+    sheet = report._sheet("variation", rows, 3, objects, policy, Location(str(tmp_path / "out")))
+    assert sheet == (
+        "<h2 id='variation'>variation: 3 images (the first 2 of 3)</h2><div class='sheet'>"
+        "<figure><a href='../images/v1/0.png'><img class='out' src='../images/v1/0.png' alt='v1'></a>"
+        "<figcaption><b>v1</b> #0 seed 3<div class='inputs'><img src='sources/v1-image.png' alt='image' "
+        "title='image: " + str(folder / "img" / "scene.png") + "'></div></figcaption></figure>"
+        "<figure><a href='../images/v1/1.png'><img class='out' src='../images/v1/1.png' alt='v1'></a>"
+        "<figcaption><b>v1</b> #1 seed 3</figcaption></figure></div>"
+    )
+    assert list(objects) == ["sources/v1-image.png"]
+    generated = report._sheet("generate", [{**rows[0], "prompt": "a & b"}], 1, {}, policy, Location(str(tmp_path)))
+    assert "<b>v1</b> #0 seed 3<br>a &amp; b</figcaption>" in generated and "inputs" not in generated
