@@ -426,3 +426,33 @@ def test_a_shard_committed_again_keeps_its_earlier_error_records_and_images(tmp_
     assert after == before  # the null model draws the same picture for any prompt
     prompts = dict(zip(metadata["id"].to_pylist(), metadata["prompt"].to_pylist()))
     assert prompts["r4"] == "a blue square" and prompts["r3"] == "a red circle" and metadata.num_rows == 11
+
+
+def test_a_stop_commits_the_blocks_an_unfinished_shard_has(tmp_path, monkeypatch, manifest):
+    """One shard of every row, a block per model call: stopped at its third block, the job commits the two
+    it has before it stops (their rows are not made again), though the shard never finished."""
+    from helpers import inline_pipeline, read_output
+
+    from unclip_batch import pipeline
+    from unclip_batch.errors import Interrupted
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    real, calls = pipeline.write_stage, []
+
+    def stops(batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_stage", stops)
+    config = job([manifest], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1)
+    with pytest.raises(Interrupted):
+        run_job(config)
+    saved, failed = read_output(tmp_path / "out")
+    assert saved is not None and 0 < saved.num_rows < 11 and not (tmp_path / "out" / "stats").exists()
+    recorded = len(set(saved["id"].to_pylist())) + (failed.num_rows if failed is not None else 0)
+    monkeypatch.setattr(pipeline, "write_stage", real)
+    summary = run_job(config)
+    assert summary["rows"]["done_before"] == recorded and summary["images_total"] == 11
