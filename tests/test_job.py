@@ -456,3 +456,37 @@ def test_a_stop_commits_the_blocks_an_unfinished_shard_has(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "write_stage", real)
     summary = run_job(config)
     assert summary["rows"]["done_before"] == recorded and summary["images_total"] == 11
+
+
+def test_progress_lines_come_at_most_every_interval_and_only_with_news(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from unclip_batch import job as job_module
+
+    now = [100.0]
+    monkeypatch.setattr(job_module.time, "perf_counter", lambda: now[0])
+    every = job_module.PROGRESS_EVERY_S
+    progress = Progress(job(["m"], tmp_path), total=8)
+    progress.clock = progress.last_report = 100.0
+    with caplog.at_level(logging.INFO, logger="unclip_batch.job"):
+        for at, report in (
+            (100.0 + every / 3, lambda: progress.block(BLOCK)),  # too soon after the start: no line
+            (100.0 + every, lambda: progress.block(BLOCK)),  # a line
+            (100.0 + every * 1.5, lambda: progress.block(BLOCK)),  # too soon after the last line
+            (100.0 + every * 3, progress._report),  # a line: news since the last
+            (100.0 + every * 5, progress._report),  # no news: no line
+            (100.0 + every * 5, progress.close),  # no news, even at the end
+        ):
+            now[0] = at
+            report()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"progress: 4/8 rows done (2 failed), 2 images, {2 / every:.2f} images/s, about {job_module._duration(every)} left",
+        f"progress: 6/8 rows done (3 failed), 3 images, {1 / every:.2f} images/s, about {job_module._duration(every)} left",
+    ]
+    caplog.clear()
+    quick = Progress(job(["m"], tmp_path), total=2)
+    quick.clock, quick.last_report, now[0] = 100.0, 100.0 - every, 100.5
+    with caplog.at_level(logging.INFO, logger="unclip_batch.job"):
+        quick.block(BLOCK)  # half a second in: the rate of that half second, and no time left to tell
+    assert [r.getMessage() for r in caplog.records] == ["progress: 2/2 rows done (1 failed), 1 images, 2.00 images/s"]
