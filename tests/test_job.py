@@ -480,9 +480,10 @@ def test_progress_lines_come_at_most_every_interval_and_only_with_news(tmp_path,
             now[0] = at
             report()
     lines = [r.getMessage() for r in caplog.records]
+    left = job_module._duration(every)
     assert lines == [
-        f"progress: 4/8 rows done (2 failed), 2 images, {2 / every:.2f} images/s, about {job_module._duration(every)} left",
-        f"progress: 6/8 rows done (3 failed), 3 images, {1 / every:.2f} images/s, about {job_module._duration(every)} left",
+        f"progress: 4/8 rows done (2 failed), 2 images, {2 / every:.2f} images/s, about {left} left",
+        f"progress: 6/8 rows done (3 failed), 3 images, {1 / every:.2f} images/s, about {left} left",
     ]
     caplog.clear()
     quick = Progress(job(["m"], tmp_path), total=2)
