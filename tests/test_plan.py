@@ -307,6 +307,9 @@ def test_model_blocks_exactly_at_their_edges():
     assert sizes(plan.model_blocks(rows(1, 1, 1, 1, 1, 1, 1, 2, 1), 2)) == [[1] * 7 + [2, 1]]  # 9, odd: no cut
     assert sizes(plan.model_blocks(rows(3, 3, 3, 3, 3, 3), 2)) == [[3, 3, 3, 3], [3, 3]]  # 9 is odd: on; 12 ends a call
     assert sizes(plan.model_blocks(rows(1, 1, 1, 1, 1, 1, 1), 2)) == [[1] * 7]
+    # Exactly twice the target with the group mid-call (15 of its images): cut there all the same.
+    at_twice = rows(1) + rows(1, 2, 2, 2, 2, 2, 2, 2, 1, task="variation")
+    assert sizes(plan.model_blocks(at_twice, 2)) == [[1, 1, 2, 2, 2, 2, 2, 2, 2], [1]]
     two_groups = rows(1, 1, 1) + rows(1, 1, 1, 1, 1, 1, 1, task="variation")
     blocks = list(plan.model_blocks(two_groups, 2))
     # generate's 3 images, then variation's: at 8 images the variations' 5 end no call; at 9, 6 do.

@@ -417,7 +417,7 @@ def model_blocks(rows: list, batch_size: int) -> Iterator[list]:
     group's last call of a block, so a group cut mid-call would be padded twice (one call in nine
     wasted on the mixed benchmark when blocks were cut by rows: benchmarks/README.md).
     """
-    target, block, images, group, group_images = batch_size * CALLS_PER_BLOCK, [], 0, None, 0
+    target, block, images, group = batch_size * CALLS_PER_BLOCK, [], 0, None
     keyed = sorted(((call_key(vars(row)), row) for row in rows), key=lambda pair: pair[0])
     for key, row in keyed:
         if key != group:
