@@ -549,3 +549,42 @@ def test_a_null_id_has_a_digest_of_its_own_that_no_written_id_shares():
     digests = id_digests(pa.array(["None", None, "", "a"], pa.string()))
     assert digests.dtype.itemsize == 16 and len(digests) == 4
     assert digests[1].tobytes() == bytes(16) and len({d.tobytes() for d in digests}) == 4
+
+
+def test_manifests_on_a_store_keep_their_urls_and_resolve_sources_against_their_folder():
+    """A manifest folder and a file in it on a store that is not this disk (fsspec's memory store): URLs
+    stay as given (no local path made of them), a folder's files count rows on from each other, and
+    relative sources start at the folder (a file's: the folder it is in)."""
+    import io
+    import uuid
+
+    import fsspec
+
+    from unclip_batch.manifest import FOLDER, MANIFEST, MANIFEST_ROW, ManifestFile, manifest_files
+    from unclip_batch.storage import Location
+
+    root = f"memory://manifests-{uuid.uuid4().hex}/in"
+    store = Location(root)
+    for name, ids in (("a.parquet", ["a0", "a1"]), ("b.parquet", ["b0"])):
+        buffer = io.BytesIO()
+        pa.parquet.write_table(
+            pa.table({"id": ids, "prompt": ["p"] * len(ids), "image": ["img/x.png"] * len(ids)}), buffer
+        )
+        store.write(name, buffer.getvalue())
+    store.write("notes.txt", b"not a manifest")
+    try:
+        folder = read_manifests([root + "/"])
+        single = read_manifests([root + "/a.parquet"])
+        files = manifest_files([root + "/", root + "/a.parquet"])
+    finally:
+        fsspec.filesystem("memory").rm(store.root.split("/")[0], recursive=True)
+    assert folder["id"].to_pylist() == ["a0", "a1", "b0"] and folder[MANIFEST_ROW].to_pylist() == [0, 1, 2]
+    assert set(folder[MANIFEST].to_pylist()) == {root + "/"} and set(folder[FOLDER].to_pylist()) == {root}
+    assert set(single[MANIFEST].to_pylist()) == {root + "/a.parquet"} and set(single[FOLDER].to_pylist()) == {root}
+    path = store.root
+    assert [(f.manifest, f.path, f.folder, f.rows, f.first) for f in files] == [
+        (root + "/", f"{path}/a.parquet", root, 2, 0),
+        (root + "/", f"{path}/b.parquet", root, 1, 2),
+        (root + "/a.parquet", f"{path}/a.parquet", root, 2, 0),
+    ]
+    assert all(isinstance(f, ManifestFile) and f.version for f in files)

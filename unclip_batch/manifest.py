@@ -224,7 +224,7 @@ def _read_one(url: str, stores: Stores) -> pa.Table:
     _check_schema(url, table.schema)
     if table.num_rows == 0:
         raise ManifestError(f"manifest {url} has no rows")
-    folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
+    folder = _folder(url, is_dir)
     n = table.num_rows
     for name in ("id",) + STRING_COLUMNS:  # plain strings from here on, whatever string type was written
         if name in table.column_names:
@@ -259,8 +259,7 @@ def manifest_files(urls, stores: Stores | None = None) -> list[ManifestFile]:
             url = os.path.abspath(url)
         fs, path, is_dir = _locate(url, stores)
         paths = parquet_files(fs, path, url) if is_dir else [path]
-        folder = url.rstrip("/") if is_dir else url.rsplit("/", 1)[0] if "/" in url else "."
-        found.append((url, fs, paths, folder))
+        found.append((url, fs, paths, _folder(url, is_dir)))
     # Footers side by side: S3 round trips add up. (Not mutated: any pool size reads the same footers.)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:  # pragma: no mutate
         footers = [
@@ -280,6 +279,12 @@ def manifest_files(urls, stores: Stores | None = None) -> list[ManifestFile]:
         if first == 0:
             raise ManifestError(f"manifest {url} has no rows")
     return files
+
+
+def _folder(url: str, is_dir: bool) -> str:
+    """Where a manifest's relative source paths start: the folder it names, or the one its file is in (a
+    local manifest's URL is absolute by now, a remote one has its scheme: either has a '/')."""
+    return url.rstrip("/") if is_dir else url.rsplit("/", 1)[0]
 
 
 @contextlib.contextmanager
