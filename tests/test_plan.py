@@ -408,3 +408,32 @@ def test_the_job_record_and_its_fingerprint_are_pinned():
     assert other["fingerprint"] == "f6f155d220535dfe" and other["weights"] == "abc"
     # The weights and the version are no part of the fingerprint: checked on their own, or not at all.
     assert plan.job_record("tiny", {"num_inference_steps": 4}, 8, weights="w")["fingerprint"] == "521b143bdfb3de42"
+
+
+def test_each_row_against_its_earlier_record_kept_redone_or_changed():
+    """sort_out, case by case: what a rerun keeps, redoes and calls changed, from the record at each position."""
+    from unclip_batch.manifest import MANIFEST_ROW, input_hash
+
+    def record(position, row_id="r", prompt="p"):
+        return {MANIFEST_ROW: position, "id": row_id, "prompt": prompt}
+
+    records = [record(p) for p in range(9)] + [record(9, row_id=None, prompt="q")]
+    same = input_hash(record(0))
+    previous = {
+        1: {"manifest": "m", "id": "r", "input_hash": same, "code": ""},  # kept
+        2: {"manifest": "m", "id": "r", "input_hash": same, "code": "model_error"},  # an error: kept, or retried
+        3: {"manifest": "m", "id": "r", "input_hash": same, "code": "image_unreadable"},  # another
+        4: {"manifest": "m", "id": "other", "input_hash": same, "code": ""},  # another row was here
+        5: {"manifest": "elsewhere", "id": "r", "input_hash": same, "code": ""},  # another manifest's row
+        6: {"manifest": None, "id": "r", "input_hash": same, "code": ""},  # from before manifests were recorded
+        7: {"manifest": "m", "id": "r", "input_hash": None, "code": ""},  # from before input hashes
+        8: {"manifest": "m", "id": "r", "input_hash": "0" * 16, "code": ""},  # the row changed
+        9: {"manifest": "m", "id": None, "input_hash": same, "code": ""},  # changed, and has no id to name it by
+    }
+    skipping = plan.sort_out(records, previous, "m", retry_errors=False)
+    assert [r[MANIFEST_ROW] for r in skipping.todo] == [0, 4, 5, 8, 9]
+    assert (skipping.kept, skipping.kept_failed, skipping.retried) == (5, 2, 0)
+    assert skipping.changed == ["r", "r", "r", "m#9"]
+    retrying = plan.sort_out(records, previous, "m", retry_errors=True)
+    assert [r[MANIFEST_ROW] for r in retrying.todo] == [0, 2, 3, 4, 5, 8, 9]
+    assert (retrying.kept, retrying.kept_failed, retrying.retried) == (3, 0, 2)
