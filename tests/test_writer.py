@@ -402,3 +402,38 @@ def test_json_files_are_indented_with_dates_as_text_and_files_images_leave_their
     FilesWriter(output=Location(str(tmp_path)), retry_for_s=1.0).store(rows)
     assert (tmp_path / "images/a/0.png").read_bytes() == b"one"
     assert rows == [{"image_key": "images/a/0.png", "png": b""}, {"image_key": "", "png": b""}]
+
+
+@pytest.mark.parametrize("format", ["files", "webdataset"])
+def test_a_blocks_part_holds_each_rows_outcome_and_its_share_of_the_write_time(tmp_path, monkeypatch, format):
+    """write_part on a block of three rows: one made, one failed before (no image), one whose pixels cannot
+    be a PNG (a write_failed error). The part keeps keys, checksums (and, for shard formats, PNG bytes) of the
+    made one only, no pixels, and each row's share of the stage's time; the counts go to the driver."""
+    from unclip_batch import writer as writer_module
+
+    clock = iter([10.0, 16.0])
+    monkeypatch.setattr(writer_module.time, "perf_counter", lambda: next(clock))
+    made = image_row(0, warm_up_s=1.5, repaint=b"r")
+    broken = image_row(2, warm_up_s=0.25)
+    broken["pixels"] = b"\0" * 5  # not 8 x 8 x 3 bytes
+    rows = [made, image_row(1, code="model_error"), broken]
+    counts = write_part(rows, shard="00000", first=10, offset=0, block=3, output=Location(str(tmp_path)), format=format)
+    assert counts == {
+        "succeeded": 1,
+        "images": 1,
+        "candidates": 1,
+        "codes": {"model_error": 1, "write_failed": 1},
+        "warm_ups": 2,
+        "warm_up_s": 1.75,
+    }
+    part = pq.read_table(tmp_path / "_parts" / "00000" / "3.parquet").to_pylist()
+    assert [r["position"] for r in part] == [10, 11, 12] and [r["write_s"] for r in part] == [2.0, 2.0, 2.0]
+    assert "pixels" not in part[0] and "repaint" not in part[0]
+    assert [(r["code"], r["image_key"], r["sha256"], r["png"]) for r in part[1:]] == [
+        ("model_error", "", "", b""),
+        ("write_failed", "", "", b""),
+    ]
+    assert part[2]["stage"] == "write" and part[2]["message"].startswith("ValueError: ")
+    png = (tmp_path / part[0]["image_key"]).read_bytes() if format == "files" else part[0]["png"]
+    assert part[0]["sha256"] == hashlib.sha256(png).hexdigest() and png.startswith(b"\x89PNG")
+    assert (part[0]["png"] == b"") == (format == "files")  # the files format wrote it already
