@@ -491,3 +491,24 @@ def test_progress_lines_come_at_most_every_interval_and_only_with_news(tmp_path,
     with caplog.at_level(logging.INFO, logger="unclip_batch.job"):
         quick.block(BLOCK)  # half a second in: the rate of that half second, and no time left to tell
     assert [r.getMessage() for r in caplog.records] == ["progress: 2/2 rows done (1 failed), 1 images, 2.00 images/s"]
+
+
+def test_the_parquet_formats_shards_are_hugging_face_image_datasets(tmp_path, monkeypatch, manifest):
+    """data/<shard>.parquet: the picture in `image` as Hugging Face's Image feature stores it (bytes and a
+    path), the feature declared in the schema's metadata, a row's source URL as `source_image`."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from unclip_batch.writer import HF_FEATURES, HF_IMAGE
+
+    run_inline(monkeypatch, tmp_path / "out", manifest, format="parquet")
+    shards = sorted((tmp_path / "out" / "data").iterdir())
+    assert [p.name for p in shards] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    last = pq.read_table(shards[-1])
+    assert last.schema.metadata[b"huggingface"] == HF_FEATURES
+    assert last.schema.field("image").type == HF_IMAGE and "timings" not in last.column_names
+    row = last.to_pylist()[0]
+    assert row["id"] == "var" and row["source_image"].endswith("img/scene.png")
+    assert row["image"]["path"] == row["image_key"].split("#")[1] and row["image_key"].startswith("data/00002.parquet#")
+    assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == row["sha256"]
