@@ -254,3 +254,44 @@ def test_renewable_credentials_are_asked_again_within_minutes_and_fixed_ones_nev
         <= dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     )
     assert storage._Credentials.RECHECK == dt.timedelta(minutes=5)
+
+
+def test_the_names_at_a_roots_top_from_a_store_that_lists_folders_with_a_slash():
+    """Some stores (gcsfs, a folder marker on S3) list a folder as ``name/``: it is still ``name``."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Slashed(MemoryFileSystem):
+        protocol = "slashed"
+        store, pseudo_dirs = {}, [""]
+
+        def ls(self, path, detail=False, **kwargs):
+            names = super().ls(path, detail=False, **kwargs)
+            return [f"{p}/" if self.isdir(p) else p for p in names]
+
+    fsspec.register_implementation("slashed", Slashed, clobber=True)  # a protocol of this test's own
+    location = Location("slashed://bucket/out")
+    location.write("_job.json", b"{}")
+    location.write("images/r0/0.png", b"png")
+    assert [p.rsplit("/out/", 1)[1] for p in location.fs.ls(location.root)] == ["_job.json", "images/"]
+    assert location.top() == ["_job.json", "images"]
+
+
+def test_a_source_path_resolves_against_its_manifests_folder_unless_it_is_absolute():
+    assert storage.resolve("img/a.png", "s3://b/in/") == "s3://b/in/img/a.png"
+    assert storage.resolve("img/a.png", "/data/in") == "/data/in/img/a.png"
+    assert storage.resolve("/elsewhere/a.png", "/data/in") == "/elsewhere/a.png"
+    assert storage.resolve("https://h/a.png", "s3://b/in") == "https://h/a.png"
+
+
+def test_credentials_of_a_named_profile(tmp_path, monkeypatch):
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = DEFAULT\naws_secret_access_key = d\n"
+        "[render]\naws_access_key_id = RENDER\naws_secret_access_key = r\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    assert storage._Credentials({"profile": "render"})()["access_key_id"] == "RENDER"
+    assert storage._Credentials({})()["access_key_id"] == "DEFAULT"

@@ -102,7 +102,7 @@ class Location:
         return isinstance(other, Location) and (self.url, self._options) == (other.url, other._options)
 
     def __hash__(self) -> int:
-        return hash(self.url)
+        return hash(self.url)  # pragma: no mutate (any hash that equal Locations share is correct; this one spreads)
 
     def __deepcopy__(self, memo):  # immutable; and a copy would have to copy the options
         return self
