@@ -172,6 +172,22 @@ def test_the_curation_section_of_the_page(tmp_path, monkeypatch):
     assert re.findall(r"<figcaption>([^<]+)</figcaption>", groups[1]) == ["kept", "exact 1.000"]
     assert "images/f/0.png" in groups[2] and "images/e/0.png" in groups[2]
 
+    def figure(key, caption, kind=""):
+        return (
+            f"<figure class='{kind}'><img class='out' src='../images/{key}.png' alt='images/{key}.png'>"
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+
+    def pair(kept, other, caption):
+        return figure(kept, "kept", "kept") + figure(other, caption)
+
+    assert section[section.index("<h3>Duplicate groups</h3>") :].startswith(
+        "<h3>Duplicate groups</h3>"
+        f"<div class='group'>{pair('h/0', 'a/1', 'near 0.999')}<p>and 1 more</p></div>"
+        f"<div class='group'>{pair('b/0', 'a/0', 'exact 1.000')}</div>"
+        f"<div class='group'>{pair('f/0', 'e/0', 'exact 1.000')}</div>"
+    )
+
 
 def test_the_histogram_and_figures_at_their_edges():
     assert report._histogram([0] * 100, 0.2) == "<p>No image has a clip_score.</p>"
