@@ -364,7 +364,7 @@ def id_digests(ids: pa.Array) -> np.ndarray:
         null if value is None else blake2b(str(value).casefold().encode(), digest_size=16).digest()
         for value in ids.to_pylist()
     )
-    return np.frombuffer(digests, dtype=[("a", "<u8"), ("b", "<u8")])  # read-only: no caller writes to it
+    return np.frombuffer(digests, dtype="<u8,<u8")  # read-only: no caller writes to it
 
 
 def parquet_files(fs, path: str, url: str) -> list[str]:

@@ -139,7 +139,7 @@ def _scan_file(file: ManifestFile, rows: int, stores: storage.Stores, retry_for_
 
 
 def _duplicates(*digests: np.ndarray) -> dict[bytes, int]:
-    every = np.concatenate(digests) if digests else np.zeros(0, dtype=[("a", "<u8"), ("b", "<u8")])
+    every = np.concatenate(digests) if digests else np.zeros(0, dtype="<u8,<u8")
     unique, first, counts = np.unique(every, return_index=True, return_counts=True)
     twice = counts > 1
     return {u.tobytes(): int(i) for u, i in zip(unique[twice], first[twice])}
