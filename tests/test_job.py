@@ -512,3 +512,19 @@ def test_the_parquet_formats_shards_are_hugging_face_image_datasets(tmp_path, mo
     assert row["id"] == "var" and row["source_image"].endswith("img/scene.png")
     assert row["image"]["path"] == row["image_key"].split("#")[1] and row["image_key"].startswith("data/00002.parquet#")
     assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == row["sha256"]
+
+
+def test_the_summary_adds_up_the_model_warm_ups_the_blocks_report(tmp_path, monkeypatch, manifest):
+    """A compiled model's first calls of each shape are warm-ups: the blocks report them and the summary sums
+    their count and seconds (to the millisecond)."""
+    from unclip_batch import writer
+
+    block_counts = writer.block_counts
+
+    def warming(rows):
+        return {**block_counts(rows), "warm_ups": 1, "warm_up_s": 0.1234567}
+
+    monkeypatch.setattr(writer, "block_counts", warming)
+    summary = run_inline(monkeypatch, tmp_path / "out", manifest, compile="default")
+    blocks = summary["warm_up"]["calls"]
+    assert blocks >= 3 and summary["warm_up"] == {"compile": "default", "calls": blocks, "s": round(blocks * 0.1234567, 3)}
