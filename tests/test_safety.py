@@ -224,6 +224,9 @@ def test_urls_are_redacted():
     assert storage.redact("https://u:pw@h.example/a/b.png?X-Amz-Signature=s") == "https://***@h.example/a/b.png?..."
     assert storage.redact("s3://bucket/a b.png") == "s3://bucket/a b.png"
     assert storage.redact("/local/path?.png") == "/local/path?.png"
+    # A password holding '@', a path of several folders, another URL inside the query: nothing of them shows.
+    assert storage.redact("https://user:p@ss@host.example/a/b/c.png") == "https://***@host.example/a/b/c.png"
+    assert storage.redact("https://h.example/a/b?next=https://u:pw@x/y") == "https://h.example/a/b?..."
 
 
 def test_a_remote_manifest_may_not_name_local_files(tmp_path):
