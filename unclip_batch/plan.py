@@ -211,18 +211,12 @@ def sort_out(records: list[dict], previous: dict[int, dict], manifest: str, retr
 def shard_records(shard: Shard, duplicates: dict, stores: Stores) -> list[dict]:
     """The shard's rows this run covers, as raw manifest records with their bookkeeping columns."""
     table = read_rows(stores.location(shard.manifest), shard.path, shard.start, shard.limit, KNOWN_COLUMNS)
-    n = table.num_rows
-    positions = pa.array(range(shard.offset, shard.offset + n), pa.int64())
-    digests = id_digests(table["id"].combine_chunks() if n else pa.array([], pa.string()))
-    first = [duplicates.get(digests[i].tobytes(), shard.offset + i) == shard.offset + i for i in range(n)]
-    table = (
-        table.append_column(ROW, positions)
-        .append_column(MANIFEST, pa.array([shard.manifest] * n, pa.string()))
-        .append_column(MANIFEST_ROW, pa.array(range(shard.first, shard.first + n), pa.int64()))
-        .append_column(FOLDER, pa.array([shard.folder] * n, pa.string()))
-        .append_column(FIRST, pa.array(first, pa.bool_()))
-    )
-    return table.to_pylist()
+    records = table.to_pylist()
+    for i, (record, digest) in enumerate(zip(records, id_digests(table["id"].combine_chunks()))):
+        row = shard.offset + i  # the job-wide row: the first of an id's rows is the one a duplicate is not
+        record |= {ROW: row, MANIFEST: shard.manifest, MANIFEST_ROW: shard.first + i, FOLDER: shard.folder}
+        record[FIRST] = duplicates.get(digest.tobytes(), row) == row
+    return records
 
 
 def _records_and_previous(shard: Shard, output: Location, duplicates: dict, stores: Stores, retry_for_s: float):
@@ -293,11 +287,14 @@ def read_shard(shard: Shard, work: Work) -> tuple[list[pa.Table], list[dict], di
 
 def rows_table(rows) -> pa.Table:
     """Valid rows as the pipeline's block: every Row field, and no error yet."""
-    return (
-        pa.table({f: [getattr(r, f) for r in rows] for f in ROW_FIELDS})
-        .append_column("code", pa.array([""] * len(rows), pa.string()))
-        .append_column("message", pa.array([""] * len(rows), pa.string()))
-        .append_column("stage", pa.array([""] * len(rows), pa.string()))
+    no_error = [""] * len(rows)
+    return pa.table(
+        {
+            **{f: [getattr(r, f) for r in rows] for f in ROW_FIELDS},
+            "code": no_error,
+            "message": no_error,
+            "stage": no_error,
+        }
     )
 
 
