@@ -96,6 +96,7 @@ def test_every_row_once_as_images_or_an_error_and_the_summary_last(tmp_path, mon
     assert record["defaults"]["guidance_scale"] == 4.0  # the model's defaults under the job's own
     metadata, errors = read_output(tmp_path / "out")
     assert sorted(set(metadata["id"].to_pylist())) == sorted(r["id"] for r in ROWS if r["id"] != "bad id")
+    assert set(metadata["model"].to_pylist()) == {"null"}
     assert metadata.num_rows == 11 == summary["images"] == summary["images_total"]
     assert errors.to_pylist()[0]["code"] == "invalid_id" and errors.num_rows == 1
     assert summary["rows"] == {
@@ -443,13 +444,14 @@ def test_a_stop_commits_the_blocks_an_unfinished_shard_has(tmp_path, monkeypatch
     def stops(batch, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.SIGTERM)  # as the job's SIGTERM handler raises it
         return real(batch, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "write_stage", stops)
     config = job([manifest], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted) as stopped:
         run_job(config)
+    assert stopped.value.signum == signal.SIGTERM
     saved, failed = read_output(tmp_path / "out")
     assert saved is not None and 0 < saved.num_rows < 11 and not (tmp_path / "out" / "stats").exists()
     recorded = len(set(saved["id"].to_pylist())) + (failed.num_rows if failed is not None else 0)
@@ -529,3 +531,19 @@ def test_the_summary_adds_up_the_model_warm_ups_the_blocks_report(tmp_path, monk
     blocks = summary["warm_up"]["calls"]
     assert blocks >= 3
     assert summary["warm_up"] == {"compile": "default", "calls": blocks, "s": round(blocks * 0.1234567, 3)}
+
+
+def test_a_storage_outage_mid_job_stops_it_as_one_saying_how_to_resume(tmp_path, monkeypatch, manifest):
+    from unclip_batch import pipeline
+    from unclip_batch.errors import StorageUnavailable
+
+    def outage(batch, *args, **kwargs):
+        try:
+            raise StorageUnavailable("writing 4 objects under out kept failing for 60s (OSError: down); rerun")
+        except StorageUnavailable as exc:  # as Ray hands a task's error on: wrapped
+            raise RuntimeError("ray.exceptions.RayTaskError: a long remote traceback") from exc
+
+    monkeypatch.setattr(pipeline, "write_stage", outage)
+    with pytest.raises(StorageUnavailable) as stopped:
+        run_inline(monkeypatch, tmp_path / "out", manifest)
+    assert str(stopped.value) == "writing 4 objects under out kept failing for 60s (OSError: down); rerun"
