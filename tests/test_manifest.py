@@ -187,8 +187,9 @@ def test_limit(tmp_path):
 )
 def test_unusable_manifests_fail_as_a_whole(tmp_path, make, message):
     path = make(tmp_path / "m.parquet")
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ManifestError, match=message) as refused:
         read_manifests([str(path)])
+    assert str(refused.value).startswith(f"manifest {path}")  # which manifest, whatever went wrong
 
 
 def test_default_seed_is_stable():
