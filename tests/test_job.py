@@ -547,3 +547,24 @@ def test_a_storage_outage_mid_job_stops_it_as_one_saying_how_to_resume(tmp_path,
     with pytest.raises(StorageUnavailable) as stopped:
         run_inline(monkeypatch, tmp_path / "out", manifest)
     assert str(stopped.value) == "writing 4 objects under out kept failing for 60s (OSError: down); rerun"
+
+
+def test_a_rerun_takes_the_earlier_summary_away_first_so_a_stopped_rerun_is_not_complete(
+    tmp_path, monkeypatch, manifest
+):
+    from helpers import write_manifest
+
+    from unclip_batch import pipeline
+    from unclip_batch.errors import Interrupted
+
+    run_inline(monkeypatch, tmp_path / "out", manifest)
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    changed = write_manifest(tmp_path / "in" / "m.parquet", [{**ROWS[0], "prompt": "a blue circle"}, *ROWS[1:]])
+
+    def stops(batch, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_stage", stops)
+    with pytest.raises(Interrupted):
+        run_inline(monkeypatch, tmp_path / "out", changed, redo_changed=True)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()  # its rows are not all as the manifest says now
