@@ -182,6 +182,13 @@ def test_s3_objects_go_through_obstore_where_the_options_allow_and_through_s3fs_
         return stores.setdefault(bucket, MemoryStore())
 
     monkeypatch.setattr(storage, "_s3_store", s3_store)
+    retried, retrying = [], storage.retrying
+
+    def spy(action, what, retry_for_s=storage.RETRY_FOR_S):
+        retried.append((what, retry_for_s))
+        return retrying(action, what, retry_for_s)
+
+    monkeypatch.setattr(storage, "retrying", spy)
     options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     output = Location("s3://bucket-a/run", options)
     output.write_many({"images/r1/0.png": b"png", "metadata/00000.parquet": b"PAR1"}, retry_for_s=5)
@@ -195,6 +202,11 @@ def test_s3_objects_go_through_obstore_where_the_options_allow_and_through_s3fs_
     output.remove_files(["images/r1/0.png", "images/r9/0.png"], retry_for_s=5)  # one there, one not
     stored = sorted(o["path"] for batch in obstore.list(stores["bucket-a"]) for o in batch)
     assert stored == ["run/_SUCCESS", "run/metadata/00000.parquet"]
+    assert retried == [
+        ("writing 2 objects under bucket-a/run", 5),
+        ("writing 1 objects under bucket-a/run", 5),
+        ("removing 2 files under bucket-a/run/images/r1", 5),
+    ]
     # Options obstore would not honour the same way (an ACL, say) keep every call on s3fs.
     assert storage.s3_store(s3fs.S3FileSystem(**options, s3_additional_kwargs={"ACL": "private"}), "b") is None
     odd_client = {**options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "verify": False}}
@@ -295,3 +307,25 @@ def test_credentials_of_a_named_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     assert storage._Credentials({"profile": "render"})()["access_key_id"] == "RENDER"
     assert storage._Credentials({})()["access_key_id"] == "DEFAULT"
+
+
+def test_which_urls_are_local_paths_and_which_store_family_a_url_names():
+    cases = {"/data/in/a.png": "/data/in/a.png", "file:///data/a.png": "/data/a.png", "s3://b/a.png": None}
+    cases |= {"https://h.example/a.png": None, "memory://x/a.png": None, "in/a.png": "in/a.png"}
+    assert {url: storage.local_path(url) for url in cases} == cases
+    families = {"s3a://b/k": "s3", "gcs://b/k": "gs", "abfss://c/k": "az", "/p": "file", "file:///p": "file"}
+    families |= {"memory://x": "memory", "webhdfs://h/p": "webhdfs"}  # any other protocol: a family of its own
+    assert {url: storage.family(url) for url in families} == families
+
+
+def test_files_named_with_glob_characters_are_removed_by_name_and_nothing_they_would_match():
+    import uuid
+
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/rm-{uuid.uuid4().hex}"
+    for name in ("run[1]/a.png", "run1/a.png", "run*/b.png", "runX/b.png", "plain/c.png"):
+        fs.pipe_file(f"{root}/{name}", b"x")
+    storage._rm_files(fs, [f"{root}/run[1]/a.png", f"{root}/run*/b.png", f"{root}/gone.png"])
+    storage._rm_files(fs, [f"{root}/plain/c.png", f"{root}/plain/gone.png"])  # no pattern: one bulk call
+    assert sorted(fs.find(root)) == [f"{root}/run1/a.png", f"{root}/runX/b.png"]
