@@ -568,3 +568,42 @@ def test_a_rerun_takes_the_earlier_summary_away_first_so_a_stopped_rerun_is_not_
     with pytest.raises(Interrupted):
         run_inline(monkeypatch, tmp_path / "out", changed, redo_changed=True)
     assert not (tmp_path / "out" / "_SUCCESS").exists()  # its rows are not all as the manifest says now
+
+
+def test_the_jobs_storage_options_reach_its_manifests_and_output(tmp_path, monkeypatch):
+    """A store that opens only with the job's options (a token, here): every read and write of the job,
+    from the manifest's footer to the summary, is given them."""
+    import io
+    import uuid
+
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.implementations.memory import MemoryFileSystem
+    from helpers import inline_pipeline
+
+    from unclip_batch.job import run_job
+    from unclip_batch.storage import Location
+
+    class Guarded(MemoryFileSystem):
+        protocol = "guarded"
+        store, pseudo_dirs = {}, [""]
+
+        def __init__(self, *args, token=None, **kwargs):
+            if token != "t0ken":
+                raise PermissionError("this store wants its token")
+            super().__init__(*args, **kwargs)
+
+    fsspec.register_implementation("guarded", Guarded, clobber=True)  # a protocol of this test's own
+    root, options = f"guarded://bucket-{uuid.uuid4().hex}", {"token": "t0ken"}
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([r for r in ROWS if r["id"].startswith("r")]), buffer)
+    Location(f"{root}/in", options).write("m.parquet", buffer.getvalue())
+    inline_pipeline(monkeypatch)
+    config = job([f"{root}/in/m.parquet"], f"{root}/out", model="null", rows_per_shard=4, storage_options=options)
+    summary = run_job(config)
+    assert summary["status"] == "complete" and summary["images_total"] == 10
+    with pytest.raises(PermissionError):
+        Location(f"{root}/out").files("metadata")  # without the token, nothing
+    out = Location(f"{root}/out", options)
+    assert out.files("metadata") == ["metadata/00000.parquet", "metadata/00001.parquet"]
