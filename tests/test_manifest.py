@@ -88,6 +88,7 @@ def test_defaults_are_filled_and_relative_paths_resolve(tmp_path):
         ({"id": "t", "prompt": "p", "prompt2": "q"}, "unused_column"),
         ({"id": "t", "task": "variation", "image": "x.png", "best_of": 2}, "invalid_best_of"),
         ({"id": "t", "task": "variation"}, "missing_image"),
+        ({"id": "t", "task": "inpaint", "prompt": "p", "mask": "m.png"}, "missing_image"),
         ({"id": "t", "prompt": "p", "image": "x.png"}, "unexpected_image"),
         ({"id": "t", "task": "variation", "image": "x.png", "mask": "m.png"}, "unexpected_image"),
     ],
@@ -257,6 +258,15 @@ def test_an_error_record_holds_these_fields_and_no_other(tmp_path):
     assert bad[0]["id"] == "t" and bad[0]["task"] == "generate" and bad[0]["stage"] == "validate"
     assert bad[0]["code"] == "invalid_seed" and bad[0]["row"] == 1
     assert bad[0]["input_hash"] == input_hash({"id": "t", "prompt": "p", "seed": -1})
+    _, bad = run_validate(tmp_path, [{"id": "v", "task": "variation", "image": "x.png", "best_of": 2}])
+    assert (bad[0]["task"], bad[0]["code"]) == ("variation", "invalid_best_of")  # the row's own task
+
+
+def test_a_text_columns_error_names_the_column(tmp_path):
+    from unclip_batch.manifest import MAX_PROMPT_CHARS
+
+    _, bad = run_validate(tmp_path, [{"id": "t", "prompt": "p", "negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}])
+    assert bad[0]["code"] == "prompt_too_long" and bad[0]["message"].startswith("negative_prompt has ")
 
 
 @pytest.mark.parametrize("name", ["_private", "_", "__index_level_0__", "sha256", "image_key", "manifest_row"])
