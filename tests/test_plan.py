@@ -408,6 +408,9 @@ def test_the_job_record_and_its_fingerprint_are_pinned():
     assert other["fingerprint"] == "f6f155d220535dfe" and other["weights"] == "abc"
     # The weights and the version are no part of the fingerprint: checked on their own, or not at all.
     assert plan.job_record("tiny", {"num_inference_steps": 4}, 8, weights="w")["fingerprint"] == "521b143bdfb3de42"
+    # Defaults given in another order are the same job.
+    one, two = ({"guidance_scale": 4.0, "num_inference_steps": 4}, {"num_inference_steps": 4, "guidance_scale": 4.0})
+    assert plan.job_record("tiny", one, 8)["fingerprint"] == plan.job_record("tiny", two, 8)["fingerprint"]
 
 
 def test_each_row_against_its_earlier_record_kept_redone_or_changed():
