@@ -607,3 +607,30 @@ def test_the_jobs_storage_options_reach_its_manifests_and_output(tmp_path, monke
         Location(f"{root}/out").files("metadata")  # without the token, nothing
     out = Location(f"{root}/out", options)
     assert out.files("metadata") == ["metadata/00000.parquet", "metadata/00001.parquet"]
+
+
+def test_a_row_changed_in_a_shard_a_stopped_run_left_unfinished_is_refused_too(tmp_path, monkeypatch, manifest):
+    """The check for changed rows covers every shard with records, finished (stats) or not."""
+    from helpers import inline_pipeline, write_manifest
+
+    from unclip_batch import pipeline
+    from unclip_batch.errors import Interrupted, SetupError
+    from unclip_batch.job import run_job
+
+    inline_pipeline(monkeypatch)
+    real, calls = pipeline.write_stage, []
+
+    def stops(batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_stage", stops)
+    with pytest.raises(Interrupted):
+        run_job(job([manifest], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1))
+    assert not (tmp_path / "out" / "stats").exists() and (tmp_path / "out" / "metadata").exists()
+    monkeypatch.setattr(pipeline, "write_stage", real)
+    changed = write_manifest(tmp_path / "in" / "m.parquet", [{**ROWS[0], "prompt": "a blue circle"}, *ROWS[1:]])
+    with pytest.raises(SetupError, match="1 manifest rows changed .*first: r0"):
+        run_job(job([changed], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1))
