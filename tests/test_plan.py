@@ -207,8 +207,13 @@ def test_model_blocks_end_only_where_a_call_ends():
 def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeypatch):
     """The id scan and the changed-rows check read the manifest and the records through a blink of
     storage, as the read stage and every write do (not failing a resumed job at its start)."""
-    from unclip_batch import manifest, pipeline
+    import time
+    from types import SimpleNamespace
 
+    from unclip_batch import manifest, pipeline, storage
+
+    slept = []  # the retries' waits, without waiting
+    monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
     rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}]
     files = manifest_files([write_manifest(tmp_path / "m.parquet", rows)])
     (shard,) = plan.plan_shards(files, rows_per_shard=10)
@@ -236,7 +241,7 @@ def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeyp
         )
         == []
     )
-    assert len(reads) == 2
+    assert len(reads) == 2 and slept == [0.5, 0.5]  # each read once more, after the first wait
 
 
 def test_output_state_names_shards_by_their_files(tmp_path):
