@@ -123,10 +123,16 @@ def test_storage_outage_is_retried_with_backoff_then_reported(monkeypatch):
     assert clock.slept == []
 
 
-def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already():
+def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already(monkeypatch):
     """A commit removes a shard's emptied error file, and the job its parts folder: through an outage as
     writes go (a resumed job's commit once failed here when S3 blinked)."""
+    import time
+    from types import SimpleNamespace
+
     from unclip_batch import storage
+
+    slept = []  # the retry's wait, without waiting
+    monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
 
     class Blinking:  # a store that is away for its first call, then has nothing at the path
         def __init__(self):
@@ -147,7 +153,7 @@ def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already():
     output = Location("/bucket/out")
     output._fs, output._root = Blinking(), "bucket/out"
     output.remove("errors", "x.parquet", retry_for_s=10)
-    assert output.fs.calls == 2
+    assert output.fs.calls == 2 and slept == [0.5]
     assert storage.permanent(FileNotFoundError()) and not storage.permanent(ConnectionError())
 
 
