@@ -75,6 +75,22 @@ def run_inline(monkeypatch, output, manifest, **options):
     return run_job(job([manifest], output, model="null", rows_per_shard=4, **options))
 
 
+def stop_at_the_third_write(monkeypatch, stop: BaseException | type[BaseException]):
+    """The job's write stage raises ``stop`` on its third block; returns the real stage."""
+    from unclip_batch import pipeline
+
+    real, calls = pipeline.write_stage, []
+
+    def stops(batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_stage", stops)
+    return real
+
+
 @pytest.fixture
 def manifest(tmp_path):
     from helpers import make_sources, write_manifest
@@ -200,15 +216,7 @@ def test_a_stopped_job_keeps_its_finished_blocks_and_the_rerun_finishes_the_rest
     from unclip_batch.errors import Interrupted, JobFailed
 
     run_inline(monkeypatch, tmp_path / "whole", manifest)
-    real, calls = pipeline.write_stage, []
-
-    def stops(batch, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(batch, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "write_stage", stops)
+    real = stop_at_the_third_write(monkeypatch, KeyboardInterrupt)  # a Ctrl-C
     from helpers import inline_pipeline
 
     from unclip_batch.job import run_job
@@ -219,7 +227,6 @@ def test_a_stopped_job_keeps_its_finished_blocks_and_the_rerun_finishes_the_rest
         run_job(config)
     assert stopped.value.saved == 8 and not (tmp_path / "out" / "_SUCCESS").exists()
     assert stopped.value.signum == signal.SIGINT  # Ctrl-C; a SIGTERM's Interrupted keeps its own number
-    calls.clear()
 
     def fails(batch, *args, **kwargs):
         raise RuntimeError("a broken actor")
@@ -439,15 +446,7 @@ def test_a_stop_commits_the_blocks_an_unfinished_shard_has(tmp_path, monkeypatch
     from unclip_batch.job import run_job
 
     inline_pipeline(monkeypatch)
-    real, calls = pipeline.write_stage, []
-
-    def stops(batch, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Interrupted(signal.SIGTERM)  # as the job's SIGTERM handler raises it
-        return real(batch, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "write_stage", stops)
+    real = stop_at_the_third_write(monkeypatch, Interrupted(signal.SIGTERM))  # as the job's SIGTERM handler raises it
     config = job([manifest], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1)
     with pytest.raises(Interrupted) as stopped:
         run_job(config)
@@ -618,15 +617,7 @@ def test_a_row_changed_in_a_shard_a_stopped_run_left_unfinished_is_refused_too(t
     from unclip_batch.job import run_job
 
     inline_pipeline(monkeypatch)
-    real, calls = pipeline.write_stage, []
-
-    def stops(batch, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(batch, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "write_stage", stops)
+    real = stop_at_the_third_write(monkeypatch, KeyboardInterrupt)
     with pytest.raises(Interrupted):
         run_job(job([manifest], tmp_path / "out", model="null", rows_per_shard=100, batch_size=1))
     assert not (tmp_path / "out" / "stats").exists() and (tmp_path / "out" / "metadata").exists()
