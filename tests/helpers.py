@@ -173,6 +173,28 @@ class _InlineTask:
         return tuple(_Done(v) for v in value) if self.num_returns > 1 else _Done(value)
 
 
+class FakeClock:
+    """A clock for storage's retries: each wait is recorded and passes at once (no real waiting)."""
+
+    def __init__(self, now: float = 100.0):
+        self.now, self.slept = now, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def fake_storage_clock(monkeypatch) -> FakeClock:
+    from unclip_batch import storage
+
+    clock = FakeClock()
+    monkeypatch.setattr(storage, "time", clock)
+    return clock
+
+
 def inline_pipeline(monkeypatch) -> None:
     """The job's pipeline in this process, without Ray: the same stages (read_stage, load_sources, the
     predictor, write_stage, commit_shard, the id scan) on plain batches, a model block at a time, in shard

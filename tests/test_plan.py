@@ -207,13 +207,11 @@ def test_model_blocks_end_only_where_a_call_ends():
 def test_the_checks_before_compute_read_through_a_short_outage(tmp_path, monkeypatch):
     """The id scan and the changed-rows check read the manifest and the records through a blink of
     storage, as the read stage and every write do (not failing a resumed job at its start)."""
-    import time
-    from types import SimpleNamespace
+    from helpers import fake_storage_clock
 
-    from unclip_batch import manifest, pipeline, storage
+    from unclip_batch import manifest, pipeline
 
-    slept = []  # the retries' waits, without waiting
-    monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    slept = fake_storage_clock(monkeypatch).slept  # the retries' waits, without waiting
     rows = [{"id": "a", "prompt": "red"}, {"id": "b", "prompt": "blue"}]
     files = manifest_files([write_manifest(tmp_path / "m.parquet", rows)])
     (shard,) = plan.plan_shards(files, rows_per_shard=10)

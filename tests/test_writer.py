@@ -84,21 +84,12 @@ def test_unencodable_pixels_are_a_row_error(tmp_path):
 def test_storage_outage_is_retried_with_backoff_then_reported(monkeypatch):
     """Transient failures are retried after 0.5, 1, 2, 4 s, then every 8 s, for the retry window; past it the
     job stops saying what failed and how to resume. (A clock of the test's own: no real waiting.)"""
+    from helpers import fake_storage_clock
+
     from unclip_batch import storage
     from unclip_batch.errors import StorageUnavailable
 
-    class Clock:
-        now, slept = 100.0, []
-
-        def monotonic(self):
-            return self.now
-
-        def sleep(self, seconds):
-            self.slept.append(seconds)
-            self.now += seconds
-
-    clock = Clock()
-    monkeypatch.setattr(storage, "time", clock)
+    clock = fake_storage_clock(monkeypatch)
     calls = []
 
     def flaky():
@@ -126,13 +117,11 @@ def test_storage_outage_is_retried_with_backoff_then_reported(monkeypatch):
 def test_a_removal_rides_out_an_outage_and_a_missing_file_is_removed_already(monkeypatch):
     """A commit removes a shard's emptied error file, and the job its parts folder: through an outage as
     writes go (a resumed job's commit once failed here when S3 blinked)."""
-    import time
-    from types import SimpleNamespace
+    from helpers import fake_storage_clock
 
     from unclip_batch import storage
 
-    slept = []  # the retry's wait, without waiting
-    monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    slept = fake_storage_clock(monkeypatch).slept  # the retry's wait, without waiting
 
     class Blinking:  # a store that is away for its first call, then has nothing at the path
         def __init__(self):
