@@ -106,9 +106,10 @@ class SeaweedFS:
                 if self._volume_server_joined():
                     return self
             except Exception:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"SeaweedFS S3 did not answer within {STARTUP_TIMEOUT_S}s")
+        raise RuntimeError(f"SeaweedFS was not ready within {STARTUP_TIMEOUT_S}s")
 
     def _volume_server_joined(self) -> bool:
         """Whether the master knows the volume server (and so where each stored object is). The gateway can
